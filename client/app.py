@@ -1,0 +1,67 @@
+"""The Flower ClientApp: DP-SGD on the client's own utterances, only weights leave."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedspeaker.config import RunSettings
+from fedspeaker.data import load_speaker_data
+from fedspeaker.errors import CorpusError
+from fedspeaker.local import LocalTrainer
+from fedspeaker.privacy import PrivacyLedger
+
+app = ClientApp()
+
+LEDGER_KEY = "dp-ledger"
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)  # one CPU per client actor; more threads only contend
+    started = time.monotonic()
+    settings = RunSettings.from_run_config(context.run_config)
+    partition_id = int(context.node_config.get("partition-id", 0))
+    feats, labels = client_examples(settings, context)
+    server_round = int(msg.content["config"]["server-round"])
+    ledger = _load_ledger(context, settings.accountant)
+
+    trainer = LocalTrainer(settings, n_speakers=load_speaker_data(settings).n_speakers)
+    trainer.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    seed = settings.seed * 1_000_003 + partition_id * 1_009 + server_round
+    loss = trainer.train(feats, labels, ledger, seed)
+    if settings.dp:
+        context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
+
+    metrics = {"num-examples": len(feats), "train-loss": loss,
+               "train-seconds": time.monotonic() - started}
+    if settings.dp:
+        metrics["epsilon"] = ledger.epsilon(settings.delta)
+    content = RecordDict({"arrays": ArrayRecord(trainer.model.state_dict()),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def client_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
+    """This node's shard of the training utterances (simulation: by partition-id)."""
+    from simulations.partition import partition_indices
+
+    data = load_speaker_data(settings)
+    partition_id = int(context.node_config.get("partition-id", 0))
+    num_partitions = int(context.node_config.get("num-partitions", 1))
+    if num_partitions != settings.num_clients:
+        raise CorpusError(f"the federation has {num_partitions} nodes but num-clients is "
+                          f"{settings.num_clients}; make them equal")
+    shards = partition_indices([u.speaker for u in data.split.train], settings.num_clients,
+                               settings.partition, settings.seed, settings.alpha,
+                               settings.speakers_per_client)
+    return data.train_examples(shards[partition_id])
+
+
+def _load_ledger(context: Context, accountant: str) -> PrivacyLedger:
+    if LEDGER_KEY in context.state:
+        return PrivacyLedger.from_lists(accountant, dict(context.state[LEDGER_KEY]))
+    return PrivacyLedger(accountant)

@@ -1,0 +1,189 @@
+"""One typed place for every run setting.
+
+Flower hands apps a flat run config (``[tool.flwr.app.config]`` in pyproject.toml,
+overridden by ``--run-config``); the CLI builds the same dict from its flags. Both
+go through :func:`RunSettings.from_run_config`, so a bad value gets one clear
+message naming the option, whichever way it came in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedspeaker.errors import ConfigError
+
+CORPUS_NAME = "dspspeech20-mini"
+
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
+FEATURES = ("fbank", "mfcc")
+ACCOUNTANTS = ("rdp", "prv")
+STRATEGIES = ("fedavg",)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Settings of one run; field names are the run-config keys with '-' for '_'."""
+
+    # Data
+    data_dir: str = ""  # empty: the bundled corpus
+    cache_dir: str = ""  # empty: $FEDSPEAKER_CACHE or ~/.cache/fedspeaker
+    seed: int = 0
+    unseen_speakers: int = 0  # 0: a quarter of the speakers, at least 2
+    test_fraction: float = 0.2
+    # Features
+    features: str = "fbank"
+    n_mels: int = 40
+    crop_frames: int = 200
+    # Model
+    channels: int = 128
+    embedding_dim: int = 128
+    # Federation
+    strategy: str = "fedavg"
+    num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
+    rounds: int = 15
+    fraction_train: float = 1.0
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    speakers_per_client: int = 2
+    # Local training
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 3e-3
+    # Differential privacy (sample level, Opacus DP-SGD)
+    dp: bool = True
+    epsilon: float = 8.0  # target over the whole run; used when noise_multiplier is 0
+    delta: float = 1e-5
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    # Output
+    out_dir: str = ""
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":
+        """Build settings from a Flower run config, rejecting unknown keys and bad values."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"unknown run-config option '{key}'; known options: "
+                    + ", ".join(sorted(n.replace("_", "-") for n in known))
+                )
+            values[name] = _coerce(key, raw, known[name].type)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat dict Flower carries to every app of the run."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunSettings":
+        settings = dataclasses.replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("features", self.features, FEATURES)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _at_least("num-clients", self.num_clients, 1)
+        _at_least("rounds", self.rounds, 1)
+        _at_least("local-epochs", self.local_epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        _at_least("n-mels", self.n_mels, 8)
+        _at_least("crop-frames", self.crop_frames, 20)
+        _at_least("channels", self.channels, 4)
+        _at_least("embedding-dim", self.embedding_dim, 2)
+        _at_least("speakers-per-client", self.speakers_per_client, 1)
+        _at_least("unseen-speakers", self.unseen_speakers, 0)
+        _positive("alpha", self.alpha)
+        _positive("lr", self.lr)
+        _positive("max-grad-norm", self.max_grad_norm)
+        _at_least("noise-multiplier", self.noise_multiplier, 0.0)
+        _open_unit("test-fraction", self.test_fraction)
+        _open_unit("delta", self.delta)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.dp and self.noise_multiplier == 0.0:
+            _positive("epsilon", self.epsilon)
+
+    @property
+    def corpus_dir(self) -> Path:
+        return Path(self.data_dir).expanduser() if self.data_dir else bundled_corpus()
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        import os
+
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("FEDSPEAKER_CACHE")
+        return Path(env) if env else Path.home() / ".cache" / "fedspeaker"
+
+
+def bundled_corpus() -> Path:
+    """The corpus shipped in the repository's data/ folder.
+
+    `flwr run` executes a copy of the code without the audio (Flower app bundles hold
+    source only), so fall back to the checkout that pip installed in editable mode.
+    """
+    here = Path(__file__).resolve().parent.parent / "data" / CORPUS_NAME
+    if here.is_dir():
+        return here
+    try:
+        url = json.loads(importlib.metadata.distribution("fedspeaker").read_text("direct_url.json") or "{}")
+    except importlib.metadata.PackageNotFoundError:
+        url = {}
+    source = url.get("url", "").removeprefix("file://")
+    return Path(source) / "data" / CORPUS_NAME if source else here
+
+
+def _coerce(key: str, raw: Any, annotation: Any) -> Any:
+    kind = {"str": str, "int": int, "float": float, "bool": bool}[str(annotation)]
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+    elif not isinstance(raw, bool):
+        if isinstance(raw, kind):
+            return raw
+        if kind is float and isinstance(raw, int):
+            return float(raw)
+        if kind is int and isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if isinstance(raw, str):
+            try:
+                return kind(raw)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key} must be {kind.__name__}, got {raw!r}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be at least {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be greater than 0, got {value}")
+
+
+def _open_unit(key: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{key} must be between 0 and 1 (exclusive), got {value}")

@@ -1,0 +1,75 @@
+"""The corpus as features, split for a run; what server, clients and `central` load."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fedspeaker.config import RunSettings
+from fedspeaker.corpus import CorpusSplit, scan_corpus, split_corpus
+from fedspeaker.errors import AudioError
+from fedspeaker.features import FeatureCache, FeatureSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeakerData:
+    split: CorpusSplit
+    features: dict[Path, torch.Tensor]
+    skipped: list[str] = field(default_factory=list)  # "path: reason", one per unusable file
+    decoded: int = 0  # audio files decoded (not found in the feature cache)
+
+    @property
+    def n_speakers(self) -> int:
+        return len(self.split.speakers)
+
+    def train_examples(self, indices: list[int] | None = None) -> tuple[list[torch.Tensor], list[int]]:
+        utts = self.split.train if indices is None else [self.split.train[i] for i in indices]
+        return [self.features[u.path] for u in utts], [self.split.labels[u.speaker] for u in utts]
+
+    def test_examples(self) -> tuple[list[torch.Tensor], list[int]]:
+        return ([self.features[u.path] for u in self.split.test],
+                [self.split.labels[u.speaker] for u in self.split.test])
+
+    def verification_examples(self) -> tuple[list[torch.Tensor], list[str]]:
+        return ([self.features[u.path] for u in self.split.verification],
+                [u.speaker for u in self.split.verification])
+
+
+def load_speaker_data(settings: RunSettings) -> SpeakerData:
+    """Features for the whole corpus, from the cache where possible, then the split.
+
+    Kept in memory per process, so a Ray actor that serves many rounds loads once.
+    """
+    return _load(settings.corpus_dir.resolve(), settings.feature_cache_dir,
+                 FeatureSpec(settings.features, settings.n_mels), settings.seed,
+                 settings.unseen_speakers, settings.test_fraction)
+
+
+@lru_cache(maxsize=2)
+def _load(root: Path, cache_dir: Path, spec: FeatureSpec, seed: int, unseen: int,
+          test_fraction: float) -> SpeakerData:
+    utterances, skipped = scan_corpus(root)
+    cache = FeatureCache(cache_dir, spec)
+    features: dict[Path, torch.Tensor] = {}
+    usable = []
+    started = last_report = time.monotonic()
+    for n, utt in enumerate(utterances, 1):
+        try:
+            features[utt.path] = cache.get(utt.path)
+            usable.append(utt)
+        except AudioError as exc:
+            log.warning("skipping %s", exc)
+            skipped.append(str(exc))
+        if cache.decoded and time.monotonic() - last_report > 5:
+            last_report = time.monotonic()
+            log.info("features: %d/%d files (%d decoded, %.0f s)", n, len(utterances),
+                     cache.decoded, last_report - started)
+    split = split_corpus(usable, seed, unseen, test_fraction)
+    return SpeakerData(split, features, skipped, cache.decoded)

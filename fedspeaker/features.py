@@ -1,0 +1,94 @@
+"""torchaudio filterbank/MFCC features, computed once per file and cached on disk.
+
+The cache key is the audio file's content hash plus the feature parameters, so a
+renamed file still hits and a changed file or setting misses. Files that fail to
+decode are cached too (as their error message): a second run decodes no audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio.compliance.kaldi as kaldi
+
+from fedspeaker import audio
+from fedspeaker.errors import AudioError
+
+log = logging.getLogger(__name__)
+
+_VERSION = 1  # bump when the computation below changes
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    kind: str = "fbank"  # "fbank" (log-mel) or "mfcc"
+    n_mels: int = 40
+    sample_rate: int = audio.SAMPLE_RATE
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}{self.n_mels}-{self.sample_rate}-v{_VERSION}"
+
+
+def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """(samples,) waveform -> (n_mels, frames) mean-normalised features."""
+    scaled = (wave * 32768.0).unsqueeze(0)  # Kaldi's int16 scale
+    if spec.kind == "fbank":
+        feats = kaldi.fbank(scaled, num_mel_bins=spec.n_mels, dither=0.0,
+                            sample_frequency=spec.sample_rate)
+    else:
+        feats = kaldi.mfcc(scaled, num_mel_bins=spec.n_mels, num_ceps=spec.n_mels, dither=0.0,
+                           sample_frequency=spec.sample_rate)
+    feats = feats - feats.mean(dim=0, keepdim=True)
+    return feats.T.contiguous()
+
+
+class FeatureCache:
+    """Features of audio files, from ``<root>/<spec id>/`` when already computed."""
+
+    def __init__(self, root: Path, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self.dir = root / "features" / spec.id
+        self.decoded = 0  # files decoded by this instance (cache misses)
+
+    def get(self, path: Path) -> torch.Tensor:
+        """Features of one file; raises AudioError (also from cache) if it is unusable."""
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise AudioError(f"{path}: cannot read ({exc.strerror})") from None
+        key = hashlib.sha256(content).hexdigest()[:40]
+        npy, err = self.dir / f"{key}.npy", self.dir / f"{key}.err"
+        if npy.exists():
+            return torch.from_numpy(np.load(npy))
+        if err.exists():
+            raise AudioError(f"{path}: {err.read_text()}")
+        self.decoded += 1
+        try:
+            feats = compute_features(audio.load_audio(path, self.spec.sample_rate), self.spec)
+        except AudioError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            _atomic_write(err, lambda f: f.write(reason.encode()))
+            raise
+        _atomic_write(npy, lambda f: np.save(f, feats.numpy()))
+        return feats
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write via a temp file and rename, so concurrent clients never read half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,48 @@
+"""One party's training: plain or DP-SGD, used by each client and by `central`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedspeaker.config import RunSettings
+from fedspeaker.errors import FedSpeakerError
+from fedspeaker.model import build_model
+from fedspeaker.privacy import PrivacyLedger, calibrate_noise, make_private
+from fedspeaker.training import make_loader, train_epochs
+
+
+class LocalTrainer:
+    def __init__(self, settings: RunSettings, n_speakers: int) -> None:
+        self.settings = settings
+        self.model = build_model(settings.n_mels, n_speakers, settings.channels,
+                                 settings.embedding_dim, settings.seed)
+
+    def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger,
+              seed: int, epochs: int | None = None, planned_epochs: int | None = None) -> float:
+        """Train in place for ``epochs`` (default: local epochs); return the mean loss.
+
+        Under DP the noise is calibrated so that ``planned_epochs`` (default: every round
+        of the run) stay within the target epsilon, and ``ledger`` gains this call's steps.
+        """
+        s = self.settings
+        epochs = epochs or s.local_epochs
+        torch.manual_seed(seed)
+        loader = make_loader(feats, labels, s.crop_frames, s.batch_size, seed)
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
+        if not s.dp:
+            loss = train_epochs(self.model, loader, optimizer, epochs)
+        else:
+            sample_rate = loader.batch_size / len(feats)
+            noise = s.noise_multiplier or calibrate_noise(
+                s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs,
+                s.accountant)
+            engine, dp_model, optimizer, loader = make_private(
+                self.model, optimizer, loader, ledger, noise, s.max_grad_norm)
+            loss = train_epochs(dp_model, loader, optimizer, epochs)
+            ledger.history = list(engine.accountant.history)
+            dp_model.remove_hooks()  # self.model keeps the trained weights
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise FedSpeakerError("local training diverged (NaN or infinite weights); lower --lr")
+        return loss if math.isfinite(loss) else float("nan")

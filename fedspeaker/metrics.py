@@ -1,0 +1,34 @@
+"""Identification accuracy and verification EER (cosine scoring of embeddings)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+def equal_error_rate(scores: np.ndarray, same: np.ndarray) -> float:
+    """EER: the rate where false accepts equal false rejects, over all thresholds."""
+    n_target, n_nontarget = int(same.sum()), int((~same).sum())
+    if n_target == 0 or n_nontarget == 0:
+        raise ValueError("EER needs both same-speaker and different-speaker trials")
+    order = np.argsort(-scores, kind="stable")
+    is_target = same[order]
+    # Accept the top k trials, for k = 0..n
+    false_reject = 1.0 - np.concatenate([[0], np.cumsum(is_target)]) / n_target
+    false_accept = np.concatenate([[0], np.cumsum(~is_target)]) / n_nontarget
+    i = int(np.argmin(np.abs(false_reject - false_accept)))
+    return float((false_reject[i] + false_accept[i]) / 2)
+
+
+def verification_eer(embeddings: torch.Tensor, speakers: list[str]) -> float:
+    """EER over every pair of utterances, scored by cosine similarity."""
+    e = F.normalize(embeddings.float(), dim=1)
+    scores = (e @ e.T).numpy()
+    ids = np.unique(np.asarray(speakers), return_inverse=True)[1]
+    rows, cols = np.triu_indices(len(speakers), k=1)
+    return equal_error_rate(scores[rows, cols], ids[rows] == ids[cols])

@@ -1,0 +1,94 @@
+"""Training and evaluation loops shared by clients, the server and `central`."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedspeaker.metrics import accuracy, verification_eer
+from fedspeaker.model import SpeakerNet
+
+
+def fit_length(feats: torch.Tensor, frames: int, start: int | None = None) -> torch.Tensor:
+    """Crop (at ``start``, or centred) or repeat-pad (n_mels, T) to exactly ``frames``."""
+    length = feats.shape[1]
+    if length < frames:
+        feats = feats.repeat(1, math.ceil(frames / length))
+        length = feats.shape[1]
+    if start is None:
+        start = (length - frames) // 2
+    return feats[:, start : start + frames]
+
+
+class CropDataset(Dataset):
+    """Random fixed-length crops: augmentation and equal-size batches in one."""
+
+    def __init__(self, feats: Sequence[torch.Tensor], labels: Sequence[int], frames: int):
+        self.feats, self.labels, self.frames = feats, labels, frames
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        f = self.feats[i]
+        start = int(torch.randint(0, max(1, f.shape[1] - self.frames + 1), ()))
+        return fit_length(f, self.frames, start), self.labels[i]
+
+
+def make_loader(feats: Sequence[torch.Tensor], labels: Sequence[int], frames: int, batch_size: int,
+                seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(CropDataset(feats, labels, frames), batch_size=min(batch_size, len(feats)),
+                      shuffle=True, generator=generator)
+
+
+def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 epochs: int) -> float:
+    """Run ``epochs`` passes; return the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        for x, y in loader:
+            if len(y) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(y)
+            count += len(y)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def embed(model: SpeakerNet, feats: Sequence[torch.Tensor], max_frames: int) -> torch.Tensor:
+    """Embeddings of whole utterances (up to ``max_frames``), batched by equal length."""
+    model.eval()
+    clipped = [f if f.shape[1] <= max_frames else fit_length(f, max_frames) for f in feats]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, f in enumerate(clipped):
+        groups[f.shape[1]].append(i)
+    out = torch.empty(len(feats), model.embedding.out_features)
+    for idx in groups.values():
+        out[idx] = model.embed(torch.stack([clipped[i] for i in idx]))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: SpeakerNet, test_feats: Sequence[torch.Tensor], test_labels: Sequence[int],
+             verify_feats: Sequence[torch.Tensor], verify_speakers: list[str],
+             max_frames: int) -> dict[str, float]:
+    """Identification accuracy/loss on held-out utterances; EER on unseen speakers."""
+    logits = model.head(embed(model, test_feats, max_frames))
+    labels = torch.tensor(list(test_labels))
+    return {
+        "accuracy": accuracy(logits, labels),
+        "loss": float(F.cross_entropy(logits, labels)),
+        "eer": verification_eer(embed(model, verify_feats, max_frames), verify_speakers),
+    }

@@ -1,0 +1,94 @@
+"""The Flower ServerApp: aggregate client updates, score the global model every round."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedspeaker.config import RunSettings
+from fedspeaker.data import SpeakerData, load_speaker_data
+from fedspeaker.model import build_model
+from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
+from fedspeaker.training import evaluate
+from server.strategies import build_strategy
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(context.run_config)
+    torch.set_num_threads(1)
+    data = load_speaker_data(settings)
+    model = build_model(settings.n_mels, data.n_speakers, settings.channels,
+                        settings.embedding_dim, settings.seed)
+    out_dir = Path(settings.out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    rounds = RoundTracker(settings, data, model, RunReport(out_dir))
+    strategy = build_strategy(settings, rounds.aggregate_train_metrics)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=settings.rounds,
+        train_config=ConfigRecord({"num-rounds": settings.rounds}),
+        evaluate_fn=rounds.evaluate,
+    )
+    rounds.finish(result.arrays)
+
+
+class RoundTracker:
+    """Joins each round's client metrics with the central evaluation into one report row."""
+
+    def __init__(self, settings: RunSettings, data: SpeakerData, model: torch.nn.Module,
+                 report: RunReport) -> None:
+        self.settings, self.data, self.model, self.report = settings, data, model, report
+        self.started = self.round_started = time.monotonic()
+        self.client_metrics: dict[str, float] = {}
+
+    def aggregate_train_metrics(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Weighted means (Flower's default), plus max/mean epsilon and summed client time."""
+        metrics = [next(iter(r.metric_records.values())) for r in replies]
+        eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
+        self.client_metrics = {
+            "train_loss": float(aggregate_metricrecords(replies, weight_key).get("train-loss", math.nan)),
+            "epsilon_max": max(eps) if eps else math.nan,
+            "epsilon_mean": sum(eps) / len(eps) if eps else math.nan,
+            "clients": len(replies),
+            "client_train_seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
+        }
+        return MetricRecord({k: v for k, v in self.client_metrics.items() if not math.isnan(v)})
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        scores = self.score()
+        if server_round > 0:
+            now = time.monotonic()
+            row = {"round": server_round, **scores, **self.client_metrics,
+                   "round_seconds": now - self.round_started, "seconds": now - self.started}
+            self.report.add_round(row)
+            log.info("%s", progress_line(row))
+            self.client_metrics = {}
+        self.round_started = time.monotonic()
+        return MetricRecord(scores)
+
+    def score(self) -> dict[str, float]:
+        test_x, test_y = self.data.test_examples()
+        verify_x, verify_spk = self.data.verification_examples()
+        return evaluate(self.model, test_x, test_y, verify_x, verify_spk, 4 * self.settings.crop_frames)
+
+    def finish(self, arrays: ArrayRecord) -> None:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.report.finish(
+            run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
+                        mode="federated"),
+            model_bundle(self.settings, self.data, self.model),
+        )

@@ -1,0 +1,66 @@
+"""Split training utterances across simulated clients with flwr-datasets partitioners."""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    PathologicalPartitioner,
+    Partitioner,
+)
+
+from fedspeaker.errors import CorpusError
+
+
+def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: int,
+                      alpha: float = 0.5, speakers_per_client: int = 2) -> list[list[int]]:
+    """Indices into ``speakers`` (one entry per training utterance) for each client.
+
+    Disjoint, covering (except where a scheme drops speakers by design), and the same
+    for the same seed on every machine, so each client can compute its own shard.
+    """
+    order = list(range(len(speakers)))
+    random.Random(seed).shuffle(order)  # IidPartitioner shards in row order
+    table = Dataset.from_dict({"index": order, "speaker": [speakers[i] for i in order]})
+    partitioner = _partitioner(scheme, num_clients, len(set(speakers)), seed, alpha, speakers_per_client)
+    partitioner.dataset = table
+    try:
+        shards = [sorted(partitioner.load_partition(i)["index"]) for i in range(num_clients)]
+    except ValueError as exc:
+        raise CorpusError(
+            f"--partition {scheme} cannot split {len(speakers)} utterances of "
+            f"{len(set(speakers))} speakers across {num_clients} clients ({exc}); use fewer "
+            "--clients or a larger --alpha"
+        ) from None
+    empty = [i for i, shard in enumerate(shards) if not shard]
+    if empty:
+        raise CorpusError(
+            f"--partition {scheme} leaves client(s) {empty} with no data out of {num_clients}; "
+            "use fewer --clients, a larger --alpha, or another --partition"
+        )
+    return shards
+
+
+def _partitioner(scheme: str, num_clients: int, num_speakers: int, seed: int, alpha: float,
+                 speakers_per_client: int) -> Partitioner:
+    if scheme == "iid":
+        return IidPartitioner(num_clients)
+    if scheme == "dirichlet":
+        return DirichletPartitioner(num_clients, "speaker", alpha, min_partition_size=1,
+                                    self_balancing=False, seed=seed)
+    if scheme == "pathological":
+        if speakers_per_client > num_speakers:
+            raise CorpusError(f"--speakers-per-client {speakers_per_client} is more than the "
+                              f"{num_speakers} training speakers")
+        return PathologicalPartitioner(num_clients, "speaker", speakers_per_client,
+                                       class_assignment_mode="random", seed=seed)
+    if scheme == "natural":
+        if num_clients != num_speakers:
+            raise CorpusError(f"--partition natural gives one client per training speaker: "
+                              f"use --clients {num_speakers} (got {num_clients})")
+        return NaturalIdPartitioner("speaker")
+    raise CorpusError(f"unknown partition {scheme!r}")
