@@ -12,6 +12,7 @@ import dataclasses
 import importlib.metadata
 import json
 from dataclasses import dataclass, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -119,6 +120,10 @@ class RunSettings:
     @property
     def corpus_dir(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else bundled_corpus()
+
+    @property
+    def out_dir_path(self) -> Path:
+        return Path(self.out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
 
     @property
     def feature_cache_dir(self) -> Path:

@@ -9,6 +9,7 @@ the epsilon reported is what the client has spent over the whole run so far.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
@@ -46,6 +47,7 @@ class PrivacyLedger:
         return cls(accountant, [(float(n), float(r), int(s)) for n, r, s in rows])
 
 
+@lru_cache(maxsize=64)  # the search costs seconds; every round asks the same question
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, epochs: int, accountant: str) -> float:
     """Noise multiplier that keeps ``epochs`` epochs of DP-SGD within (epsilon, delta)."""
     return float(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from datetime import datetime
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -32,8 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     data = load_speaker_data(settings)
     model = build_model(settings.n_mels, data.n_speakers, settings.channels,
                         settings.embedding_dim, settings.seed)
-    out_dir = Path(settings.out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    rounds = RoundTracker(settings, data, model, RunReport(out_dir))
+    rounds = RoundTracker(settings, data, model, RunReport(settings.out_dir_path))
     strategy = build_strategy(settings, rounds.aggregate_train_metrics)
     result = strategy.start(
         grid=grid,

@@ -1,0 +1,216 @@
+"""`fedspeaker`: simulate a federation, train the central baseline, identify speakers.
+
+Every flag maps onto a run-config option (fedspeaker/config.py), so a run started
+here and one started with `flwr run .` are configured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fedspeaker.config import PARTITIONS, RunSettings
+from fedspeaker.errors import FedSpeakerError
+
+log = logging.getLogger("fedspeaker")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # so `kill` also stops the processes we started
+    logging.basicConfig(level=logging.INFO, format="fedspeaker: %(levelname)s: %(message)s")
+    for noisy in ("matplotlib", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.command(args)
+    except FedSpeakerError as exc:
+        print(f"fedspeaker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedspeaker: interrupted; every process this run started has been stopped",
+              file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from simulations.launch import run_federation
+
+    settings = _settings(args)
+    _prepare(settings)
+    print(f"federation: {settings.num_clients} clients, {settings.rounds} rounds, "
+          f"{settings.strategy}, {settings.local_epochs} local epoch(s), {_dp_text(settings)}",
+          flush=True)
+    run_federation(settings, on_round=lambda line: print(line, flush=True))
+    return _finish(settings)
+
+
+def central(args: argparse.Namespace) -> int:
+    from simulations.central import run_central
+
+    settings = _settings(args)
+    _prepare(settings)
+    print(f"central: {settings.rounds} x {settings.local_epochs} epoch(s) on the union of the "
+          f"client shards, {_dp_text(settings)}", flush=True)
+    run_central(settings, on_round=lambda line: print(line, flush=True))
+    return _finish(settings)
+
+
+def identify(args: argparse.Namespace) -> int:
+    from fedspeaker.inference import SpeakerModel
+
+    model = SpeakerModel.load(Path(args.model))
+    failed = 0
+    for path in args.audio:
+        try:
+            ranked = model.identify(Path(path), top=args.top)
+        except FedSpeakerError as exc:
+            print(f"fedspeaker: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(path)
+        for speaker, probability in ranked:
+            print(f"  {speaker:>20s}  {probability:.3f}")
+    return 1 if failed else 0
+
+
+def _prepare(settings: RunSettings) -> None:
+    """Load features and check the partition before any process is started."""
+    from fedspeaker.data import load_speaker_data
+    from simulations.partition import partition_indices
+
+    data = load_speaker_data(settings)
+    split = data.split
+    print(f"corpus: {settings.corpus_dir} ({data.n_speakers} training speakers, "
+          f"{len(split.unseen)} unseen; {len(split.train)} train / {len(split.test)} test / "
+          f"{len(split.verification)} verification utterances"
+          + (f"; {len(data.skipped)} file(s) skipped" if data.skipped else "") + ")", flush=True)
+    shards = partition_indices([u.speaker for u in split.train], settings.num_clients,
+                               settings.partition, settings.seed, settings.alpha,
+                               settings.speakers_per_client)
+    sizes = sorted(len(s) for s in shards)
+    print(f"partition: {settings.partition}, utterances per client min {sizes[0]} / "
+          f"median {sizes[len(sizes) // 2]} / max {sizes[-1]}", flush=True)
+
+
+def _finish(settings: RunSettings) -> int:
+    summary = json.loads((settings.out_dir_path / "summary.json").read_text())
+    final = summary["final"]
+    print(f"done in {summary['wall_seconds']:.0f} s: accuracy {final['accuracy']:.3f}, "
+          f"EER {final['eer']:.3f} (best accuracy {summary['best_accuracy']:.3f} at round "
+          f"{summary['best_round']:.0f})")
+    print(f"privacy: {summary['privacy']}")
+    if summary["data"]["skipped_files"]:
+        print(f"skipped {summary['data']['skipped_files']} unusable file(s); see summary.json")
+    print(f"outputs: {settings.out_dir_path} (rounds.csv, summary.json, curves.png, global_model.pt)")
+    return 0
+
+
+def _dp_text(settings: RunSettings) -> str:
+    if not settings.dp:
+        return "no DP"
+    if settings.noise_multiplier:
+        return f"DP-SGD noise {settings.noise_multiplier:g}"
+    return f"DP-SGD to epsilon {settings.epsilon:g}, delta {settings.delta:g}"
+
+
+# Flags that map one-to-one onto run-config options (flag -> option, type).
+_DATA_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "--data-dir": ("data-dir", str),
+    "--clients": ("num-clients", int),
+    "--rounds": ("rounds", int),
+    "--partition": ("partition", str),
+    "--alpha": ("alpha", float),
+    "--local-epochs": ("local-epochs", int),
+    "--noise-multiplier": ("noise-multiplier", float),
+    "--epsilon": ("epsilon", float),
+    "--seed": ("seed", int),
+}
+
+
+def _settings(args: argparse.Namespace) -> RunSettings:
+    config: dict[str, Any] = dict(RunSettings().to_run_config())
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedSpeakerError(f"--set takes KEY=VALUE, got {item!r}")
+        config[key.strip()] = value.strip()
+    for flag, (option, _) in _DATA_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            config[option] = value
+    if args.no_dp:
+        config["dp"] = False
+    if args.noise_multiplier is not None and args.epsilon is not None:
+        raise FedSpeakerError("give either --noise-multiplier or --epsilon, not both")
+    if args.data_dir:
+        config["data-dir"] = str(Path(args.data_dir).expanduser().resolve())
+    settings = RunSettings.from_run_config(config)
+    out = settings.out_dir_path if not args.out else Path(args.out).expanduser().resolve()
+    return settings.replace(out_dir=str(out), data_dir=str(settings.corpus_dir.resolve()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedspeaker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def run_command(name: str, func: Callable, help_text: str) -> None:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(command=func)
+        p.add_argument("--data-dir", help="corpus root: <root>/<speaker>/<utterance>.{wav,flac} "
+                       "(default: the bundled DSPSpeech-20 mini)")
+        p.add_argument("--clients", type=_positive(int), help="number of clients (default 10)")
+        p.add_argument("--rounds", type=_positive(int), help="federated rounds (default 15)")
+        p.add_argument("--partition", choices=PARTITIONS, help="how utterances are split "
+                       "across clients (default dirichlet)")
+        p.add_argument("--alpha", type=_positive(float), help="Dirichlet concentration over "
+                       "speakers; smaller is more skewed (default 0.5)")
+        p.add_argument("--local-epochs", type=_positive(int), help="epochs per round (default 2)")
+        p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+        p.add_argument("--noise-multiplier", type=_positive(float),
+                       help="DP-SGD noise multiplier (instead of a target --epsilon)")
+        p.add_argument("--epsilon", type=_positive(float),
+                       help="target epsilon per client over the whole run (default 8)")
+        p.add_argument("--seed", type=int, help="seed for splits, partitions, model (default 0)")
+        p.add_argument("--out", help="output folder (default runs/<date-time>)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="any other run-config option from pyproject.toml, e.g. --set lr=0.001")
+
+    run_command("simulate", simulate, "run a simulated federation (Flower Simulation Engine)")
+    run_command("central", central, "train the same model centrally: the upper bound")
+
+    p = sub.add_parser("identify", help="name the most likely speakers of audio files")
+    p.set_defaults(command=identify)
+    p.add_argument("--model", required=True, help="global_model.pt written by simulate or central")
+    p.add_argument("--top", type=_positive(int), default=3, help="speakers to list (default 3)")
+    p.add_argument("audio", nargs="+", help="audio files (.wav or .flac)")
+    return parser
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    noun = {"int": "an integer", "float": "a number"}[kind.__name__]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} > 0, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected {noun} > 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+if __name__ == "__main__":
+    sys.exit(main())
