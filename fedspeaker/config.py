@@ -24,6 +24,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 FEATURES = ("fbank", "mfcc")
 ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg",)
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class RunSettings:
     # Local training
     local_epochs: int = 2
     batch_size: int = 32
-    lr: float = 3e-3
+    optimizer: str = "adam"
+    lr: float = 1e-3
     # Differential privacy (sample level, Opacus DP-SGD)
     dp: bool = True
     epsilon: float = 8.0  # target over the whole run; used when noise_multiplier is 0
@@ -96,6 +98,7 @@ class RunSettings:
         _choice("features", self.features, FEATURES)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("strategy", self.strategy, STRATEGIES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _at_least("num-clients", self.num_clients, 1)
         _at_least("rounds", self.rounds, 1)
         _at_least("local-epochs", self.local_epochs, 1)

@@ -30,11 +30,14 @@ class LocalTrainer:
         epochs = epochs or s.local_epochs
         torch.manual_seed(seed)
         loader = make_loader(feats, labels, s.crop_frames, s.batch_size, seed)
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
+        if s.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=0.9)
+        else:
+            optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
         if not s.dp:
             loss = train_epochs(self.model, loader, optimizer, epochs)
         else:
-            sample_rate = loader.batch_size / len(feats)
+            sample_rate = 1 / len(loader)  # what Opacus's Poisson loader will use
             noise = s.noise_multiplier or calibrate_noise(
                 s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs,
                 s.accountant)

@@ -23,6 +23,9 @@ def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: 
     Disjoint, covering (except where a scheme drops speakers by design), and the same
     for the same seed on every machine, so each client can compute its own shard.
     """
+    if num_clients > len(speakers):
+        raise CorpusError(f"{num_clients} clients but only {len(speakers)} training utterances: "
+                          "some clients would have no data; use fewer --clients")
     order = list(range(len(speakers)))
     random.Random(seed).shuffle(order)  # IidPartitioner shards in row order
     table = Dataset.from_dict({"index": order, "speaker": [speakers[i] for i in order]})
@@ -30,7 +33,7 @@ def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: 
     partitioner.dataset = table
     try:
         shards = [sorted(partitioner.load_partition(i)["index"]) for i in range(num_clients)]
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:
         raise CorpusError(
             f"--partition {scheme} cannot split {len(speakers)} utterances of "
             f"{len(set(speakers))} speakers across {num_clients} clients ({exc}); use fewer "

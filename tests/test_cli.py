@@ -1,0 +1,75 @@
+"""Bad input stops early with a message that says what to change, never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "dspspeech20-mini"
+
+
+def fedspeaker(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedspeaker.cli", *args, "--set", f"cache-dir={cache}"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def small_corpus(root: Path, speakers: int, per_speaker: int) -> Path:
+    for spk in sorted(p for p in BUNDLED.iterdir() if p.is_dir())[:speakers]:
+        (root / spk.name).mkdir(parents=True)
+        for f in sorted(spk.glob("*.flac"))[:per_speaker]:
+            shutil.copy(f, root / spk.name / f.name)
+    return root
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_too_few_speakers_says_how_many_are_needed(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path / "c", speakers=3, per_speaker=4)
+    result = fedspeaker("simulate", "--data-dir", str(corpus), cache=tmp_path / "cache")
+    assert_clean_error(result, "3 speaker(s)", "at least 4")
+
+
+def test_partition_leaving_a_client_empty_says_what_to_change(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path / "c", speakers=5, per_speaker=4)
+    result = fedspeaker("simulate", "--data-dir", str(corpus), "--clients", "40", "--partition", "iid",
+                        cache=tmp_path / "cache")
+    assert_clean_error(result, "no data", "--clients")
+
+
+def test_natural_partition_needs_one_client_per_speaker(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path / "c", speakers=6, per_speaker=4)
+    result = fedspeaker("simulate", "--data-dir", str(corpus), "--partition", "natural",
+                        "--clients", "3", cache=tmp_path / "cache")
+    assert_clean_error(result, "--clients 4")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--clients", "0"], ["--clients", "integer > 0"]),
+        (["--alpha", "-1"], ["--alpha", "number > 0"]),
+        (["--partition", "random"], ["--partition", "iid"]),
+        (["--set", "lr=fast"], ["lr must be float"]),
+        (["--set", "features=wav2vec"], ["features must be one of fbank, mfcc"]),
+        (["--set", "no-such-option=1"], ["unknown run-config option 'no-such-option'"]),
+        (["--epsilon", "4", "--noise-multiplier", "1.0"], ["either --noise-multiplier or --epsilon"]),
+        (["--data-dir", "/no/such/corpus"], ["/no/such/corpus does not exist"]),
+    ],
+)
+def test_bad_option_names_the_option(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    assert_clean_error(fedspeaker("simulate", *args, cache=tmp_path / "cache"), *fragments)
+
+
+def test_identify_rejects_a_missing_model(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "fedspeaker.cli", "identify", "--model",
+                             str(tmp_path / "none.pt"), "x.wav"], capture_output=True, text=True)
+    assert_clean_error(result, "no such model file")

@@ -1,0 +1,114 @@
+"""Whole runs through Flower's Simulation Engine, kept few and small for CI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "dspspeech20-mini"
+FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 real speakers x 12 utterances, plus an unreadable and an empty file."""
+    root = tmp_path_factory.mktemp("corpus")
+    for spk in sorted(p for p in BUNDLED.iterdir() if p.is_dir())[:8]:
+        (root / spk.name).mkdir()
+        for f in sorted(spk.glob("*.flac"))[:12]:
+            shutil.copy(f, root / spk.name / f.name)
+    first = sorted(p for p in root.iterdir())[0]
+    (first / "corrupt.wav").write_bytes(b"this is not audio")
+    (first / "empty.flac").write_bytes(b"")
+    return root
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedspeaker.cli", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+def flower_processes() -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(name in cmd for name in FLOWER_PROCESSES):
+                found.append(f"{entry.name}: {cmd[:120]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def federation(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("run")
+    cache = tmp_path_factory.mktemp("cache")
+    result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "3",
+                     "--partition", "iid", "--local-epochs", "3", "--epsilon", "30", "--out", str(out),
+                     "--set", f"cache-dir={cache}", "--set", "lr=0.01", "--set", "batch-size=16",
+                     "--set", "channels=64")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
+def test_federation_writes_every_output_and_beats_chance(federation) -> None:
+    out, result = federation
+    for name in ("rounds.csv", "summary.json", "curves.png", "global_model.pt"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    assert [int(float(r["round"])) for r in rows] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    chance = 1 / summary["data"]["training_speakers"]
+    assert summary["final"]["accuracy"] > 1.5 * chance, summary["final"]
+    assert 0.0 <= summary["final"]["eer"] <= 0.6
+    assert result.stdout.count("round ") >= 3  # one progress line per round
+
+
+def test_client_epsilon_accumulates_across_rounds(federation) -> None:
+    out, _ = federation
+    eps = [float(r["epsilon_max"]) for r in csv.DictReader(open(out / "rounds.csv"))]
+    assert eps[0] > 0 and eps[0] < eps[1] < eps[2], eps  # not restarted each round
+    assert eps[2] <= 30.0 + 1e-6  # within the target over the whole run
+
+
+def test_unusable_files_are_named_skipped_and_counted(federation) -> None:
+    out, result = federation
+    assert "corrupt.wav" in result.stderr and "empty.flac" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["skipped_files"] == 2
+
+
+def test_nothing_is_left_running(federation) -> None:
+    assert flower_processes() == []
+
+
+def test_identify_names_training_speakers(federation, tiny_corpus: Path) -> None:
+    out, _ = federation
+    bundle_speakers = json.loads((out / "summary.json").read_text())["data"]["training_speakers"]
+    audio = sorted(next(p for p in sorted(tiny_corpus.iterdir())).glob("*.flac"))[0]
+    result = run_cli("identify", "--model", str(out / "global_model.pt"), "--top", "2", str(audio))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == str(audio) and len(lines) == 3
+    assert bundle_speakers >= 2
+
+
+def test_central_baseline_writes_the_same_outputs(tiny_corpus: Path, tmp_path: Path) -> None:
+    result = run_cli("central", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "2",
+                     "--local-epochs", "2", "--no-dp", "--out", str(tmp_path / "central"),
+                     "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "channels=32")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "central" / "summary.json").read_text())
+    assert summary["mode"] == "central" and summary["final"]["round"] == 2
+    assert (tmp_path / "central" / "global_model.pt").exists()
