@@ -163,24 +163,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedspeaker", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
+    d = RunSettings()  # defaults shown in --help come from the one typed config
+
     def run_command(name: str, func: Callable, help_text: str) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(command=func)
         p.add_argument("--data-dir", help="corpus root: <root>/<speaker>/<utterance>.{wav,flac} "
                        "(default: the bundled DSPSpeech-20 mini)")
-        p.add_argument("--clients", type=_positive(int), help="number of clients (default 10)")
-        p.add_argument("--rounds", type=_positive(int), help="federated rounds (default 15)")
+        p.add_argument("--clients", type=_positive(int), help=f"number of clients (default {d.num_clients})")
+        p.add_argument("--rounds", type=_positive(int), help=f"federated rounds (default {d.rounds})")
         p.add_argument("--partition", choices=PARTITIONS, help="how utterances are split "
-                       "across clients (default dirichlet)")
+                       f"across clients (default {d.partition})")
         p.add_argument("--alpha", type=_positive(float), help="Dirichlet concentration over "
-                       "speakers; smaller is more skewed (default 0.5)")
-        p.add_argument("--local-epochs", type=_positive(int), help="epochs per round (default 2)")
+                       f"speakers; smaller is more skewed (default {d.alpha})")
+        p.add_argument("--local-epochs", type=_positive(int), help=f"epochs per round (default {d.local_epochs})")
         p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
         p.add_argument("--noise-multiplier", type=_positive(float),
                        help="DP-SGD noise multiplier (instead of a target --epsilon)")
         p.add_argument("--epsilon", type=_positive(float),
-                       help="target epsilon per client over the whole run (default 8)")
-        p.add_argument("--seed", type=int, help="seed for splits, partitions, model (default 0)")
+                       help=f"target epsilon per client over the whole run (default {d.epsilon:g})")
+        p.add_argument("--seed", type=int, help=f"seed for splits, partitions, model (default {d.seed})")
         p.add_argument("--out", help="output folder (default runs/<date-time>)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="any other run-config option from pyproject.toml, e.g. --set lr=0.001")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -47,14 +48,14 @@ class RunSettings:
     # Federation
     strategy: str = "fedavg"
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
-    rounds: int = 15
+    rounds: int = 20
     fraction_train: float = 1.0
     partition: str = "dirichlet"
     alpha: float = 0.5
     speakers_per_client: int = 2
     # Local training
     local_epochs: int = 2
-    batch_size: int = 32
+    batch_size: int = 16
     optimizer: str = "adam"
     lr: float = 1e-3
     # Differential privacy (sample level, Opacus DP-SGD)
@@ -94,6 +95,10 @@ class RunSettings:
         return settings
 
     def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         _choice("partition", self.partition, PARTITIONS)
         _choice("features", self.features, FEATURES)
         _choice("accountant", self.accountant, ACCOUNTANTS)

@@ -29,6 +29,7 @@ class LocalTrainer:
         s = self.settings
         epochs = epochs or s.local_epochs
         torch.manual_seed(seed)
+        self.model.train()  # evaluation in between rounds leaves it in eval mode
         loader = make_loader(feats, labels, s.crop_frames, s.batch_size, seed)
         if s.optimizer == "sgd":
             optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=0.9)

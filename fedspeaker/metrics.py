@@ -17,10 +17,12 @@ def equal_error_rate(scores: np.ndarray, same: np.ndarray) -> float:
     if n_target == 0 or n_nontarget == 0:
         raise ValueError("EER needs both same-speaker and different-speaker trials")
     order = np.argsort(-scores, kind="stable")
-    is_target = same[order]
-    # Accept the top k trials, for k = 0..n
-    false_reject = 1.0 - np.concatenate([[0], np.cumsum(is_target)]) / n_target
-    false_accept = np.concatenate([[0], np.cumsum(~is_target)]) / n_nontarget
+    ranked, is_target = scores[order], same[order]
+    # A threshold can only fall between distinct scores: accept the top k trials for
+    # each k that ends a run of tied scores (and k = 0)
+    cuts = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    false_reject = 1.0 - np.r_[0, np.cumsum(is_target)[cuts]] / n_target
+    false_accept = np.r_[0, np.cumsum(~is_target)[cuts]] / n_nontarget
     i = int(np.argmin(np.abs(false_reject - false_accept)))
     return float((false_reject[i] + false_accept[i]) / 2)
 

@@ -55,13 +55,14 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     total, count = 0.0, 0
     for _ in range(epochs):
         for x, y in loader:
-            if len(y) == 0:  # Poisson sampling can draw an empty batch
-                continue
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            # Poisson sampling can draw an empty batch: still a (noise-only) DP step,
+            # taken and accounted like any other
+            loss = F.cross_entropy(logits, y) if len(y) else logits.sum()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             count += len(y)
     return total / max(count, 1)
 

@@ -1,0 +1,117 @@
+"""Shared fixtures: small synthetic corpora written with soundfile under tmp_path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_CORPUS = REPO / "data" / "dspspeech20-mini"
+
+N_SPEAKERS = 6
+N_UTTERANCES = 6
+# (sample rate, channels, extension) cycled over each speaker's utterances, so every
+# speaker has 16 kHz, 8 kHz and 44.1 kHz files, mono and stereo, wav and flac.
+FORMATS = [
+    (16_000, 1, ".wav"),
+    (8_000, 1, ".flac"),
+    (44_100, 2, ".wav"),
+    (16_000, 2, ".flac"),
+    (8_000, 2, ".wav"),
+    (44_100, 1, ".flac"),
+]
+
+
+def tone(freq: float, seconds: float, rate: int, channels: int = 1, seed: int = 0,
+         noise: float = 0.01) -> np.ndarray:
+    """A voiced-like waveform: fundamental + two harmonics + a little noise, (n, channels)."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.1 * np.sin(4 * np.pi * freq * t) \
+        + 0.05 * np.sin(6 * np.pi * freq * t)
+    rng = np.random.default_rng(seed)
+    cols = [x + noise * rng.standard_normal(len(t)) for _ in range(channels)]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def write_audio(path: Path, data: np.ndarray, rate: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".flac":
+        sf.write(str(path), data, rate, subtype="PCM_16")
+    else:
+        sf.write(str(path), data, rate)
+    return path
+
+
+def write_tone(path: Path, freq: float = 200.0, seconds: float = 0.8, rate: int = 16_000,
+               channels: int = 1, seed: int = 0) -> Path:
+    return write_audio(path, tone(freq, seconds, rate, channels, seed), rate)
+
+
+@dataclass
+class SyntheticCorpus:
+    root: Path
+    speakers: list[str]
+    files: dict[str, list[Path]]  # speaker -> its audio files, sorted
+
+    @property
+    def all_files(self) -> list[Path]:
+        return sorted(p for paths in self.files.values() for p in paths)
+
+
+def make_corpus(root: Path, n_speakers: int = N_SPEAKERS, n_utts: int = N_UTTERANCES,
+                seconds: float = 0.6) -> SyntheticCorpus:
+    files: dict[str, list[Path]] = {}
+    speakers = [f"spk{i:02d}" for i in range(n_speakers)]
+    for i, speaker in enumerate(speakers):
+        pitch = 110.0 + 45.0 * i  # distinct per speaker
+        paths = []
+        for j in range(n_utts):
+            rate, channels, ext = FORMATS[j % len(FORMATS)]
+            # vary pitch slightly per utterance so no two files share content
+            path = root / speaker / f"{speaker}-u{j:02d}{ext}"
+            write_tone(path, pitch * (1 + 0.01 * j), seconds, rate, channels, seed=100 * i + j)
+            paths.append(path)
+        files[speaker] = sorted(paths)
+    return SyntheticCorpus(root, speakers, files)
+
+
+@pytest.fixture
+def synthetic_corpus(tmp_path: Path) -> SyntheticCorpus:
+    """6 speaker folders x 6 utterances (0.6 s each, mixed rates/channels/containers)."""
+    return make_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "cache"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _isolate_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never let a test fall back to ~/.cache/fedspeaker."""
+    monkeypatch.setenv("FEDSPEAKER_CACHE", str(tmp_path / "env-cache"))
+
+
+@pytest.fixture
+def bundled_corpus() -> Path:
+    if not BUNDLED_CORPUS.is_dir():
+        pytest.skip("bundled corpus data/dspspeech20-mini is not present")
+    return BUNDLED_CORPUS
+
+
+@pytest.fixture
+def single_thread():
+    """Run torch single-threaded: these models are tiny, and on a busy 2-core machine
+    intra-op threads contend badly (a DP training step gets several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,169 @@
+"""RunSettings: pyproject defaults, run-config parsing, coercion and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+
+import pytest
+
+from fedspeaker.config import RunSettings
+from fedspeaker.errors import ConfigError, FedSpeakerError
+
+from conftest import REPO
+
+
+def _pyproject_config() -> dict:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def _typed(d: dict) -> dict:
+    # 1 == 1.0 == True in Python: compare types too, so an int default written as a
+    # float in pyproject (or the other way round) is caught.
+    return {k: (type(v).__name__, v) for k, v in d.items()}
+
+
+def test_pyproject_defaults_equal_runsettings_defaults():
+    pyproject = _pyproject_config()
+    defaults = RunSettings().to_run_config()
+    assert list(pyproject) == list(defaults)  # same keys, same order
+    assert _typed(pyproject) == _typed(defaults)
+
+
+def test_pyproject_config_parses_to_default_settings():
+    assert RunSettings.from_run_config(_pyproject_config()) == RunSettings()
+
+
+def test_to_run_config_uses_kebab_case_and_round_trips():
+    settings = RunSettings(seed=7, num_clients=4, partition="iid", dp=False)
+    config = settings.to_run_config()
+    assert config["num-clients"] == 4
+    assert config["seed"] == 7
+    assert config["dp"] is False
+    assert not any("_" in key for key in config)
+    assert RunSettings.from_run_config(config) == settings
+
+
+def test_from_run_config_accepts_kebab_case_keys():
+    settings = RunSettings.from_run_config(
+        {"num-clients": 4, "local-epochs": 3, "crop-frames": 120, "fraction-train": 0.5}
+    )
+    assert (settings.num_clients, settings.local_epochs, settings.crop_frames) == (4, 3, 120)
+    assert settings.fraction_train == 0.5
+    # untouched fields keep their defaults
+    assert settings.rounds == RunSettings().rounds
+
+
+def test_from_run_config_coerces_strings():
+    settings = RunSettings.from_run_config(
+        {"rounds": "3", "seed": "11", "dp": "true", "alpha": "0.25", "partition": "iid"}
+    )
+    assert settings.rounds == 3 and type(settings.rounds) is int
+    assert settings.seed == 11 and type(settings.seed) is int
+    assert settings.dp is True
+    assert settings.alpha == 0.25 and type(settings.alpha) is float
+    assert RunSettings.from_run_config({"dp": "False"}).dp is False
+    assert RunSettings.from_run_config({"dp": "TRUE"}).dp is True
+
+
+def test_from_run_config_coerces_numbers_between_int_and_float():
+    settings = RunSettings.from_run_config({"alpha": 2, "rounds": 4.0})
+    assert settings.alpha == 2.0 and type(settings.alpha) is float
+    assert settings.rounds == 4 and type(settings.rounds) is int
+
+
+@pytest.mark.parametrize(
+    "key, raw",
+    [("rounds", "three"), ("rounds", 2.5), ("rounds", True), ("dp", "yes"), ("dp", 1),
+     ("alpha", "much"), ("alpha", False)],
+)
+def test_from_run_config_rejects_values_of_the_wrong_type(key, raw):
+    with pytest.raises(ConfigError, match=rf"^{key} must be"):
+        RunSettings.from_run_config({key: raw})
+
+
+def test_unknown_key_raises_config_error_naming_the_key():
+    with pytest.raises(ConfigError) as info:
+        RunSettings.from_run_config({"rounds": 2, "num-rounds": 5})
+    message = str(info.value)
+    assert "'num-rounds'" in message
+    assert "unknown" in message
+    # it lists the known options to help the user
+    assert "rounds" in message and "num-clients" in message
+
+
+def test_unknown_snake_case_key_is_named_as_given():
+    with pytest.raises(ConfigError, match="'learning_rate'"):
+        RunSettings.from_run_config({"learning_rate": 0.1})
+
+
+def test_config_error_is_a_fedspeaker_error():
+    assert issubclass(ConfigError, FedSpeakerError)
+
+
+@pytest.mark.parametrize(
+    "key, raw",
+    [
+        ("partition", "foo"),
+        ("rounds", 0),
+        ("alpha", -1),
+        ("alpha", 0),
+        ("fraction-train", 1.5),
+        ("fraction-train", 0.0),
+        ("test-fraction", 1.0),
+        ("test-fraction", 0.0),
+        ("num-clients", 0),
+        ("features", "spectrogram"),
+        ("accountant", "gdp-typo"),
+        ("delta", 1.0),
+        ("n-mels", 4),
+        ("batch-size", 0),
+        ("noise-multiplier", -0.5),
+        ("max-grad-norm", 0.0),
+        ("unseen-speakers", -1),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_option(key, raw):
+    with pytest.raises(ConfigError) as info:
+        RunSettings.from_run_config({key: raw})
+    message = str(info.value)
+    assert message.startswith(key + " "), message
+    assert str(raw) in message
+
+
+def test_epsilon_must_be_positive_only_when_noise_is_calibrated():
+    with pytest.raises(ConfigError, match="^epsilon"):
+        RunSettings.from_run_config({"dp": True, "epsilon": 0.0})
+    # a fixed noise multiplier, or no DP at all, makes epsilon irrelevant
+    assert RunSettings.from_run_config({"epsilon": 0.0, "noise-multiplier": 1.0}).epsilon == 0.0
+    assert RunSettings.from_run_config({"epsilon": 0.0, "dp": False}).dp is False
+
+
+def test_replace_validates():
+    settings = RunSettings()
+    assert settings.replace(rounds=2).rounds == 2
+    with pytest.raises(ConfigError, match="^rounds"):
+        settings.replace(rounds=0)
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunSettings().rounds = 3  # type: ignore[misc]
+
+
+def test_cache_dir_resolution(tmp_path, monkeypatch):
+    assert RunSettings(cache_dir=str(tmp_path / "c")).feature_cache_dir == tmp_path / "c"
+    monkeypatch.setenv("FEDSPEAKER_CACHE", str(tmp_path / "env"))
+    assert RunSettings().feature_cache_dir == tmp_path / "env"
+
+
+def test_corpus_dir_defaults_to_bundled_corpus(tmp_path):
+    assert RunSettings().corpus_dir.name == "dspspeech20-mini"
+    assert RunSettings(data_dir=str(tmp_path)).corpus_dir == tmp_path
+
+
+@pytest.mark.parametrize("key, raw", [("noise-multiplier", "nan"), ("epsilon", "inf")])
+def test_non_finite_values_raise_config_error(key, raw):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        RunSettings.from_run_config({key: raw})

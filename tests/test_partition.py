@@ -1,0 +1,164 @@
+"""partition_indices over flwr-datasets partitioners."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from fedspeaker.corpus import scan_corpus, split_corpus
+from fedspeaker.errors import CorpusError
+from simulations.partition import partition_indices
+
+N_CLIENTS = 10
+
+# flwr-datasets warns about dropped classes and Dirichlet resampling; both are expected here
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:flwr_datasets")
+
+
+def _synthetic_speakers() -> list[str]:
+    # 26 training speakers x 32 utterances, interleaved (order must not matter)
+    return [f"spk{i:02d}" for _ in range(32) for i in range(26)]
+
+
+@pytest.fixture(scope="module")
+def bundled_train_speakers() -> list[str]:
+    from conftest import BUNDLED_CORPUS
+
+    if not BUNDLED_CORPUS.is_dir():
+        pytest.skip("bundled corpus not present")
+    split = split_corpus(scan_corpus(BUNDLED_CORPUS)[0], seed=0)
+    return [u.speaker for u in split.train]
+
+
+@pytest.fixture(params=["synthetic", "bundled"])
+def speakers(request) -> list[str]:
+    if request.param == "synthetic":
+        return _synthetic_speakers()
+    return request.getfixturevalue("bundled_train_speakers")
+
+
+def _check_disjoint_cover(shards: list[list[int]], n: int, cover: bool = True) -> None:
+    assert len(shards) == N_CLIENTS
+    assert all(len(s) > 0 for s in shards), [len(s) for s in shards]
+    flat = [i for s in shards for i in s]
+    assert len(flat) == len(set(flat)), "an index is in two shards"
+    assert all(0 <= i < n for i in flat)
+    if cover:
+        assert sorted(flat) == list(range(n))
+    for s in shards:
+        assert s == sorted(s)
+
+
+def test_speaker_sources_have_expected_size(speakers):
+    assert len(speakers) == 26 * 32
+    assert set(Counter(speakers).values()) == {32}
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_shards_are_disjoint_covering_nonempty(speakers, scheme):
+    shards = partition_indices(speakers, N_CLIENTS, scheme, seed=0, alpha=0.5)
+    _check_disjoint_cover(shards, len(speakers))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+def test_same_seed_same_shards_other_seed_different(speakers, scheme):
+    a = partition_indices(speakers, N_CLIENTS, scheme, seed=0, alpha=0.5)
+    b = partition_indices(list(speakers), N_CLIENTS, scheme, seed=0, alpha=0.5)
+    c = partition_indices(speakers, N_CLIENTS, scheme, seed=1, alpha=0.5)
+    assert a == b
+    assert a != c
+
+
+def test_iid_shards_are_balanced_and_mixed(speakers):
+    shards = partition_indices(speakers, N_CLIENTS, "iid", seed=0)
+    sizes = sorted(len(s) for s in shards)
+    assert sizes[0] == len(speakers) // N_CLIENTS  # 83
+    assert sizes[-1] - sizes[0] <= 1
+    # a shuffled IID shard of 83 utterances sees most of the 26 speakers
+    for s in shards:
+        assert len({speakers[i] for i in s}) >= 15
+
+
+def test_dirichlet_is_more_skewed_than_iid(speakers):
+    def mean_top_share(shards):
+        shares = []
+        for s in shards:
+            counts = Counter(speakers[i] for i in s)
+            shares.append(max(counts.values()) / len(s))
+        return sum(shares) / len(shares)
+
+    iid = partition_indices(speakers, N_CLIENTS, "iid", seed=0)
+    dirichlet = partition_indices(speakers, N_CLIENTS, "dirichlet", seed=0, alpha=0.5)
+    assert mean_top_share(dirichlet) > mean_top_share(iid) + 0.05
+    # and a larger alpha is closer to iid
+    flat = partition_indices(speakers, N_CLIENTS, "dirichlet", seed=0, alpha=1000.0)
+    assert mean_top_share(flat) < mean_top_share(dirichlet)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_pathological_gives_each_client_at_most_k_speakers(speakers, k):
+    shards = partition_indices(speakers, N_CLIENTS, "pathological", seed=0, speakers_per_client=k)
+    _check_disjoint_cover(shards, len(speakers), cover=False)  # unused speakers are dropped
+    for s in shards:
+        assert 1 <= len({speakers[i] for i in s}) <= k
+
+
+def test_pathological_rejects_more_speakers_per_client_than_speakers():
+    with pytest.raises(CorpusError, match="speakers-per-client 30"):
+        partition_indices(_synthetic_speakers(), N_CLIENTS, "pathological", seed=0,
+                          speakers_per_client=30)
+
+
+def test_natural_gives_one_speaker_per_client(speakers):
+    shards = partition_indices(speakers, 26, "natural", seed=0)
+    assert len(shards) == 26
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(len(speakers)))
+    owners = []
+    for s in shards:
+        who = {speakers[i] for i in s}
+        assert len(who) == 1
+        assert len(s) == 32
+        owners.append(who.pop())
+    assert sorted(owners) == sorted(set(speakers))
+    # the seed may change which client gets which speaker, never the shards themselves
+    other = partition_indices(speakers, 26, "natural", seed=3)
+    assert sorted(map(tuple, other)) == sorted(map(tuple, shards))
+
+
+@pytest.mark.parametrize("clients", [10, 25, 27])
+def test_natural_requires_one_client_per_speaker(clients):
+    with pytest.raises(CorpusError) as info:
+        partition_indices(_synthetic_speakers(), clients, "natural", seed=0)
+    assert "--clients 26" in str(info.value)
+    assert f"got {clients}" in str(info.value)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+def test_more_clients_than_utterances_raises_mentioning_clients(scheme):
+    speakers = [f"s{i}" for i in range(4) for _ in range(5)]  # 20 utterances
+    with pytest.raises(CorpusError) as info:
+        partition_indices(speakers, 21, scheme, seed=0)
+    assert "--clients" in str(info.value)
+
+
+def test_iid_with_exactly_one_utterance_per_client():
+    speakers = [f"s{i}" for i in range(4) for _ in range(5)]
+    shards = partition_indices(speakers, 20, "iid", seed=0)
+    assert sorted(len(s) for s in shards) == [1] * 20
+    assert sorted(i for s in shards for i in s) == list(range(20))
+
+
+def test_dirichlet_that_cannot_fill_every_client_raises_mentioning_clients():
+    # 4 speakers x 3 utterances over 12 clients with a small alpha: some client
+    # always ends up empty, so the partitioner gives up.
+    speakers = [f"s{i}" for i in range(4) for _ in range(3)]
+    with pytest.raises(CorpusError) as info:
+        partition_indices(speakers, 12, "dirichlet", seed=0, alpha=0.1)
+    assert "--clients" in str(info.value)
+
+
+def test_unknown_scheme_raises():
+    with pytest.raises(CorpusError, match="unknown partition 'roundrobin'"):
+        partition_indices(_synthetic_speakers(), N_CLIENTS, "roundrobin", seed=0)

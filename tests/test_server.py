@@ -1,0 +1,61 @@
+"""The server keeps a round going when one client sends NaN or infinite weights."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedspeaker.config import RunSettings
+from server.strategies import DropNonFiniteUpdates, build_strategy
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages made outside a Flower runtime need the identity a runtime would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def reply(weights: np.ndarray, examples: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(weights)}),
+                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+def plain_mean(replies, weight_key):
+    return MetricRecord({"train-loss": 1.0})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_update_is_dropped_and_named(bad: float, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = build_strategy(RunSettings(), plain_mean)
+    assert isinstance(strategy, DropNonFiniteUpdates)
+    poisoned = np.array([1.0, bad, 3.0], dtype=np.float32)
+    replies = [reply(np.array([1.0, 2.0, 3.0], np.float32), 10),
+               reply(np.array([3.0, 4.0, 5.0], np.float32), 30),
+               reply(poisoned, 1000)]
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    # FedAvg of the two finite updates, weighted 10:30; the poisoned one is gone
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.5, 3.5, 4.5])
+    assert "NaN or infinite" in caplog.text and "round 1" in caplog.text
+
+
+def test_all_finite_updates_are_all_averaged() -> None:
+    strategy = build_strategy(RunSettings(), plain_mean)
+    arrays, _ = strategy.aggregate_train(
+        2, [reply(np.zeros(2, np.float32), 1), reply(np.full(2, 4.0, np.float32), 3)])
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.0, 3.0])
+
+
+def test_only_nonfinite_updates_leave_the_model_unchanged() -> None:
+    strategy = build_strategy(RunSettings(), plain_mean)
+    arrays, metrics = strategy.aggregate_train(3, [reply(np.full(2, np.nan, np.float32), 5)])
+    assert arrays is None and metrics is None
