@@ -56,7 +56,8 @@ def federation(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     cache = tmp_path_factory.mktemp("cache")
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "3",
                      "--partition", "iid", "--local-epochs", "3", "--epsilon", "30", "--out", str(out),
-                     "--set", f"cache-dir={cache}", "--set", "lr=0.01", "--set", "batch-size=16",
+                     "--set", f"cache-dir={cache}", "--set", "optimizer=adam", "--set", "lr=0.01",
+                     "--set", "batch-size=16",
                      "--set", "channels=64")
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result
