@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -13,6 +14,7 @@ from fedspeaker.data import load_speaker_data
 from fedspeaker.errors import CorpusError
 from fedspeaker.local import LocalTrainer
 from fedspeaker.privacy import PrivacyLedger
+from simulations.partition import partition_indices
 
 app = ClientApp()
 
@@ -47,18 +49,20 @@ def train(msg: Message, context: Context) -> Message:
 
 def client_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
     """This node's shard of the training utterances (simulation: by partition-id)."""
-    from simulations.partition import partition_indices
-
-    data = load_speaker_data(settings)
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", 1))
     if num_partitions != settings.num_clients:
         raise CorpusError(f"the federation has {num_partitions} nodes but num-clients is "
                           f"{settings.num_clients}; make them equal")
-    shards = partition_indices([u.speaker for u in data.split.train], settings.num_clients,
-                               settings.partition, settings.seed, settings.alpha,
-                               settings.speakers_per_client)
-    return data.train_examples(shards[partition_id])
+    return load_speaker_data(settings).train_examples(_shards(settings)[partition_id])
+
+
+@lru_cache(maxsize=4)
+def _shards(settings: RunSettings) -> list[list[int]]:
+    """Every client's indices; computed once per actor, the same in every actor."""
+    speakers = [u.speaker for u in load_speaker_data(settings).split.train]
+    return partition_indices(speakers, settings.num_clients, settings.partition, settings.seed,
+                             settings.alpha, settings.speakers_per_client)
 
 
 def _load_ledger(context: Context, accountant: str) -> PrivacyLedger:

@@ -123,17 +123,17 @@ def _dp_text(settings: RunSettings) -> str:
     return f"DP-SGD to epsilon {settings.epsilon:g}, delta {settings.delta:g}"
 
 
-# Flags that map one-to-one onto run-config options (flag -> option, type).
-_DATA_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "--data-dir": ("data-dir", str),
-    "--clients": ("num-clients", int),
-    "--rounds": ("rounds", int),
-    "--partition": ("partition", str),
-    "--alpha": ("alpha", float),
-    "--local-epochs": ("local-epochs", int),
-    "--noise-multiplier": ("noise-multiplier", float),
-    "--epsilon": ("epsilon", float),
-    "--seed": ("seed", int),
+# Flags that map one-to-one onto run-config options.
+_FLAG_OPTIONS = {
+    "data_dir": "data-dir",
+    "clients": "num-clients",
+    "rounds": "rounds",
+    "partition": "partition",
+    "alpha": "alpha",
+    "local_epochs": "local-epochs",
+    "noise_multiplier": "noise-multiplier",
+    "epsilon": "epsilon",
+    "seed": "seed",
 }
 
 
@@ -144,16 +144,14 @@ def _settings(args: argparse.Namespace) -> RunSettings:
         if not sep:
             raise FedSpeakerError(f"--set takes KEY=VALUE, got {item!r}")
         config[key.strip()] = value.strip()
-    for flag, (option, _) in _DATA_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+    for attribute, option in _FLAG_OPTIONS.items():
+        value = getattr(args, attribute)
         if value is not None:
             config[option] = value
     if args.no_dp:
         config["dp"] = False
     if args.noise_multiplier is not None and args.epsilon is not None:
         raise FedSpeakerError("give either --noise-multiplier or --epsilon, not both")
-    if args.data_dir:
-        config["data-dir"] = str(Path(args.data_dir).expanduser().resolve())
     settings = RunSettings.from_run_config(config)
     out = settings.out_dir_path if not args.out else Path(args.out).expanduser().resolve()
     return settings.replace(out_dir=str(out), data_dir=str(settings.corpus_dir.resolve()))

@@ -48,7 +48,7 @@ class RunSettings:
     # Federation
     strategy: str = "fedavg"
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
-    rounds: int = 20
+    rounds: int = 40
     fraction_train: float = 1.0
     partition: str = "dirichlet"
     alpha: float = 0.5
@@ -150,7 +150,7 @@ def bundled_corpus() -> Path:
     source only), so fall back to the checkout that pip installed in editable mode.
     """
     here = Path(__file__).resolve().parent.parent / "data" / CORPUS_NAME
-    if here.is_dir():
+    if here.is_dir() and any(p.is_dir() for p in here.iterdir()):
         return here
     try:
         url = json.loads(importlib.metadata.distribution("fedspeaker").read_text("direct_url.json") or "{}")

@@ -8,6 +8,7 @@ the epsilon reported is what the client has spent over the whole run so far.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -19,6 +20,11 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+# Opacus warns on every engine about two things that are expected here: the default
+# (non-cryptographic) RNG, and backward hooks on a first layer whose input needs no grad.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @dataclass

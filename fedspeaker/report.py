@@ -42,7 +42,8 @@ class RunReport:
     def finish(self, summary: dict[str, Any], model_bundle: dict[str, Any]) -> None:
         torch.save(model_bundle, self.out_dir / "global_model.pt")
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        plot_curves(self.rows, self.out_dir / "curves.png", title=summary.get("title", ""))
+        plot_curves(self.rows, self.out_dir / "curves.png", title=summary.get("title", ""),
+                    chance=1 / summary["data"]["training_speakers"])
 
 
 def progress_line(row: dict[str, float]) -> str:
@@ -58,23 +59,29 @@ def read_rounds(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "") -> None:
+def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "",
+                chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("accuracy", "identification accuracy"), ("eer", "verification EER")]
+    panels = [("accuracy", "identification accuracy", (0, 1)), ("eer", "verification EER", (0, 0.5))]
     if any(not math.isnan(r.get("epsilon_max", math.nan)) for r in rows):
-        panels.append(("epsilon_max", "client ε (max, mean)"))
+        panels.append(("epsilon_max", "client ε spent (max, mean)", None))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     x = [r["round"] for r in rows]
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label, limits) in zip(axes, panels):
         ax.plot(x, [r[key] for r in rows], marker="o", ms=3, label=key.replace("_", " "))
+        if key == "accuracy" and chance:
+            ax.axhline(chance, ls="--", c="gray", lw=1, label="chance")
+            ax.legend()
         if key == "epsilon_max":
             ax.plot(x, [r["epsilon_mean"] for r in rows], marker="o", ms=3, label="epsilon mean")
             ax.legend()
-        ax.set_xlabel("round" if rows and rows[0].get("clients", 1) else "epoch")
+        if limits:
+            ax.set_ylim(*limits)
+        ax.set_xlabel("round")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     if title:
@@ -95,8 +102,9 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
     best = max(rows, key=lambda r: r["accuracy"]) if rows else {}
     eps = final.get("epsilon_max", math.nan)
     return {
-        "title": f"{mode} ({settings.strategy}, {settings.num_clients} clients, {settings.partition})"
-        if mode == "federated" else "central",
+        "title": (f"federated ({settings.strategy}, {settings.num_clients} clients, "
+                  f"{settings.partition}" if mode == "federated" else "central (")
+        + (f", DP ε≤{settings.epsilon:g})" if settings.dp and not settings.noise_multiplier else ")"),
         "mode": mode,
         "final": {k: final.get(k) for k in ("round", "accuracy", "eer", "epsilon_max", "epsilon_mean")},
         "best_accuracy": best.get("accuracy"),

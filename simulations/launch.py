@@ -29,6 +29,9 @@ BIN = Path(sys.executable).parent
 
 def run_federation(settings: RunSettings, on_round: Callable[[str], None] = print) -> None:
     """Run the federation; the ServerApp writes results into ``settings.out_dir``."""
+    # Flower runs a copy of the app code: give it absolute paths, resolved here
+    settings = settings.replace(data_dir=str(settings.corpus_dir.resolve()),
+                                out_dir=str(settings.out_dir_path))
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "flower.log"
