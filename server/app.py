@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
+from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
@@ -17,8 +18,6 @@ from fedspeaker.model import build_model
 from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
 from fedspeaker.training import evaluate
 from server.strategies import build_strategy
-
-log = logging.getLogger(__name__)
 
 app = ServerApp()
 
@@ -72,7 +71,7 @@ class RoundTracker:
             row = {"round": server_round, **scores, **self.client_metrics,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             self.report.add_round(row)
-            log.info("%s", progress_line(row))
+            flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it
             self.client_metrics = {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)

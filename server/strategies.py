@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import logging
+from logging import WARNING
 from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedspeaker.config import RunSettings
-
-log = logging.getLogger(__name__)
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -54,8 +53,8 @@ class DropNonFiniteUpdates(Strategy):
         kept = []
         for reply in replies:
             if reply.has_content() and not _all_finite(reply.content):
-                log.warning("round %d: dropped the update of node %d: it holds NaN or infinite "
-                            "weights", server_round, reply.metadata.src_node_id)
+                flwr_log(WARNING, "round %d: dropped the update of node %d: it holds NaN or "
+                         "infinite weights", server_round, reply.metadata.src_node_id)
                 continue
             kept.append(reply)
         return self.strategy.aggregate_train(server_round, kept)

@@ -37,11 +37,14 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
     log_path = out_dir / "flower.log"
     with tempfile.TemporaryDirectory(prefix="fedspeaker-flwr-") as home, \
             open(log_path, "w") as log_file, \
-            _superlink(Path(home), settings.num_clients, log_file) as (env, link):
+            _superlink(Path(home), log_file) as (env, link):
         overrides = Path(home) / "run-config.toml"
         overrides.write_text(_toml(settings.to_run_config()))
+        federation = (f"num-supernodes={settings.num_clients} client-resources-num-cpus=1 "
+                      f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
+                      "init-args-num-gpus=0")
         cmd = [str(BIN / "flwr"), "run", str(APP_DIR), "fedspeaker", "--run-config", str(overrides),
-               "--stream"]
+               "--federation-config", federation, "--stream"]
         with _process(cmd, env, log_file) as run:
             shown = 0
             while run.poll() is None and link.poll() is None:
@@ -54,7 +57,7 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
 
 
 @contextlib.contextmanager
-def _superlink(home: Path, num_clients: int, log_file) -> Iterator[tuple[dict[str, str], "Child"]]:
+def _superlink(home: Path, log_file) -> Iterator[tuple[dict[str, str], "Child"]]:
     port = _free_port()
     env = {
         **os.environ,
@@ -70,11 +73,6 @@ def _superlink(home: Path, num_clients: int, log_file) -> Iterator[tuple[dict[st
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedspeaker"\n\n[superlink.fedspeaker]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        f"options.num-supernodes = {num_clients}\n"
-        "options.backend.client-resources.num-cpus = 1\n"
-        "options.backend.client-resources.num-gpus = 0.0\n"
-        f"options.backend.init-args.num-cpus = {max(1, os.cpu_count() or 1)}\n"
-        "options.backend.init-args.num-gpus = 0\n"
     )
     cmd = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
