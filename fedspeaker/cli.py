@@ -94,6 +94,8 @@ def _prepare(settings: RunSettings) -> None:
           f"{len(split.unseen)} unseen; {len(split.train)} train / {len(split.test)} test / "
           f"{len(split.verification)} verification utterances"
           + (f"; {len(data.skipped)} file(s) skipped" if data.skipped else "") + ")", flush=True)
+    print(f"features: {data.decoded} audio file(s) decoded, the rest read from the cache in "
+          f"{settings.feature_cache_dir}", flush=True)
     shards = partition_indices([u.speaker for u in split.train], settings.num_clients,
                                settings.partition, settings.seed, settings.alpha,
                                settings.speakers_per_client)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import tomli_w
+
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.report import progress_line, read_rounds
@@ -39,7 +41,7 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
             open(log_path, "w") as log_file, \
             _superlink(Path(home), log_file) as (env, link):
         overrides = Path(home) / "run-config.toml"
-        overrides.write_text(_toml(settings.to_run_config()))
+        overrides.write_text(tomli_w.dumps(settings.to_run_config()))
         federation = (f"num-supernodes={settings.num_clients} client-resources-num-cpus=1 "
                       f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
                       "init-args-num-gpus=0")
@@ -181,13 +183,3 @@ def _show_new_rounds(rounds_csv: Path, shown: int, on_round: Callable[[str], Non
         on_round(progress_line(row))
     return max(shown, len(rows))
 
-
-def _toml(config: dict) -> str:
-    def value(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return repr(v)
-
-    return "".join(f"{k} = {value(v)}\n" for k, v in config.items())
