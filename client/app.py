@@ -34,7 +34,8 @@ def train(msg: Message, context: Context) -> Message:
     trainer = LocalTrainer(settings, n_speakers=load_speaker_data(settings).n_speakers)
     trainer.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     seed = settings.seed * 1_000_003 + partition_id * 1_009 + server_round
-    loss = trainer.train(feats, labels, ledger, seed)
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
+    loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu)
     if settings.dp:
         context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
 

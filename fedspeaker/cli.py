@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fedspeaker.config import PARTITIONS, RunSettings
+from fedspeaker.config import PARTITIONS, STRATEGIES, RunSettings
 from fedspeaker.errors import FedSpeakerError
 
 log = logging.getLogger("fedspeaker")
@@ -136,6 +136,7 @@ _FLAG_OPTIONS = {
     "noise_multiplier": "noise-multiplier",
     "epsilon": "epsilon",
     "seed": "seed",
+    "strategy": "strategy",
 }
 
 
@@ -182,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="DP-SGD noise multiplier (instead of a target --epsilon)")
         p.add_argument("--epsilon", type=_positive(float),
                        help=f"target epsilon per client over the whole run (default {d.epsilon:g})")
+        p.add_argument("--strategy", choices=STRATEGIES, help="Flower aggregation strategy "
+                       f"(default {d.strategy}); its hyperparameters via --set, e.g. proximal-mu")
         p.add_argument("--seed", type=int, help=f"seed for splits, partitions, model (default {d.seed})")
         p.add_argument("--out", help="output folder (default runs/<date-time>)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",

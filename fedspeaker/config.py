@@ -24,7 +24,8 @@ CORPUS_NAME = "dspspeech20-mini"
 PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 FEATURES = ("fbank", "mfcc")
 ACCOUNTANTS = ("rdp", "prv")
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
+              "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -50,6 +51,17 @@ class RunSettings:
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
     rounds: int = 40
     fraction_train: float = 1.0
+    # Strategy hyperparameters (server/strategies.py says which strategy reads which)
+    server_lr: float = 0.0  # 0: the strategy's own default
+    server_momentum: float = 0.9
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    proximal_mu: float = 0.01
+    trim_fraction: float = 0.2
+    num_malicious: int = 0
+    krum_select: int = 1
+    q: float = 0.1
     partition: str = "dirichlet"
     alpha: float = 0.5
     speakers_per_client: int = 2
@@ -115,6 +127,14 @@ class RunSettings:
         _at_least("speakers-per-client", self.speakers_per_client, 1)
         _at_least("unseen-speakers", self.unseen_speakers, 0)
         _positive("alpha", self.alpha)
+        for key in ("server-lr", "server-momentum", "tau", "proximal-mu", "num-malicious", "q"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        _at_least("krum-select", self.krum_select, 1)
+        for key in ("beta-1", "beta-2"):
+            if not 0.0 <= getattr(self, key.replace("-", "_")) < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key.replace('-', '_'))}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         _positive("lr", self.lr)
         _positive("max-grad-norm", self.max_grad_norm)
         _at_least("noise-multiplier", self.noise_multiplier, 0.0)

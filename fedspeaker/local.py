@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -20,11 +21,13 @@ class LocalTrainer:
                                  settings.embedding_dim, settings.seed)
 
     def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger,
-              seed: int, epochs: int | None = None, planned_epochs: int | None = None) -> float:
+              seed: int, epochs: int | None = None, planned_epochs: int | None = None,
+              proximal_mu: float = 0.0) -> float:
         """Train in place for ``epochs`` (default: local epochs); return the mean loss.
 
         Under DP the noise is calibrated so that ``planned_epochs`` (default: every round
         of the run) stay within the target epsilon, and ``ledger`` gains this call's steps.
+        ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights.
         """
         s = self.settings
         epochs = epochs or s.local_epochs
@@ -35,8 +38,9 @@ class LocalTrainer:
             optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=0.9)
         else:
             optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
+        after_step = self._proximal_step(proximal_mu) if proximal_mu > 0 else None
         if not s.dp:
-            loss = train_epochs(self.model, loader, optimizer, epochs)
+            loss = train_epochs(self.model, loader, optimizer, epochs, after_step)
         else:
             sample_rate = 1 / len(loader)  # what Opacus's Poisson loader will use
             noise = s.noise_multiplier or calibrate_noise(
@@ -44,9 +48,27 @@ class LocalTrainer:
                 s.accountant)
             engine, dp_model, optimizer, loader = make_private(
                 self.model, optimizer, loader, ledger, noise, s.max_grad_norm)
-            loss = train_epochs(dp_model, loader, optimizer, epochs)
+            loss = train_epochs(dp_model, loader, optimizer, epochs, after_step)
             ledger.history = list(engine.accountant.history)
             dp_model.remove_hooks()  # self.model keeps the trained weights
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise FedSpeakerError("local training diverged (NaN or infinite weights); lower --lr")
         return loss if math.isfinite(loss) else float("nan")
+
+    def _proximal_step(self, mu: float) -> Callable[[], None]:
+        """FedProx's term (mu/2)||w - w_global||^2, applied as its own gradient step.
+
+        Applied after the optimizer step rather than through the loss, so that under
+        DP-SGD it is neither clipped nor noised (it depends on no data) and Opacus's
+        per-sample gradients stay those of the data loss alone.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params]
+        lr = self.settings.lr
+
+        @torch.no_grad()
+        def step() -> None:
+            for p, a in zip(params, anchor):
+                p.sub_(lr * mu * (p - a))
+
+        return step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ def make_loader(feats: Sequence[torch.Tensor], labels: Sequence[int], frames: in
 
 
 def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 epochs: int) -> float:
+                 epochs: int, after_step: Callable[[], None] | None = None) -> float:
     """Run ``epochs`` passes; return the mean training loss."""
     model.train()
     total, count = 0.0, 0
@@ -62,6 +62,8 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             loss = F.cross_entropy(logits, y) if len(y) else logits.sum()
             loss.backward()
             optimizer.step()
+            if after_step:
+                after_step()
             total += loss.item() * len(y)
             count += len(y)
     return total / max(count, 1)

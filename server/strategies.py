@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from logging import WARNING
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Strategy,
+)
 
 from fedspeaker.config import RunSettings
 
@@ -17,17 +31,42 @@ MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
 def build_strategy(settings: RunSettings, train_metrics_aggr_fn: MetricsAggregation) -> Strategy:
-    """The run's strategy, weighted by examples, with server-side evaluation only."""
-    common = dict(
-        fraction_train=settings.fraction_train,
+    """The run's Flower strategy by name, weighted by examples, evaluated on the server.
+
+    Each strategy's own hyperparameters come from the run config; a server learning
+    rate of 0 keeps the strategy's own default (FedAvgM 1.0, FedAdam and FedAdagrad
+    0.1, FedYogi 0.01).
+    """
+    s = settings
+    common: dict[str, Any] = dict(
+        fraction_train=s.fraction_train,
         fraction_evaluate=0.0,  # the server scores the global model centrally
         min_train_nodes=1,
-        min_available_nodes=settings.num_clients,
+        min_available_nodes=s.num_clients,
         weighted_by_key="num-examples",
         train_metrics_aggr_fn=train_metrics_aggr_fn,
     )
-    strategies = {"fedavg": lambda: FedAvg(**common)}
-    return DropNonFiniteUpdates(strategies[settings.strategy]())
+    server_lr = {"eta": s.server_lr} if s.server_lr else {}
+    fedopt = dict(common, eta_l=s.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **server_lr)
+    strategies: dict[str, Callable[[], Strategy]] = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(**common, proximal_mu=s.proximal_mu),
+        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=s.server_lr or 1.0,
+                                   server_momentum=s.server_momentum),
+        "fedadam": lambda: FedAdam(**fedopt),
+        "fedyogi": lambda: FedYogi(**fedopt),
+        "fedadagrad": lambda: FedAdagrad(**{k: v for k, v in fedopt.items()
+                                            if k not in ("beta_1", "beta_2")}),
+        "fedmedian": lambda: FedMedian(**common),
+        "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=s.trim_fraction),
+        "krum": lambda: Krum(**common, num_malicious_nodes=s.num_malicious),
+        "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=s.num_malicious,
+                                       num_nodes_to_select=s.krum_select),
+        "bulyan": lambda: Bulyan(**common, num_malicious_nodes=s.num_malicious),
+        "qfedavg": lambda: QFedAvg(client_learning_rate=s.lr, q=s.q, train_loss_key="train-loss",
+                                   **common),
+    }
+    return DropNonFiniteUpdates(strategies[s.strategy]())
 
 
 class DropNonFiniteUpdates(Strategy):

@@ -113,3 +113,14 @@ def test_central_baseline_writes_the_same_outputs(tiny_corpus: Path, tmp_path: P
     summary = json.loads((tmp_path / "central" / "summary.json").read_text())
     assert summary["mode"] == "central" and summary["final"]["round"] == 2
     assert (tmp_path / "central" / "global_model.pt").exists()
+
+
+def test_a_strategy_chosen_by_name_runs_a_federation(tiny_corpus: Path, tmp_path: Path) -> None:
+    result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "2", "--rounds", "1",
+                     "--strategy", "fedprox", "--no-dp", "--out", str(tmp_path / "prox"),
+                     "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "proximal-mu=0.5",
+                     "--set", "channels=32")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "prox" / "summary.json").read_text())
+    assert summary["settings"]["strategy"] == "fedprox" and summary["final"]["round"] == 1
+    assert "FedProx" in (tmp_path / "prox" / "flower.log").read_text()

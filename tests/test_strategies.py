@@ -1,0 +1,88 @@
+"""Every strategy name builds and aggregates a round; FedProx's term changes the update."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedspeaker.config import STRATEGIES, RunSettings
+from fedspeaker.local import LocalTrainer
+from fedspeaker.privacy import PrivacyLedger
+from server.strategies import build_strategy
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages made outside a Flower runtime need the identity a runtime would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class EightNodes:
+    """Just enough of a Flower Grid for configure_train to sample from."""
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, 9))
+
+
+def metrics_mean(replies, weight_key):
+    return MetricRecord({"train-loss": 1.0})
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_builds_and_aggregates_one_round(name: str) -> None:
+    settings = RunSettings(strategy=name, num_clients=8)
+    strategy = build_strategy(settings, metrics_mean)
+    global_arrays = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), EightNodes()))
+    assert len(sent) == 8
+    if name == "fedprox":
+        assert sent[0].content["config"]["proximal-mu"] == settings.proximal_mu
+    rng = np.random.default_rng(0)
+    replies = [
+        Message(content=RecordDict({
+            "arrays": ArrayRecord({"w": Array((1.0 + 0.1 * rng.standard_normal(4)).astype(np.float32))}),
+            "metrics": MetricRecord({"num-examples": 10 + i, "train-loss": 1.0 + 0.1 * i}),
+        }), dst_node_id=i + 1, message_type="train")
+        for i in range(8)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None, name
+    w = arrays["w"].numpy()
+    assert w.shape == (4,) and np.isfinite(w).all()
+    assert np.abs(w).max() > 0  # moved away from the zero global model
+
+
+def test_unknown_strategy_is_a_config_error() -> None:
+    from fedspeaker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy must be one of"):
+        RunSettings.from_run_config({"strategy": "fedsgd"})
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_proximal_term_pulls_the_update_towards_the_global_model(dp: bool) -> None:
+    torch.set_num_threads(1)
+    settings = RunSettings(dp=dp, epsilon=50.0, rounds=1, local_epochs=2, channels=16,
+                           embedding_dim=16, crop_frames=60, batch_size=8, lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(40, 80, generator=gen) for _ in range(24)]
+    labels = [i % 3 for i in range(24)]
+
+    def train(mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+        trainer = LocalTrainer(settings, n_speakers=3)
+        start = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        trainer.train(feats, labels, PrivacyLedger(), seed=3, proximal_mu=mu)
+        return start, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+    start, plain = train(0.0)
+    start_again, proximal = train(5.0)
+    assert torch.equal(start, start_again)
+    assert not torch.allclose(plain, proximal)
+    assert (proximal - start).norm() < (plain - start).norm()
