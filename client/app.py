@@ -15,6 +15,13 @@ from fedspeaker.errors import CorpusError
 from fedspeaker.local import LocalTrainer
 from fedspeaker.privacy import PrivacyLedger
 from simulations.partition import partition_indices
+from simulations.scenarios import (
+    SimulatedDropout,
+    client_role,
+    drops_out,
+    flip_labels,
+    poison_update,
+)
 
 app = ClientApp()
 
@@ -27,23 +34,35 @@ def train(msg: Message, context: Context) -> Message:
     started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     partition_id = int(context.node_config.get("partition-id", 0))
-    feats, labels = client_examples(settings, context)
     server_round = int(msg.content["config"]["server-round"])
+    if drops_out(settings, partition_id, server_round):
+        raise SimulatedDropout(f"client {partition_id} dropped out of round {server_round} "
+                               f"(scenario: dropout={settings.dropout})")
+    role = client_role(settings, partition_id)
+    n_speakers = load_speaker_data(settings).n_speakers
+    feats, labels = client_examples(settings, context)
+    if role.byzantine and settings.attack == "label-flip":
+        labels = flip_labels(labels, n_speakers)
     ledger = _load_ledger(context, settings.accountant)
 
-    trainer = LocalTrainer(settings, n_speakers=load_speaker_data(settings).n_speakers)
-    trainer.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    trainer = LocalTrainer(settings, n_speakers)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    trainer.model.load_state_dict(global_state)
     seed = settings.seed * 1_000_003 + partition_id * 1_009 + server_round
     mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
-    loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu)
+    loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu,
+                         step_fraction=settings.straggler_steps if role.straggler else 1.0)
     if settings.dp:
         context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
+    update = trainer.model.state_dict()
+    if role.byzantine and settings.attack != "label-flip":
+        update = poison_update(global_state, update, settings.attack, settings.attack_scale, seed)
 
     metrics = {"num-examples": len(feats), "train-loss": loss,
                "train-seconds": time.monotonic() - started}
     if settings.dp:
         metrics["epsilon"] = ledger.epsilon(settings.delta)
-    content = RecordDict({"arrays": ArrayRecord(trainer.model.state_dict()),
+    content = RecordDict({"arrays": ArrayRecord(update),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -27,6 +27,7 @@ ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
               "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg")
 OPTIMIZERS = ("adam", "sgd")
+ATTACKS = ("sign-flip", "scale", "noise", "label-flip")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class RunSettings:
     num_malicious: int = 0
     krum_select: int = 1
     q: float = 0.1
+    # Scenarios (simulation only; simulations/scenarios.py)
+    dropout: float = 0.0  # probability that a sampled client fails a round
+    straggler_fraction: float = 0.0  # share of clients that complete only straggler-steps
+    straggler_steps: float = 0.25  # share of its local steps a straggler completes
+    byzantine_fraction: float = 0.0  # share of clients that send poisoned updates
+    attack: str = "sign-flip"
+    attack_scale: float = 10.0
     partition: str = "dirichlet"
     alpha: float = 0.5
     speakers_per_client: int = 2
@@ -116,6 +124,15 @@ class RunSettings:
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("attack", self.attack, ATTACKS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("straggler-fraction", "byzantine-fraction"):
+            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
+                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key.replace('-', '_'))}")
+        if not 0.0 < self.straggler_steps <= 1.0:
+            raise ConfigError(f"straggler-steps must be in (0, 1], got {self.straggler_steps}")
+        _positive("attack-scale", self.attack_scale)
         _at_least("num-clients", self.num_clients, 1)
         _at_least("rounds", self.rounds, 1)
         _at_least("local-epochs", self.local_epochs, 1)

@@ -22,12 +22,13 @@ class LocalTrainer:
 
     def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger,
               seed: int, epochs: int | None = None, planned_epochs: int | None = None,
-              proximal_mu: float = 0.0) -> float:
+              proximal_mu: float = 0.0, step_fraction: float = 1.0) -> float:
         """Train in place for ``epochs`` (default: local epochs); return the mean loss.
 
         Under DP the noise is calibrated so that ``planned_epochs`` (default: every round
         of the run) stay within the target epsilon, and ``ledger`` gains this call's steps.
-        ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights.
+        ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights;
+        ``step_fraction`` < 1 stops early, as a slow device would.
         """
         s = self.settings
         epochs = epochs or s.local_epochs
@@ -39,8 +40,9 @@ class LocalTrainer:
         else:
             optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
         after_step = self._proximal_step(proximal_mu) if proximal_mu > 0 else None
+        max_steps = None if step_fraction >= 1 else max(1, math.ceil(step_fraction * epochs * len(loader)))
         if not s.dp:
-            loss = train_epochs(self.model, loader, optimizer, epochs, after_step)
+            loss = train_epochs(self.model, loader, optimizer, epochs, after_step, max_steps)
         else:
             sample_rate = 1 / len(loader)  # what Opacus's Poisson loader will use
             noise = s.noise_multiplier or calibrate_noise(
@@ -48,7 +50,7 @@ class LocalTrainer:
                 s.accountant)
             engine, dp_model, optimizer, loader = make_private(
                 self.model, optimizer, loader, ledger, noise, s.max_grad_norm)
-            loss = train_epochs(dp_model, loader, optimizer, epochs, after_step)
+            loss = train_epochs(dp_model, loader, optimizer, epochs, after_step, max_steps)
             ledger.history = list(engine.accountant.history)
             dp_model.remove_hooks()  # self.model keeps the trained weights
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):

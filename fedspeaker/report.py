@@ -50,8 +50,10 @@ def progress_line(row: dict[str, float]) -> str:
     eps = ""
     if not math.isnan(row.get("epsilon_max", math.nan)):
         eps = f"  eps max {row['epsilon_max']:.2f} mean {row['epsilon_mean']:.2f}"
+    clients = row.get("clients", math.nan)
+    replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
     return (f"round {int(row['round']):3d}  accuracy {row['accuracy']:.3f}  EER {row['eer']:.3f}"
-            f"{eps}  {row['round_seconds']:.1f} s")
+            f"{eps}{replies}  {row['round_seconds']:.1f} s")
 
 
 def read_rounds(path: Path) -> list[dict[str, float]]:

@@ -49,12 +49,16 @@ def make_loader(feats: Sequence[torch.Tensor], labels: Sequence[int], frames: in
 
 
 def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 epochs: int, after_step: Callable[[], None] | None = None) -> float:
-    """Run ``epochs`` passes; return the mean training loss."""
+                 epochs: int, after_step: Callable[[], None] | None = None,
+                 max_steps: int | None = None) -> float:
+    """Run ``epochs`` passes (or ``max_steps`` steps); return the mean training loss."""
     model.train()
-    total, count = 0.0, 0
+    total, count, steps = 0.0, 0, 0
     for _ in range(epochs):
         for x, y in loader:
+            if max_steps is not None and steps >= max_steps:
+                return total / max(count, 1)
+            steps += 1
             optimizer.zero_grad()
             logits = model(x)
             # Poisson sampling can draw an empty batch: still a (noise-only) DP step,

@@ -124,3 +124,20 @@ def test_a_strategy_chosen_by_name_runs_a_federation(tiny_corpus: Path, tmp_path
     summary = json.loads((tmp_path / "prox" / "summary.json").read_text())
     assert summary["settings"]["strategy"] == "fedprox" and summary["final"]["round"] == 1
     assert "FedProx" in (tmp_path / "prox" / "flower.log").read_text()
+
+
+def test_dropouts_leave_fewer_replies_and_the_run_finishes(tiny_corpus: Path, tmp_path: Path) -> None:
+    from fedspeaker.config import RunSettings
+    from simulations.scenarios import drops_out
+
+    out = tmp_path / "drop"
+    result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "3",
+                     "--no-dp", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
+                     "--set", "dropout=0.3", "--set", "channels=32", "--set", "local-epochs=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    settings = RunSettings(dropout=0.3, num_clients=3)
+    expected = [sum(not drops_out(settings, c, r) for c in range(3)) for r in (1, 2, 3)]
+    assert 0 < min(expected) < 3  # this seed drops some, not all: the check below means something
+    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    got = [int(float(r["clients"])) if r["clients"] != "nan" else 0 for r in rows]
+    assert got == expected
