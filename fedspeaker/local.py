@@ -54,8 +54,9 @@ class LocalTrainer:
             ledger.history = list(engine.accountant.history)
             dp_model.remove_hooks()  # self.model keeps the trained weights
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise FedSpeakerError("local training diverged (NaN or infinite weights); lower --lr")
-        return loss if math.isfinite(loss) else float("nan")
+            raise FedSpeakerError("local training diverged (NaN or infinite weights); lower the "
+                                  "learning rate (--set lr=...)")
+        return loss
 
     def _proximal_step(self, mu: float) -> Callable[[], None]:
         """FedProx's term (mu/2)||w - w_global||^2, applied as its own gradient step.
