@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,7 +13,7 @@ from fedspeaker.data import load_speaker_data
 from fedspeaker.errors import CorpusError
 from fedspeaker.local import LocalTrainer
 from fedspeaker.privacy import PrivacyLedger
-from simulations.partition import partition_indices
+from simulations.partition import client_shards
 from simulations.scenarios import (
     SimulatedDropout,
     client_role,
@@ -74,15 +73,8 @@ def client_examples(settings: RunSettings, context: Context) -> tuple[list[torch
     if num_partitions != settings.num_clients:
         raise CorpusError(f"the federation has {num_partitions} nodes but num-clients is "
                           f"{settings.num_clients}; make them equal")
-    return load_speaker_data(settings).train_examples(_shards(settings)[partition_id])
+    return load_speaker_data(settings).train_examples(client_shards(settings)[partition_id])
 
-
-@lru_cache(maxsize=4)
-def _shards(settings: RunSettings) -> list[list[int]]:
-    """Every client's indices; computed once per actor, the same in every actor."""
-    speakers = [u.speaker for u in load_speaker_data(settings).split.train]
-    return partition_indices(speakers, settings.num_clients, settings.partition, settings.seed,
-                             settings.alpha, settings.speakers_per_client)
 
 
 def _load_ledger(context: Context, accountant: str) -> PrivacyLedger:

@@ -86,7 +86,7 @@ def identify(args: argparse.Namespace) -> int:
 def _prepare(settings: RunSettings) -> None:
     """Load features and check the partition before any process is started."""
     from fedspeaker.data import load_speaker_data
-    from simulations.partition import partition_indices
+    from simulations.partition import client_shards
 
     data = load_speaker_data(settings)
     split = data.split
@@ -96,9 +96,7 @@ def _prepare(settings: RunSettings) -> None:
           + (f"; {len(data.skipped)} file(s) skipped" if data.skipped else "") + ")", flush=True)
     print(f"features: {data.decoded} audio file(s) decoded, the rest read from the cache in "
           f"{settings.feature_cache_dir}", flush=True)
-    shards = partition_indices([u.speaker for u in split.train], settings.num_clients,
-                               settings.partition, settings.seed, settings.alpha,
-                               settings.speakers_per_client)
+    shards = client_shards(settings)
     sizes = sorted(len(s) for s in shards)
     print(f"partition: {settings.partition}, utterances per client min {sizes[0]} / "
           f"median {sizes[len(sizes) // 2]} / max {sizes[-1]}", flush=True)

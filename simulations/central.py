@@ -10,7 +10,7 @@ from fedspeaker.local import LocalTrainer
 from fedspeaker.privacy import PrivacyLedger
 from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
 from fedspeaker.training import evaluate
-from simulations.partition import partition_indices
+from simulations.partition import client_shards
 
 
 def run_central(settings: RunSettings, on_round=print) -> dict:
@@ -20,9 +20,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     run of the same settings; under DP the noise covers the whole budget, as in clients.
     """
     data = load_speaker_data(settings)
-    shards = partition_indices([u.speaker for u in data.split.train], settings.num_clients,
-                               settings.partition, settings.seed, settings.alpha,
-                               settings.speakers_per_client)
+    shards = client_shards(settings)
     feats, labels = data.train_examples(sorted(i for shard in shards for i in shard))
     test_x, test_y = data.test_examples()
     verify_x, verify_spk = data.verification_examples()

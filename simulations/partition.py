@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 
 from datasets import Dataset
 from flwr_datasets.partitioner import (
@@ -13,7 +14,20 @@ from flwr_datasets.partitioner import (
     Partitioner,
 )
 
+from fedspeaker.config import RunSettings
+from fedspeaker.data import load_speaker_data
 from fedspeaker.errors import CorpusError
+
+
+@lru_cache(maxsize=4)
+def client_shards(settings: RunSettings) -> list[list[int]]:
+    """Each simulated client's indices into the run's training utterances.
+
+    Cached: a Ray actor serving many clients and rounds partitions once.
+    """
+    speakers = [u.speaker for u in load_speaker_data(settings).split.train]
+    return partition_indices(speakers, settings.num_clients, settings.partition, settings.seed,
+                             settings.alpha, settings.speakers_per_client)
 
 
 def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: int,

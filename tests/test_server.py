@@ -12,15 +12,7 @@ from fedspeaker.config import RunSettings
 from server.strategies import DropNonFiniteUpdates, build_strategy
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages made outside a Flower runtime need the identity a runtime would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def reply(weights: np.ndarray, examples: int) -> Message:
