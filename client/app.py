@@ -35,8 +35,10 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config.get("partition-id", 0))
     server_round = int(msg.content["config"]["server-round"])
     if drops_out(settings, partition_id, server_round):
+        if settings.dropout_mode == "silent":  # answer only after the server stopped waiting
+            time.sleep(settings.round_timeout + 1.0)
         raise SimulatedDropout(f"client {partition_id} dropped out of round {server_round} "
-                               f"(scenario: dropout={settings.dropout})")
+                               f"(scenario: dropout={settings.dropout}, {settings.dropout_mode})")
     role = client_role(settings, partition_id)
     n_speakers = load_speaker_data(settings).n_speakers
     feats, labels = client_examples(settings, context)

@@ -1,4 +1,5 @@
-"""`fedspeaker`: simulate a federation, train the central baseline, identify speakers.
+"""`fedspeaker`: simulate a federation, train the central baseline, compare strategies,
+identify speakers.
 
 Every flag maps onto a run-config option (fedspeaker/config.py), so a run started
 here and one started with `flwr run .` are configured the same way.
@@ -63,6 +64,25 @@ def central(args: argparse.Namespace) -> int:
           f"client shards, {_dp_text(settings)}", flush=True)
     run_central(settings, on_round=lambda line: print(line, flush=True))
     return _finish(settings)
+
+
+def compare(args: argparse.Namespace) -> int:
+    from simulations.compare import run_grid
+    from simulations.grid import Grid
+
+    grid = Grid.load(args.grid)
+    overrides = _key_values(args.set)
+    if args.data_dir:
+        overrides["data-dir"] = str(Path(args.data_dir).expanduser().resolve())
+    out = Path(args.out or f"runs/compare-{grid.name}").expanduser().resolve()
+    cells = grid.cells()
+    print(f"grid {grid.name}: {grid.description}\n{len(cells)} runs ({len(grid.strategies)} "
+          f"strategies x {len(grid.partitions)} partition(s) x {len(grid.scenarios)} scenario(s) x "
+          f"{len(grid.seeds)} seed(s)" + (", plus the central baseline per partition and seed"
+                                          if grid.central else "") + f"); results in {out}", flush=True)
+    run_grid(grid, out, overrides, show=lambda line: print(line, flush=True))
+    print(f"outputs: {out} (results.csv, report.md, curves_*.png, final_accuracy.png, cells/)")
+    return 0
 
 
 def identify(args: argparse.Namespace) -> int:
@@ -139,12 +159,7 @@ _FLAG_OPTIONS = {
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
-    config: dict[str, Any] = dict(RunSettings().to_run_config())
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise FedSpeakerError(f"--set takes KEY=VALUE, got {item!r}")
-        config[key.strip()] = value.strip()
+    config: dict[str, Any] = {**RunSettings().to_run_config(), **_key_values(args.set)}
     for attribute, option in _FLAG_OPTIONS.items():
         value = getattr(args, attribute)
         if value is not None:
@@ -156,6 +171,17 @@ def _settings(args: argparse.Namespace) -> RunSettings:
     settings = RunSettings.from_run_config(config)
     out = settings.out_dir_path if not args.out else Path(args.out).expanduser().resolve()
     return settings.replace(out_dir=str(out), data_dir=str(settings.corpus_dir.resolve()))
+
+
+def _key_values(items: list[str] | None) -> dict[str, str]:
+    """--set KEY=VALUE items; values are typed and checked by RunSettings."""
+    config = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedSpeakerError(f"--set takes KEY=VALUE, got {item!r}")
+        config[key.strip()] = value.strip()
+    return config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,6 +216,17 @@ def _parser() -> argparse.ArgumentParser:
 
     run_command("simulate", simulate, "run a simulated federation (Flower Simulation Engine)")
     run_command("central", central, "train the same model centrally: the upper bound")
+
+    p = sub.add_parser("compare", help="compare strategies over a grid of partitions, scenarios "
+                       "and seeds (resumable)")
+    p.set_defaults(command=compare)
+    p.add_argument("grid", nargs="?", default="default", help="a grid in simulations/grids/ "
+                   "(default, robust, strategies, realistic, smoke) or a TOML file (default: default)")
+    p.add_argument("--out", help="output folder (default runs/compare-<grid>); re-running with the "
+                   "same folder runs only the cells that are missing")
+    p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a run-config option for every cell, e.g. --set rounds=5")
 
     p = sub.add_parser("identify", help="name the most likely speakers of audio files")
     p.set_defaults(command=identify)

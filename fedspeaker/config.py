@@ -21,13 +21,14 @@ from fedspeaker.errors import ConfigError
 
 CORPUS_NAME = "dspspeech20-mini"
 
-PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural", "power-law")
 FEATURES = ("fbank", "mfcc")
 ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
               "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg")
 OPTIMIZERS = ("adam", "sgd")
 ATTACKS = ("sign-flip", "scale", "noise", "label-flip")
+DROPOUT_MODES = ("raise", "silent")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class RunSettings:
     q: float = 0.1
     # Scenarios (simulation only; simulations/scenarios.py)
     dropout: float = 0.0  # probability that a sampled client fails a round
+    dropout_mode: str = "raise"  # raise: it fails; silent: it never answers in time
+    round_timeout: float = 3600.0  # seconds the server waits for replies in a round
     straggler_fraction: float = 0.0  # share of clients that complete only straggler-steps
     straggler_steps: float = 0.25  # share of its local steps a straggler completes
     byzantine_fraction: float = 0.0  # share of clients that send poisoned updates
@@ -73,6 +76,7 @@ class RunSettings:
     partition: str = "dirichlet"
     alpha: float = 0.5
     speakers_per_client: int = 2
+    size_exponent: float = 1.0  # power-law partition: client k of n holds a share ~ k^-exponent
     # Local training
     local_epochs: int = 2
     batch_size: int = 16
@@ -125,6 +129,9 @@ class RunSettings:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attack", self.attack, ATTACKS)
+        _choice("dropout-mode", self.dropout_mode, DROPOUT_MODES)
+        _positive("round-timeout", self.round_timeout)
+        _at_least("size-exponent", self.size_exponent, 0.0)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         for key in ("straggler-fraction", "byzantine-fraction"):

@@ -19,7 +19,7 @@ from fedspeaker.data import SpeakerData
 from fedspeaker.privacy import guarantee_sentence
 
 COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "train_loss",
-           "clients", "client_train_seconds", "round_seconds", "seconds")
+           "clients", "upload_bytes", "client_train_seconds", "round_seconds", "seconds")
 
 
 class RunReport:

@@ -30,11 +30,12 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings.n_mels, data.n_speakers, settings.channels,
                         settings.embedding_dim, settings.seed)
     rounds = RoundTracker(settings, data, model, RunReport(settings.out_dir_path))
-    strategy = build_strategy(settings, rounds.aggregate_train_metrics)
+    strategy = build_strategy(settings, rounds.observe_replies)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=settings.rounds,
+        timeout=settings.round_timeout,
         train_config=ConfigRecord({"num-rounds": settings.rounds}),
         evaluate_fn=rounds.evaluate,
     )
@@ -50,18 +51,21 @@ class RoundTracker:
         self.started = self.round_started = time.monotonic()
         self.client_metrics: dict[str, float] = {}
 
-    def aggregate_train_metrics(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
-        """Weighted means (Flower's default), plus max/mean epsilon and summed client time."""
+    def observe_replies(self, server_round: int, replies: list[RecordDict]) -> None:
+        """Every reply of the round, selected by the strategy or not: loss (weighted by
+        examples, as Flower does), max/mean epsilon, summed client time, bytes uploaded."""
         metrics = [next(iter(r.metric_records.values())) for r in replies]
         eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
+        loss = aggregate_metricrecords(replies, "num-examples").get("train-loss", math.nan) \
+            if replies else math.nan
         self.client_metrics = {
-            "train_loss": float(aggregate_metricrecords(replies, weight_key).get("train-loss", math.nan)),
+            "train_loss": float(loss),
             "epsilon_max": max(eps) if eps else math.nan,
             "epsilon_mean": sum(eps) / len(eps) if eps else math.nan,
             "clients": len(replies),
             "client_train_seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
+            "upload_bytes": sum(_array_bytes(r) for r in replies),
         }
-        return MetricRecord({k: v for k, v in self.client_metrics.items() if not math.isnan(v)})
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.model.load_state_dict(arrays.to_torch_state_dict())
@@ -88,3 +92,8 @@ class RoundTracker:
                         mode="federated"),
             model_bundle(self.settings, self.data, self.model),
         )
+
+
+def _array_bytes(content: RecordDict) -> int:
+    """Bytes of the weights in one client's reply, as they travel."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())

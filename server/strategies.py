@@ -27,10 +27,10 @@ from flwr.serverapp.strategy import (
 
 from fedspeaker.config import RunSettings
 
-MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
+ReplyObserver = Callable[[int, list[RecordDict]], None]
 
 
-def build_strategy(settings: RunSettings, train_metrics_aggr_fn: MetricsAggregation) -> Strategy:
+def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = None) -> Strategy:
     """The run's Flower strategy by name, weighted by examples, evaluated on the server.
 
     Each strategy's own hyperparameters come from the run config; a server learning
@@ -44,7 +44,6 @@ def build_strategy(settings: RunSettings, train_metrics_aggr_fn: MetricsAggregat
         min_train_nodes=1,
         min_available_nodes=s.num_clients,
         weighted_by_key="num-examples",
-        train_metrics_aggr_fn=train_metrics_aggr_fn,
     )
     server_lr = {"eta": s.server_lr} if s.server_lr else {}
     fedopt = dict(common, eta_l=s.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **server_lr)
@@ -66,19 +65,23 @@ def build_strategy(settings: RunSettings, train_metrics_aggr_fn: MetricsAggregat
         "qfedavg": lambda: QFedAvg(client_learning_rate=s.lr, q=s.q, train_loss_key="train-loss",
                                    **common),
     }
-    return DropNonFiniteUpdates(strategies[s.strategy]())
+    return ScreenedStrategy(strategies[s.strategy](), on_replies)
 
 
-class DropNonFiniteUpdates(Strategy):
-    """Wraps a strategy; replies holding NaN or infinite weights are dropped, by node.
+class ScreenedStrategy(Strategy):
+    """Wraps a strategy: replies holding NaN or infinite weights are dropped, by node,
+    and every reply received is shown to ``on_replies`` first.
 
     Like Flower's DifferentialPrivacy* wrappers, it delegates everything else, so one
-    broken or hostile client costs its own update, not the round.
+    broken or hostile client costs its own update, not the round. The observer sees all
+    replies, where a strategy's own metrics see only those it selects (Krum, Bulyan):
+    a client's privacy spend and upload count whether or not it was selected.
     """
 
-    def __init__(self, strategy: Strategy) -> None:
+    def __init__(self, strategy: Strategy, on_replies: ReplyObserver | None = None) -> None:
         super().__init__()
         self.strategy = strategy
+        self.on_replies = on_replies
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -89,6 +92,9 @@ class DropNonFiniteUpdates(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.on_replies:
+            self.on_replies(server_round, [r.content for r in replies if r.has_content()])
         kept = []
         for reply in replies:
             if reply.has_content() and not _all_finite(reply.content):

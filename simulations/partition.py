@@ -12,6 +12,7 @@ from flwr_datasets.partitioner import (
     NaturalIdPartitioner,
     PathologicalPartitioner,
     Partitioner,
+    SizePartitioner,
 )
 
 from fedspeaker.config import RunSettings
@@ -27,11 +28,12 @@ def client_shards(settings: RunSettings) -> list[list[int]]:
     """
     speakers = [u.speaker for u in load_speaker_data(settings).split.train]
     return partition_indices(speakers, settings.num_clients, settings.partition, settings.seed,
-                             settings.alpha, settings.speakers_per_client)
+                             settings.alpha, settings.speakers_per_client, settings.size_exponent)
 
 
 def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: int,
-                      alpha: float = 0.5, speakers_per_client: int = 2) -> list[list[int]]:
+                      alpha: float = 0.5, speakers_per_client: int = 2,
+                      size_exponent: float = 1.0) -> list[list[int]]:
     """Indices into ``speakers`` (one entry per training utterance) for each client.
 
     Disjoint, covering (except where a scheme drops speakers by design), and the same
@@ -43,7 +45,12 @@ def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: 
     order = list(range(len(speakers)))
     random.Random(seed).shuffle(order)  # IidPartitioner shards in row order
     table = Dataset.from_dict({"index": order, "speaker": [speakers[i] for i in order]})
-    partitioner = _partitioner(scheme, num_clients, len(set(speakers)), seed, alpha, speakers_per_client)
+    if scheme == "power-law":
+        partitioner: Partitioner = SizePartitioner(power_law_sizes(len(speakers), num_clients,
+                                                                   size_exponent, seed))
+    else:
+        partitioner = _partitioner(scheme, num_clients, len(set(speakers)), seed, alpha,
+                                   speakers_per_client)
     partitioner.dataset = table
     try:
         shards = [sorted(partitioner.load_partition(i)["index"]) for i in range(num_clients)]
@@ -60,6 +67,21 @@ def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: 
             "use fewer --clients, a larger --alpha, or another --partition"
         )
     return shards
+
+
+def power_law_sizes(total: int, num_clients: int, exponent: float, seed: int) -> list[int]:
+    """Quantity skew: the client of size rank k (1 = largest) holds a share ~ k^-exponent.
+
+    Every client gets at least one utterance; which client is large is drawn by seed.
+    Exponent 0 gives equal sizes.
+    """
+    weights = [(rank + 1) ** -exponent for rank in range(num_clients)]
+    spare = total - num_clients
+    sizes = [1 + int(spare * w / sum(weights)) for w in weights]
+    sizes[0] += total - sum(sizes)  # rounding leftovers go to the largest client
+    ranks = list(range(num_clients))
+    random.Random(f"{seed}-sizes").shuffle(ranks)
+    return [sizes[r] for r in ranks]
 
 
 def _partitioner(scheme: str, num_clients: int, num_speakers: int, seed: int, alpha: float,

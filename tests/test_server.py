@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedspeaker.config import RunSettings
-from server.strategies import DropNonFiniteUpdates, build_strategy
+from server.strategies import ScreenedStrategy, build_strategy
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -27,8 +27,8 @@ def plain_mean(replies, weight_key):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nonfinite_update_is_dropped_and_named(bad: float, caplog: pytest.LogCaptureFixture) -> None:
-    strategy = build_strategy(RunSettings(), plain_mean)
-    assert isinstance(strategy, DropNonFiniteUpdates)
+    strategy = build_strategy(RunSettings())
+    assert isinstance(strategy, ScreenedStrategy)
     poisoned = np.array([1.0, bad, 3.0], dtype=np.float32)
     replies = [reply(np.array([1.0, 2.0, 3.0], np.float32), 10),
                reply(np.array([3.0, 4.0, 5.0], np.float32), 30),
@@ -41,13 +41,13 @@ def test_nonfinite_update_is_dropped_and_named(bad: float, caplog: pytest.LogCap
 
 
 def test_all_finite_updates_are_all_averaged() -> None:
-    strategy = build_strategy(RunSettings(), plain_mean)
+    strategy = build_strategy(RunSettings())
     arrays, _ = strategy.aggregate_train(
         2, [reply(np.zeros(2, np.float32), 1), reply(np.full(2, 4.0, np.float32), 3)])
     np.testing.assert_allclose(arrays["w"].numpy(), [3.0, 3.0])
 
 
 def test_only_nonfinite_updates_leave_the_model_unchanged() -> None:
-    strategy = build_strategy(RunSettings(), plain_mean)
+    strategy = build_strategy(RunSettings())
     arrays, metrics = strategy.aggregate_train(3, [reply(np.full(2, np.nan, np.float32), 5)])
     assert arrays is None and metrics is None

@@ -30,7 +30,7 @@ def metrics_mean(replies, weight_key):
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_builds_and_aggregates_one_round(name: str) -> None:
     settings = RunSettings(strategy=name, num_clients=8)
-    strategy = build_strategy(settings, metrics_mean)
+    strategy = build_strategy(settings)
     global_arrays = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
     sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), EightNodes()))
     assert len(sent) == 8

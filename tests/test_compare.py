@@ -1,0 +1,189 @@
+"""The comparison harness: grids, resume, results and report, with a stand-in runner.
+
+The runner here writes what a run writes (rounds.csv, summary.json) with figures made
+from the cell, so the harness's own logic is tested without starting federations;
+tests/test_e2e.py runs a real grid through the Simulation Engine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedspeaker.config import RunSettings
+from fedspeaker.errors import ConfigError, FedSpeakerError
+from fedspeaker.report import RunReport
+from simulations.compare import collect_results, run_grid
+from simulations.grid import CENTRAL, GRIDS_DIR, Cell, Grid
+
+STRATEGY_SKILL = {CENTRAL: 0.80, "fedavg": 0.60, "fedmedian": 0.50}
+
+
+def small_grid(**changes) -> Grid:
+    grid = Grid(name="t", description="test grid", strategies=["fedavg", "fedmedian"], seeds=[0, 1],
+                options={"dp": False, "rounds": 4, "num-clients": 4},
+                partitions={"iid": {"partition": "iid"}},
+                scenarios={"clean": {}, "attack": {"byzantine-fraction": 0.25}})
+    return Grid(**{**grid.__dict__, **changes})
+
+
+class FakeRunner:
+    """Accuracy rises linearly to the strategy's skill, lower under attack, per seed."""
+
+    def __init__(self, fail: set[str] = frozenset()) -> None:
+        self.ran: list[Cell] = []
+        self.fail = fail
+
+    def __call__(self, cell: Cell, settings: RunSettings, on_round) -> None:
+        self.ran.append(cell)
+        if cell.label in self.fail:
+            raise FedSpeakerError("the federation did not finish")
+        final = STRATEGY_SKILL[cell.strategy] - 0.2 * settings.byzantine_fraction - 0.01 * cell.seed
+        report = RunReport(settings.out_dir_path)
+        for n in range(1, settings.rounds + 1):
+            report.add_round({"round": n, "accuracy": final * n / settings.rounds, "eer": 0.3,
+                              "upload_bytes": 1000.0 * settings.num_clients, "clients": 4})
+            on_round(f"round {n:3d}  accuracy {final * n / settings.rounds:.3f}")
+        (settings.out_dir_path / "summary.json").write_text(json.dumps({
+            "final": {"accuracy": final, "eer": 0.3}, "best_accuracy": final,
+            "best_round": settings.rounds, "wall_seconds": 10.0}))
+
+
+def test_every_shipped_grid_loads_and_every_cell_is_valid(tmp_path: Path) -> None:
+    names = sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+    assert {"default", "robust", "strategies", "realistic", "smoke"} <= set(names)
+    for name in names:
+        grid = Grid.load(name)
+        for cell in grid.cells():
+            grid.settings(cell, {}, tmp_path / cell.key)  # raises on a bad option
+
+
+def test_cells_of_one_seed_share_shards_model_and_roles(tmp_path: Path) -> None:
+    grid = Grid.load("default")
+    by_seed: dict[int, set] = {}
+    for cell in grid.cells():
+        s = grid.settings(cell, {}, tmp_path)
+        # what decides the split, shards, initial model and which clients attack or drop
+        by_seed.setdefault(cell.seed, set()).add((s.seed, s.partition, s.alpha, s.num_clients,
+                                                  s.channels, s.embedding_dim, s.unseen_speakers))
+    assert len(by_seed) == 3 and all(len(v) == 1 for v in by_seed.values())
+    central = [c for c in grid.cells() if c.strategy == CENTRAL]
+    assert grid.cells()[: len(central)] == central  # baselines first
+    assert len(grid.cells()) == 3 + 2 * 3 * 3
+
+
+def test_command_line_options_reach_every_cell_but_not_strategy_or_seed(tmp_path: Path) -> None:
+    grid = small_grid()
+    cell = Cell("fedmedian", "iid", "attack", 1)
+    s = grid.settings(cell, {"rounds": "7", "lr": "0.05"}, tmp_path)
+    assert (s.rounds, s.lr, s.strategy, s.seed, s.byzantine_fraction) == (7, 0.05, "fedmedian", 1, 0.25)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('strategies = ["fedsgd"]', "unknown strategy 'fedsgd'"),
+    ('strategies = ["fedavg"]\ncolour = "red"', "unknown key"),
+    ('strategies = ["fedavg"]\n[scenarios]\nbad = { dropout = 2.0 }', "cell .*bad.*dropout must be in"),
+    ('strategies = ["fedavg"]\n[scenarios]\nx = { seed = 3 }', "may not set strategy, seed"),
+    ('strategies = [', "not valid TOML"),
+])
+def test_bad_grid_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        grid = Grid.load(str(path))
+        for cell in grid.cells():
+            grid.settings(cell, {}, tmp_path)
+
+
+def test_unknown_grid_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match="default.*robust|robust.*default"):
+        Grid.load("no-such-grid")
+
+
+def test_resume_runs_only_missing_or_changed_cells(tmp_path: Path) -> None:
+    grid, out = small_grid(), tmp_path / "cmp"
+    first = FakeRunner()
+    run_grid(grid, out, runner=first, show=lambda line: None)
+    assert len(first.ran) == len(grid.cells()) == 2 + 2 * 2 * 2
+
+    again = FakeRunner()
+    run_grid(grid, out, runner=again, show=lambda line: None)
+    assert again.ran == []
+
+    lost = grid.cells()[5]
+    (out / "cells" / lost.key / "summary.json").unlink()  # interrupted mid-cell
+    resumed = FakeRunner()
+    run_grid(grid, out, runner=resumed, show=lambda line: None)
+    assert resumed.ran == [lost]
+
+    changed = FakeRunner()
+    run_grid(grid, out, {"rounds": "5"}, runner=changed, show=lambda line: None)
+    assert len(changed.ran) == len(grid.cells())  # other settings: nothing is reused
+
+
+def test_each_cell_records_its_config_and_package_versions(tmp_path: Path) -> None:
+    grid = small_grid()
+    run_grid(grid, tmp_path, runner=FakeRunner(), show=lambda line: None)
+    cell = Cell("fedavg", "iid", "attack", 1)
+    recorded = json.loads((tmp_path / "cells" / cell.key / "cell.json").read_text())
+    assert recorded["run_config"] == grid.settings(cell, {}, tmp_path / "cells" / cell.key).to_run_config()
+    assert recorded["cell"] == {"strategy": "fedavg", "partition": "iid", "scenario": "attack", "seed": 1}
+    for package in ("python", "torch", "flwr", "opacus", "flwr-datasets"):
+        assert recorded["versions"][package] not in ("", "not installed"), package
+
+
+def test_results_and_report_have_one_row_per_cell(tmp_path: Path) -> None:
+    grid = small_grid()
+    lines: list[str] = []
+    run_grid(grid, tmp_path, runner=FakeRunner(), show=lines.append)
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == len(grid.cells())
+    assert {"strategy", "partition", "scenario", "seed", "final_accuracy", "final_eer", "best_round",
+            "rounds_to_90pct_central", "upload_bytes", "wall_seconds", "max_epsilon"} <= set(rows[0])
+    row = next(r for r in rows if (r["strategy"], r["scenario"], r["seed"]) == ("fedavg", "clean", "0"))
+    assert float(row["final_accuracy"]) == pytest.approx(0.60)
+    assert float(row["upload_bytes"]) == 4 * 4000  # 4 rounds x 4 clients x 1000 bytes
+    # central 0.80, so 90 % is 0.72: fedavg (0.60 at most) never gets there
+    assert row["rounds_to_90pct_central"] == ""
+
+    report = (tmp_path / "report.md").read_text()
+    table_rows = [line for line in report.splitlines() if line.startswith("| fed")]
+    assert len(table_rows) == len(grid.strategies) * len(grid.scenarios)
+    assert report.count("| *central baseline*") == len(grid.scenarios)
+    # fedavg beats fedmedian in both scenarios: its mean accuracy is the bold one
+    assert "| fedavg | **0.595 ± 0.007**" in report
+    assert "1. fedavg (0.595), 2. fedmedian (0.495)" in report
+    assert "| fedavg | **0.545 ± 0.007**" in report and "| 0.92 |" in report  # 0.545 / 0.595
+    for name in ("curves_iid_clean.png", "curves_iid_attack.png", "final_accuracy.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    assert any(line.startswith("[9/10] round 4/4") for line in lines)  # progress: cell and round
+
+
+def test_rounds_to_90_percent_of_central(tmp_path: Path) -> None:
+    grid = small_grid(strategies=["fedavg"], seeds=[0], scenarios={"clean": {}})
+    STRATEGY_SKILL["fedavg"] = 0.78  # 90 % of 0.80 is 0.72: reached at round 4 of 0.195 a round
+    try:
+        run_grid(grid, tmp_path, runner=FakeRunner(), show=lambda line: None)
+    finally:
+        STRATEGY_SKILL["fedavg"] = 0.60
+    (result,) = [r for r in collect_results(grid, tmp_path) if r.strategy == "fedavg"]
+    assert result.rounds_to_90pct_central == 4
+    assert math.isnan(result.max_epsilon)
+
+
+def test_a_failed_cell_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
+    grid = small_grid()
+    broken = Cell("fedmedian", "iid", "clean", 0)
+    runner = FakeRunner(fail={broken.label})
+    with pytest.raises(FedSpeakerError, match="1 of 10 cell\\(s\\) failed.*fedmedian"):
+        run_grid(grid, tmp_path, runner=runner, show=lambda line: None)
+    assert len(runner.ran) == len(grid.cells())
+    assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == len(grid.cells()) - 1
+    assert "Failed" in (tmp_path / "report.md").read_text()
+    retry = FakeRunner()
+    run_grid(grid, tmp_path, runner=retry, show=lambda line: None)
+    assert retry.ran == [broken]
