@@ -52,7 +52,8 @@ class RunSettings:
     strategy: str = "fedavg"
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
     rounds: int = 40
-    fraction_train: float = 1.0
+    fraction_train: float = 1.0  # share of the clients sampled each round
+    min_train_nodes: int = 1  # sample at least this many, whatever fraction-train says
     # Strategy hyperparameters (server/strategies.py says which strategy reads which)
     server_lr: float = 0.0  # 0: the strategy's own default
     server_momentum: float = 0.9
@@ -141,6 +142,10 @@ class RunSettings:
             raise ConfigError(f"straggler-steps must be in (0, 1], got {self.straggler_steps}")
         _positive("attack-scale", self.attack_scale)
         _at_least("num-clients", self.num_clients, 1)
+        _at_least("min-train-nodes", self.min_train_nodes, 1)
+        if self.min_train_nodes > self.num_clients:
+            raise ConfigError(f"min-train-nodes ({self.min_train_nodes}) is more than num-clients "
+                              f"({self.num_clients}): the server would wait forever")
         _at_least("rounds", self.rounds, 1)
         _at_least("local-epochs", self.local_epochs, 1)
         _at_least("batch-size", self.batch_size, 1)

@@ -41,7 +41,7 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
     common: dict[str, Any] = dict(
         fraction_train=s.fraction_train,
         fraction_evaluate=0.0,  # the server scores the global model centrally
-        min_train_nodes=1,
+        min_train_nodes=s.min_train_nodes,
         min_available_nodes=s.num_clients,
         weighted_by_key="num-examples",
     )

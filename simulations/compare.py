@@ -98,12 +98,20 @@ def run_grid(grid: Grid, out: Path, overrides: dict[str, Any] | None = None,
 
 
 def is_done(cell_dir: Path, settings: RunSettings) -> bool:
-    """Finished with exactly these settings (a changed grid or --set runs it again)."""
+    """Finished with exactly these settings (a changed grid or --set runs it again).
+
+    An option added to fedspeaker after the cell ran counts as its default; cells copied
+    from another comparison's folder are reused.
+    """
     try:
         recorded = json.loads((cell_dir / "cell.json").read_text())["run_config"]
     except (OSError, ValueError, KeyError):
         return False
-    return (cell_dir / "summary.json").exists() and recorded == settings.to_run_config()
+    def comparable(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k != "out-dir"}  # cells may be moved or copied
+
+    return ((cell_dir / "summary.json").exists() and comparable(
+        {**RunSettings().to_run_config(), **recorded}) == comparable(settings.to_run_config()))
 
 
 def collect_results(grid: Grid, out: Path) -> list[CellResult]:

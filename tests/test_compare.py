@@ -55,7 +55,7 @@ class FakeRunner:
 
 def test_every_shipped_grid_loads_and_every_cell_is_valid(tmp_path: Path) -> None:
     names = sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
-    assert {"default", "robust", "strategies", "realistic", "smoke"} <= set(names)
+    assert {"default", "robust", "strategies", "attacks", "realistic", "smoke"} <= set(names)
     for name in names:
         grid = Grid.load(name)
         for cell in grid.cells():
@@ -119,6 +119,14 @@ def test_resume_runs_only_missing_or_changed_cells(tmp_path: Path) -> None:
     resumed = FakeRunner()
     run_grid(grid, out, runner=resumed, show=lambda line: None)
     assert resumed.ran == [lost]
+
+    older = out / "cells" / grid.cells()[0].key / "cell.json"  # ran before an option existed
+    record = json.loads(older.read_text())
+    del record["run_config"]["min-train-nodes"]
+    older.write_text(json.dumps(record))
+    kept = FakeRunner()
+    run_grid(grid, out, runner=kept, show=lambda line: None)
+    assert kept.ran == []  # a missing option counts as its default
 
     changed = FakeRunner()
     run_grid(grid, out, {"rounds": "5"}, runner=changed, show=lambda line: None)

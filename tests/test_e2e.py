@@ -141,3 +141,56 @@ def test_dropouts_leave_fewer_replies_and_the_run_finishes(tiny_corpus: Path, tm
     rows = list(csv.DictReader(open(out / "rounds.csv")))
     got = [int(float(r["clients"])) if r["clients"] != "nan" else 0 for r in rows]
     assert got == expected
+
+
+def test_compare_runs_a_grid_resumes_and_repeats_a_cell_exactly(tiny_corpus: Path, tmp_path: Path) -> None:
+    from fedspeaker.config import RunSettings
+    from simulations.scenarios import drops_out
+
+    grid = tmp_path / "tiny.toml"
+    grid.write_text(f"""
+description = "end-to-end check"
+strategies = ["fedavg"]
+seeds = [0]
+[options]
+dp = false
+num-clients = 3
+rounds = 2
+local-epochs = 1
+channels = 32
+cache-dir = "{tmp_path / 'cache'}"
+[partitions]
+iid = {{ partition = "iid" }}
+[scenarios]
+clean = {{}}
+silent = {{ dropout = 0.6, dropout-mode = "silent", round-timeout = 20.0 }}
+""")
+    out = tmp_path / "cmp"
+    args = ("compare", str(grid), "--out", str(out), "--data-dir", str(tiny_corpus))
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["strategy"], r["scenario"]) for r in rows] == [("central", ""), ("fedavg", "clean"),
+                                                              ("fedavg", "silent")]
+    assert all(float(r["wall_seconds"]) > 0 for r in rows)
+    assert float(rows[1]["upload_bytes"]) > 0
+    assert (out / "report.md").read_text().count("| fedavg |") == 2
+    assert (out / "final_accuracy.png").exists() and (out / "curves_iid_silent.png").exists()
+
+    # silent dropouts: the server waited out the round and aggregated the others
+    settings = RunSettings(dropout=0.6, num_clients=3, seed=0)
+    expected = [sum(not drops_out(settings, c, r) for c in range(3)) for r in (1, 2)]
+    assert expected == [2, 2]  # one client never answers in each round
+    silent = list(csv.DictReader(open(out / "cells" / "iid__silent__fedavg__seed0" / "rounds.csv")))
+    assert [int(float(r["clients"])) for r in silent] == expected
+
+    # an interrupted cell: only it runs again, and to the same numbers
+    cell = out / "cells" / "iid__clean__fedavg__seed0"
+    before = [(r["accuracy"], r["eer"], r["loss"]) for r in csv.DictReader(open(cell / "rounds.csv"))]
+    (cell / "summary.json").unlink()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("done earlier, kept") == 2 and again.stdout.count(": running") == 1
+    after = [(r["accuracy"], r["eer"], r["loss"]) for r in csv.DictReader(open(cell / "rounds.csv"))]
+    assert after == before
+    assert flower_processes() == []

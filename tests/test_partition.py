@@ -162,3 +162,26 @@ def test_dirichlet_that_cannot_fill_every_client_raises_mentioning_clients():
 def test_unknown_scheme_raises():
     with pytest.raises(CorpusError, match="unknown partition 'roundrobin'"):
         partition_indices(_synthetic_speakers(), N_CLIENTS, "roundrobin", seed=0)
+
+
+def test_power_law_sizes_follow_the_exponent_and_cover_everything() -> None:
+    from simulations.partition import power_law_sizes
+
+    sizes = power_law_sizes(1000, 10, 1.0, seed=0)
+    assert sum(sizes) == 1000 and min(sizes) >= 1
+    ranked = sorted(sizes, reverse=True)
+    assert ranked[0] / ranked[1] == pytest.approx(2.0, rel=0.05)  # 1 / 2^-1
+    assert ranked[0] / ranked[9] == pytest.approx(10.0, rel=0.15)  # 1 / 10^-1
+    assert power_law_sizes(1000, 10, 1.0, seed=1) != sizes  # which client is large: by seed
+    assert sorted(power_law_sizes(1000, 10, 1.0, seed=1)) == sorted(sizes)
+    assert set(power_law_sizes(100, 10, 0.0, seed=0)) == {10}  # exponent 0: equal shards
+    assert min(power_law_sizes(12, 10, 3.0, seed=0)) == 1  # tiny corpus: nobody left empty
+
+
+def test_power_law_partition_is_disjoint_and_covering() -> None:
+    speakers = [f"s{i % 7}" for i in range(300)]
+    shards = partition_indices(speakers, 6, "power-law", seed=2, size_exponent=1.5)
+    flat = sorted(i for shard in shards for i in shard)
+    assert flat == list(range(300))
+    sizes = sorted(len(s) for s in shards)
+    assert sizes[-1] > 5 * sizes[0]
