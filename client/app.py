@@ -12,7 +12,7 @@ from fedspeaker.config import RunSettings
 from fedspeaker.data import load_speaker_data
 from fedspeaker.errors import CorpusError
 from fedspeaker.local import LocalTrainer
-from fedspeaker.privacy import PrivacyLedger
+from fedspeaker.privacy import SAT_OUT, PrivacyLedger
 from simulations.partition import client_shards
 from simulations.scenarios import (
     SimulatedDropout,
@@ -47,12 +47,16 @@ def train(msg: Message, context: Context) -> Message:
     ledger = _load_ledger(context, settings.accountant)
 
     trainer = LocalTrainer(settings, n_speakers)
+    step_fraction = settings.straggler_steps if role.straggler else 1.0
+    if settings.dp and settings.epsilon_budget > 0:
+        planned = trainer.dp_plan(len(feats), step_fraction=step_fraction)
+        if ledger.epsilon_after(planned, settings.delta) > settings.epsilon_budget:
+            return _sat_out(msg, ledger.epsilon(settings.delta), started)
     global_state = msg.content["arrays"].to_torch_state_dict()
     trainer.model.load_state_dict(global_state)
     seed = settings.seed * 1_000_003 + partition_id * 1_009 + server_round
     mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
-    loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu,
-                         step_fraction=settings.straggler_steps if role.straggler else 1.0)
+    loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu, step_fraction=step_fraction)
     if settings.dp:
         context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
     update = trainer.model.state_dict()
@@ -68,6 +72,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _sat_out(msg: Message, epsilon: float, started: float) -> Message:
+    """The reply of a client whose next round would exceed its epsilon budget: no
+    weights, just what it has spent, so the server can count it and leave it out."""
+    metrics = {"num-examples": 0, SAT_OUT: 1, "epsilon": epsilon,
+               "train-seconds": time.monotonic() - started}
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 def client_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
     """This node's shard of the training utterances (simulation: by partition-id)."""
     partition_id = int(context.node_config.get("partition-id", 0))
@@ -76,7 +88,6 @@ def client_examples(settings: RunSettings, context: Context) -> tuple[list[torch
         raise CorpusError(f"the federation has {num_partitions} nodes but num-clients is "
                           f"{settings.num_clients}; make them equal")
     return load_speaker_data(settings).train_examples(client_shards(settings)[partition_id])
-
 
 
 def _load_ledger(context: Context, accountant: str) -> PrivacyLedger:

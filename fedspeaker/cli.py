@@ -153,6 +153,8 @@ _FLAG_OPTIONS = {
     "local_epochs": "local-epochs",
     "noise_multiplier": "noise-multiplier",
     "epsilon": "epsilon",
+    "epsilon_budget": "epsilon-budget",
+    "delta": "delta",
     "seed": "seed",
     "strategy": "strategy",
 }
@@ -207,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="DP-SGD noise multiplier (instead of a target --epsilon)")
         p.add_argument("--epsilon", type=_positive(float),
                        help=f"target epsilon per client over the whole run (default {d.epsilon:g})")
+        p.add_argument("--epsilon-budget", type=_positive(float), help="a client stops training "
+                       "(and says so) once its next round would take it past this epsilon")
+        p.add_argument("--delta", type=_positive(float), help=f"DP delta (default {d.delta:g})")
         p.add_argument("--strategy", choices=STRATEGIES, help="Flower aggregation strategy "
                        f"(default {d.strategy}); its hyperparameters via --set, e.g. proximal-mu")
         p.add_argument("--seed", type=int, help=f"seed for splits, partitions, model (default {d.seed})")

@@ -10,7 +10,7 @@ import torch
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.model import build_model
-from fedspeaker.privacy import PrivacyLedger, calibrate_noise, make_private
+from fedspeaker.privacy import DPSteps, PrivacyLedger, calibrate_noise, make_private
 from fedspeaker.training import make_loader, train_epochs
 
 
@@ -40,16 +40,13 @@ class LocalTrainer:
         else:
             optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
         after_step = self._proximal_step(proximal_mu) if proximal_mu > 0 else None
-        max_steps = None if step_fraction >= 1 else max(1, math.ceil(step_fraction * epochs * len(loader)))
+        plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction)
+        max_steps = None if step_fraction >= 1 else plan.steps
         if not s.dp:
             loss = train_epochs(self.model, loader, optimizer, epochs, after_step, max_steps)
         else:
-            sample_rate = 1 / len(loader)  # what Opacus's Poisson loader will use
-            noise = s.noise_multiplier or calibrate_noise(
-                s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs,
-                s.accountant)
             engine, dp_model, optimizer, loader = make_private(
-                self.model, optimizer, loader, ledger, noise, s.max_grad_norm)
+                self.model, optimizer, loader, ledger, plan.noise_multiplier, s.max_grad_norm)
             loss = train_epochs(dp_model, loader, optimizer, epochs, after_step, max_steps)
             ledger.history = list(engine.accountant.history)
             dp_model.remove_hooks()  # self.model keeps the trained weights
@@ -57,6 +54,24 @@ class LocalTrainer:
             raise FedSpeakerError("local training diverged (NaN or infinite weights); lower the "
                                   "learning rate (--set lr=...)")
         return loss
+
+    def dp_plan(self, n_examples: int, epochs: int | None = None, planned_epochs: int | None = None,
+                step_fraction: float = 1.0) -> DPSteps:
+        """The DP-SGD steps a ``train`` call on ``n_examples`` will take, before it takes them:
+        what the privacy budget check asks about."""
+        s = self.settings
+        epochs = epochs or s.local_epochs
+        batches = math.ceil(n_examples / min(s.batch_size, n_examples))
+        steps = epochs * batches
+        if step_fraction < 1:
+            steps = min(steps, max(1, math.ceil(step_fraction * steps)))
+        sample_rate = 1 / batches  # what Opacus's Poisson loader uses
+        noise = 0.0
+        if s.dp:
+            noise = s.noise_multiplier or calibrate_noise(
+                s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs,
+                s.accountant)
+        return DPSteps(noise, sample_rate, steps)
 
     def _proximal_step(self, mu: float) -> Callable[[], None]:
         """FedProx's term (mu/2)||w - w_global||^2, applied as its own gradient step.

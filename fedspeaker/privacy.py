@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
@@ -19,7 +20,16 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+SAT_OUT = "sat-out-for-budget"  # reply metric of a client that stopped for its epsilon budget
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+
+class DPSteps(NamedTuple):
+    """One round's DP-SGD, as the accountant records it."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
 
 # Opacus warns on every engine about two things that are expected here: the default
 # (non-cryptographic) RNG, and backward hooks on a first layer whose input needs no grad.
@@ -33,11 +43,11 @@ class PrivacyLedger:
     history: History = field(default_factory=list)
 
     def epsilon(self, delta: float) -> float:
-        if not self.history:
-            return 0.0
-        acct = create_accountant(self.accountant)
-        acct.history = list(self.history)
-        return float(acct.get_epsilon(delta))
+        return _epsilon(self.accountant, self.history, delta)
+
+    def epsilon_after(self, planned: DPSteps, delta: float) -> float:
+        """The epsilon this client would have spent after ``planned`` more steps."""
+        return _epsilon(self.accountant, [*self.history, tuple(planned)], delta)
 
     def to_lists(self) -> dict[str, list]:
         """Columns for a Flower ConfigRecord, which holds lists of one type each."""
@@ -51,6 +61,14 @@ class PrivacyLedger:
     def from_lists(cls, accountant: str, columns: dict) -> "PrivacyLedger":
         rows = zip(columns.get("noise", []), columns.get("rate", []), columns.get("steps", []))
         return cls(accountant, [(float(n), float(r), int(s)) for n, r, s in rows])
+
+
+def _epsilon(accountant: str, history: History, delta: float) -> float:
+    if not history:
+        return 0.0
+    acct = create_accountant(accountant)
+    acct.history = list(history)
+    return float(acct.get_epsilon(delta))
 
 
 @lru_cache(maxsize=64)  # the search costs seconds; every round asks the same question
@@ -83,4 +101,6 @@ def guarantee_sentence(settings, epsilon: float) -> str:
     return (f"Each client's training utterances are protected by sample-level "
             f"(epsilon={epsilon:.2f}, delta={settings.delta:g}) differential privacy over the "
             f"whole run (Opacus DP-SGD, {settings.accountant.upper()} accountant, clipping norm "
-            f"{settings.max_grad_norm:g}); the bound is the largest any client spent.")
+            f"{settings.max_grad_norm:g}); the bound is the largest any client spent"
+            + (f", and no client trained past its budget of epsilon={settings.epsilon_budget:g}."
+               if settings.epsilon_budget else "."))

@@ -19,7 +19,7 @@ from fedspeaker.data import SpeakerData
 from fedspeaker.privacy import guarantee_sentence
 
 COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "train_loss",
-           "clients", "upload_bytes", "client_train_seconds", "round_seconds", "seconds")
+           "clients", "sat_out", "upload_bytes", "client_train_seconds", "round_seconds", "seconds")
 
 
 class RunReport:
@@ -52,6 +52,8 @@ def progress_line(row: dict[str, float]) -> str:
         eps = f"  eps max {row['epsilon_max']:.2f} mean {row['epsilon_mean']:.2f}"
     clients = row.get("clients", math.nan)
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
+    if row.get("sat_out", 0) > 0:  # NaN > 0 is False
+        replies += f" (+{int(row['sat_out'])} sat out for budget)"
     return (f"round {int(row['round']):3d}  accuracy {row['accuracy']:.3f}  EER {row['eer']:.3f}"
             f"{eps}{replies}  {row['round_seconds']:.1f} s")
 
@@ -113,6 +115,8 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "best_round": best.get("round"),
         "wall_seconds": round(seconds, 2),
         "client_train_seconds": round(sum(r.get("client_train_seconds", 0.0) for r in rows), 2),
+        "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
+                                      if not math.isnan(r.get("sat_out", math.nan)))),
         "privacy": guarantee_sentence(settings, eps) if settings.dp else "no differential privacy",
         "data": {
             "corpus": str(settings.corpus_dir),

@@ -17,7 +17,7 @@ from fedspeaker.data import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
 from fedspeaker.training import evaluate
-from server.strategies import build_strategy
+from server.strategies import build_strategy, sat_out
 
 app = ServerApp()
 
@@ -53,16 +53,19 @@ class RoundTracker:
 
     def observe_replies(self, server_round: int, replies: list[RecordDict]) -> None:
         """Every reply of the round, selected by the strategy or not: loss (weighted by
-        examples, as Flower does), max/mean epsilon, summed client time, bytes uploaded."""
+        examples, as Flower does), max/mean epsilon, who sat out for budget, summed client
+        time, bytes uploaded."""
         metrics = [next(iter(r.metric_records.values())) for r in replies]
         eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
-        loss = aggregate_metricrecords(replies, "num-examples").get("train-loss", math.nan) \
-            if replies else math.nan
+        trained = [r for r in replies if not sat_out(r)]
+        loss = aggregate_metricrecords(trained, "num-examples").get("train-loss", math.nan) \
+            if trained else math.nan
         self.client_metrics = {
             "train_loss": float(loss),
             "epsilon_max": max(eps) if eps else math.nan,
             "epsilon_mean": sum(eps) / len(eps) if eps else math.nan,
-            "clients": len(replies),
+            "clients": len(trained),
+            "sat_out": len(replies) - len(trained),
             "client_train_seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
             "upload_bytes": sum(_array_bytes(r) for r in replies),
         }

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedspeaker.config import RunSettings
+from fedspeaker.privacy import SAT_OUT
 
 ReplyObserver = Callable[[int, list[RecordDict]], None]
 
@@ -70,7 +71,8 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
 
 class ScreenedStrategy(Strategy):
     """Wraps a strategy: replies holding NaN or infinite weights are dropped, by node,
-    and every reply received is shown to ``on_replies`` first.
+    replies of clients sitting out for their privacy budget are left out, and every
+    reply received is shown to ``on_replies`` first.
 
     Like Flower's DifferentialPrivacy* wrappers, it delegates everything else, so one
     broken or hostile client costs its own update, not the round. The observer sees all
@@ -97,6 +99,8 @@ class ScreenedStrategy(Strategy):
             self.on_replies(server_round, [r.content for r in replies if r.has_content()])
         kept = []
         for reply in replies:
+            if reply.has_content() and sat_out(reply.content):
+                continue  # it spent its privacy budget and sent no weights
             if reply.has_content() and not _all_finite(reply.content):
                 flwr_log(WARNING, "round %d: dropped the update of node %d: it holds NaN or "
                          "infinite weights", server_round, reply.metadata.src_node_id)
@@ -110,6 +114,11 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def sat_out(content: RecordDict) -> bool:
+    """A client that stopped training for its epsilon budget says so in its metrics."""
+    return any(record.get(SAT_OUT, 0) for record in content.metric_records.values())
 
 
 def _all_finite(content: RecordDict) -> bool:
