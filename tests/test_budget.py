@@ -108,6 +108,7 @@ def test_round_statistics_count_sat_out_clients_and_their_epsilon() -> None:
     tracker.observe_replies(4, [trained, resting, resting])
     m = tracker.client_metrics
     assert (m["clients"], m["sat_out"], m["epsilon_max"], m["train_loss"]) == (1, 2, 5.0, 2.0)
-    assert m["epsilon_mean"] == pytest.approx(13 / 3) and m["upload_bytes"] == 16
+    assert m["epsilon_mean"] == pytest.approx(13 / 3)
+    assert m["upload_bytes"] == len(trained["arrays"]["w"].data) > 16  # only the trained one uploads
     tracker.observe_replies(5, [resting])  # everyone out: no loss to average, no crash
     assert tracker.client_metrics["clients"] == 0 and math.isnan(tracker.client_metrics["train_loss"])
