@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data import load_speaker_data
 from fedspeaker.errors import CorpusError
 from fedspeaker.local import LocalTrainer
-from fedspeaker.privacy import SAT_OUT, PrivacyLedger
+from fedspeaker.privacy import SAT_OUT, UNIT_WEIGHT, PrivacyLedger, sat_out
 from simulations.partition import client_shards
 from simulations.scenarios import (
     SimulatedDropout,
@@ -24,10 +26,32 @@ from simulations.scenarios import (
 
 app = ClientApp()
 
+
+def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping mod, when the run asks for client-side user-level DP.
+
+    A client sitting out for its budget sends no weights, so it bypasses the mod.
+    """
+    mod = {"client-fixed": fixedclipping_mod,
+           "client-adaptive": adaptiveclipping_mod}.get(str(context.run_config.get("user-dp", "off")))
+    if mod is None:
+        return call_next(msg, context)
+    resting: list[Message] = []
+
+    def train_unless_sat_out(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if reply.has_content() and sat_out(reply.content):
+            resting.append(reply)
+            return Message(Error(0, "sat out for budget"), reply_to=m)  # the mod passes errors on
+        return reply
+
+    out = mod(msg, context, train_unless_sat_out)
+    return resting[0] if resting else out
+
 LEDGER_KEY = "dp-ledger"
 
 
-@app.train()
+@app.train(mods=[user_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one CPU per client actor; more threads only contend
     started = time.monotonic()
@@ -63,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
     if role.byzantine and settings.attack != "label-flip":
         update = poison_update(global_state, update, settings.attack, settings.attack_scale, seed)
 
-    metrics = {"num-examples": len(feats), "train-loss": loss,
+    metrics = {"num-examples": len(feats), UNIT_WEIGHT: 1, "train-loss": loss,
                "train-seconds": time.monotonic() - started}
     if settings.dp:
         metrics["epsilon"] = ledger.epsilon(settings.delta)

@@ -27,6 +27,7 @@ ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
               "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg")
 OPTIMIZERS = ("adam", "sgd")
+USER_DP = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 ATTACKS = ("sign-flip", "scale", "noise", "label-flip")
 DROPOUT_MODES = ("raise", "silent")
 
@@ -91,6 +92,10 @@ class RunSettings:
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    # Differential privacy (user level: a client's whole data; Flower's DP wrappers)
+    user_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
+    user_noise_multiplier: float = 1.0
+    user_clip_norm: float = 1.0  # the fixed norm, or the adaptive one's starting value
     # Output
     out_dir: str = ""
 
@@ -132,6 +137,9 @@ class RunSettings:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attack", self.attack, ATTACKS)
         _choice("dropout-mode", self.dropout_mode, DROPOUT_MODES)
+        _choice("user-dp", self.user_dp, USER_DP)
+        _positive("user-noise-multiplier", self.user_noise_multiplier)
+        _positive("user-clip-norm", self.user_clip_norm)
         _positive("round-timeout", self.round_timeout)
         _at_least("size-exponent", self.size_exponent, 0.0)
         if not 0.0 <= self.dropout < 1.0:
@@ -175,6 +183,11 @@ class RunSettings:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.dp and self.noise_multiplier == 0.0:
             _positive("epsilon", self.epsilon)
+
+    @property
+    def clients_per_round(self) -> int:
+        """How many clients Flower samples each round (its own rule)."""
+        return max(int(self.num_clients * self.fraction_train), self.min_train_nodes)
 
     @property
     def corpus_dir(self) -> Path:

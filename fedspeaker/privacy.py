@@ -8,6 +8,7 @@ the epsilon reported is what the client has spent over the whole run so far.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+UNIT_WEIGHT = "unit-weight"  # reply metric = 1: equal weights for user-level DP averaging
 SAT_OUT = "sat-out-for-budget"  # reply metric of a client that stopped for its epsilon budget
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
@@ -63,6 +65,11 @@ class PrivacyLedger:
         return cls(accountant, [(float(n), float(r), int(s)) for n, r, s in rows])
 
 
+def sat_out(content) -> bool:
+    """A client that stopped training for its epsilon budget says so in its reply metrics."""
+    return any(record.get(SAT_OUT, 0) for record in content.metric_records.values())
+
+
 def _epsilon(accountant: str, history: History, delta: float) -> float:
     if not history:
         return 0.0
@@ -96,11 +103,27 @@ def make_private(
     return engine, model, optimizer, loader
 
 
-def guarantee_sentence(settings, epsilon: float) -> str:
-    """The guarantee in one plain sentence, for summaries and the README."""
-    return (f"Each client's training utterances are protected by sample-level "
+def guarantee_sentence(settings, epsilon: float, user_epsilon: float = math.nan) -> str:
+    """The guarantee in one plain sentence per kind of DP, for summaries and the README."""
+    sentences = []
+    if settings.dp:
+        sentences.append(
+            f"Each client's training utterances are protected by sample-level "
             f"(epsilon={epsilon:.2f}, delta={settings.delta:g}) differential privacy over the "
             f"whole run (Opacus DP-SGD, {settings.accountant.upper()} accountant, clipping norm "
             f"{settings.max_grad_norm:g}); the bound is the largest any client spent"
             + (f", and no client trained past its budget of epsilon={settings.epsilon_budget:g}."
                if settings.epsilon_budget else "."))
+    if settings.user_dp != "off":
+        how = (f"Flower's {settings.user_dp.replace('-', '-side ', 1)} clipping wrapper, noise "
+               f"multiplier {settings.user_noise_multiplier:g}, clipping norm {settings.user_clip_norm:g}")
+        if math.isnan(user_epsilon):
+            sentences.append(f"Each client's whole contribution gets user-level DP noise ({how}); "
+                             "flwr 1.41 accounts epsilon only for fixed clipping around FedAvg, so "
+                             "no epsilon is claimed for this run.")
+        else:
+            sentences.append(f"Each client's whole contribution is protected by user-level "
+                             f"(epsilon={user_epsilon:.2f}, delta={settings.delta:g}) differential "
+                             f"privacy over the run ({how}; Flower's RDP accountant, no sampling "
+                             "amplification claimed).")
+    return " ".join(sentences) or "no differential privacy"

@@ -18,7 +18,8 @@ from fedspeaker.config import RunSettings
 from fedspeaker.data import SpeakerData
 from fedspeaker.privacy import guarantee_sentence
 
-COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "train_loss",
+COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
+           "train_loss",
            "clients", "sat_out", "upload_bytes", "client_train_seconds", "round_seconds", "seconds")
 
 
@@ -50,6 +51,8 @@ def progress_line(row: dict[str, float]) -> str:
     eps = ""
     if not math.isnan(row.get("epsilon_max", math.nan)):
         eps = f"  eps max {row['epsilon_max']:.2f} mean {row['epsilon_mean']:.2f}"
+    if not math.isnan(row.get("user_epsilon", math.nan)):
+        eps += f"  user eps {row['user_epsilon']:.2f}"
     clients = row.get("clients", math.nan)
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
     if row.get("sat_out", 0) > 0:  # NaN > 0 is False
@@ -110,14 +113,15 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                   f"{settings.partition}" if mode == "federated" else "central (")
         + (f", DP ε≤{settings.epsilon:g})" if settings.dp and not settings.noise_multiplier else ")"),
         "mode": mode,
-        "final": {k: final.get(k) for k in ("round", "accuracy", "eer", "epsilon_max", "epsilon_mean")},
+        "final": {k: final.get(k) for k in ("round", "accuracy", "eer", "epsilon_max", "epsilon_mean",
+                                            "user_epsilon")},
         "best_accuracy": best.get("accuracy"),
         "best_round": best.get("round"),
         "wall_seconds": round(seconds, 2),
         "client_train_seconds": round(sum(r.get("client_train_seconds", 0.0) for r in rows), 2),
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
-        "privacy": guarantee_sentence(settings, eps) if settings.dp else "no differential privacy",
+        "privacy": guarantee_sentence(settings, eps, final.get("user_epsilon", math.nan)),
         "data": {
             "corpus": str(settings.corpus_dir),
             "training_speakers": data.n_speakers,

@@ -10,14 +10,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
+from fedspeaker.privacy import sat_out
 from fedspeaker.training import evaluate
-from server.strategies import build_strategy, sat_out
+from server.strategies import build_strategy, user_epsilon
 
 app = ServerApp()
 
@@ -30,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings.n_mels, data.n_speakers, settings.channels,
                         settings.embedding_dim, settings.seed)
     rounds = RoundTracker(settings, data, model, RunReport(settings.out_dir_path))
-    strategy = build_strategy(settings, rounds.observe_replies)
+    strategy = rounds.strategy = build_strategy(settings, rounds.observe_replies)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -50,6 +52,7 @@ class RoundTracker:
         self.settings, self.data, self.model, self.report = settings, data, model, report
         self.started = self.round_started = time.monotonic()
         self.client_metrics: dict[str, float] = {}
+        self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
 
     def observe_replies(self, server_round: int, replies: list[RecordDict]) -> None:
         """Every reply of the round, selected by the strategy or not: loss (weighted by
@@ -76,6 +79,7 @@ class RoundTracker:
         if server_round > 0:
             now = time.monotonic()
             row = {"round": server_round, **scores, **self.client_metrics,
+                   "user_epsilon": user_epsilon(self.strategy) if self.strategy else math.nan,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from logging import WARNING
 from typing import Any, Callable, Iterable
 
@@ -9,8 +10,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from flwr.serverapp.strategy import (
     Bulyan,
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -26,7 +33,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedspeaker.config import RunSettings
-from fedspeaker.privacy import SAT_OUT
+from fedspeaker.privacy import UNIT_WEIGHT, sat_out
 
 ReplyObserver = Callable[[int, list[RecordDict]], None]
 
@@ -44,7 +51,8 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         fraction_evaluate=0.0,  # the server scores the global model centrally
         min_train_nodes=s.min_train_nodes,
         min_available_nodes=s.num_clients,
-        weighted_by_key="num-examples",
+        # under user-level DP every client counts the same, as its analysis assumes
+        weighted_by_key="num-examples" if s.user_dp == "off" else UNIT_WEIGHT,
     )
     server_lr = {"eta": s.server_lr} if s.server_lr else {}
     fedopt = dict(common, eta_l=s.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **server_lr)
@@ -66,7 +74,45 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         "qfedavg": lambda: QFedAvg(client_learning_rate=s.lr, q=s.q, train_loss_key="train-loss",
                                    **common),
     }
-    return ScreenedStrategy(strategies[s.strategy](), on_replies)
+    return ScreenedStrategy(with_user_dp(strategies[s.strategy](), s), on_replies,
+                            drop_unchanged=s.user_dp.startswith("server"))
+
+
+def with_user_dp(strategy: Strategy, s: RunSettings) -> Strategy:
+    """Wrap in Flower's user-level DP strategy the run asks for (or none).
+
+    Fixed clipping around plain FedAvg also gets Flower's own RDP accountant (no
+    sampling amplification is claimed); Flower has no accountant for the other cases.
+    """
+    if s.user_dp == "off":
+        return strategy
+    noise, clients = s.user_noise_multiplier, s.clients_per_round
+    if s.user_dp in ("server-fixed", "client-fixed"):
+        wrapper = (DifferentialPrivacyServerSideFixedClipping if s.user_dp == "server-fixed"
+                   else DifferentialPrivacyClientSideFixedClipping)
+        try:
+            return wrapper(strategy, noise, s.user_clip_norm, clients, accountant=RdpAccountant(
+                PrivacyConfig(target_delta=s.delta, population_size=s.num_clients,
+                              neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                              sampling_method=SamplingMethod.NO_AMPLIFICATION)))
+        except ValueError:  # Flower accounts for FedAvg only
+            return wrapper(strategy, noise, s.user_clip_norm, clients)
+    wrapper = (DifferentialPrivacyServerSideAdaptiveClipping if s.user_dp == "server-adaptive"
+               else DifferentialPrivacyClientSideAdaptiveClipping)
+    # Flower's default noise on the clipped count (clients / 20) must exceed half the
+    # noise multiplier; take at least the noise multiplier itself
+    return wrapper(strategy, noise, clients, initial_clipping_norm=s.user_clip_norm,
+                   clipped_count_stddev=max(clients / 20, noise))
+
+
+def user_epsilon(strategy: Strategy) -> float:
+    """Client-level epsilon from Flower's accountant so far; NaN where there is none."""
+    while strategy is not None:
+        if hasattr(strategy, "privacy_spent"):
+            spent = strategy.privacy_spent()
+            return float(spent.epsilon) if spent is not None else math.nan
+        strategy = getattr(strategy, "strategy", None)
+    return math.nan
 
 
 class ScreenedStrategy(Strategy):
@@ -80,16 +126,20 @@ class ScreenedStrategy(Strategy):
     a client's privacy spend and upload count whether or not it was selected.
     """
 
-    def __init__(self, strategy: Strategy, on_replies: ReplyObserver | None = None) -> None:
+    def __init__(self, strategy: Strategy, on_replies: ReplyObserver | None = None,
+                 drop_unchanged: bool = False) -> None:
         super().__init__()
         self.strategy = strategy
         self.on_replies = on_replies
+        self.drop_unchanged = drop_unchanged  # Flower's server-side clipping divides by the change
+        self.sent: ArrayRecord | None = None
 
     def summary(self) -> None:
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.sent = arrays
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -101,6 +151,10 @@ class ScreenedStrategy(Strategy):
         for reply in replies:
             if reply.has_content() and sat_out(reply.content):
                 continue  # it spent its privacy budget and sent no weights
+            if self.drop_unchanged and reply.has_content() and _unchanged(reply.content, self.sent):
+                flwr_log(WARNING, "round %d: left out the update of node %d: it did not change "
+                         "the model", server_round, reply.metadata.src_node_id)
+                continue
             if reply.has_content() and not _all_finite(reply.content):
                 flwr_log(WARNING, "round %d: dropped the update of node %d: it holds NaN or "
                          "infinite weights", server_round, reply.metadata.src_node_id)
@@ -116,9 +170,14 @@ class ScreenedStrategy(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
-def sat_out(content: RecordDict) -> bool:
-    """A client that stopped training for its epsilon budget says so in its metrics."""
-    return any(record.get(SAT_OUT, 0) for record in content.metric_records.values())
+def _unchanged(content: RecordDict, sent: ArrayRecord | None) -> bool:
+    if sent is None:
+        return False
+    return all(
+        all(np.array_equal(array.numpy(), sent[key].numpy()) for key, array in record.items()
+            if key in sent)
+        for record in content.array_records.values()
+    )
 
 
 def _all_finite(content: RecordDict) -> bool:
