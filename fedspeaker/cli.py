@@ -1,5 +1,5 @@
 """`fedspeaker`: simulate a federation, train the central baseline, compare strategies,
-identify speakers.
+sweep and audit privacy, identify speakers.
 
 Every flag maps onto a run-config option (fedspeaker/config.py), so a run started
 here and one started with `flwr run .` are configured the same way.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -82,6 +83,36 @@ def compare(args: argparse.Namespace) -> int:
                                           if grid.central else "") + f"); results in {out}", flush=True)
     run_grid(grid, out, overrides, show=lambda line: print(line, flush=True))
     print(f"outputs: {out} (results.csv, report.md, curves_*.png, final_accuracy.png, cells/)")
+    return 0
+
+
+def privacy_sweep(args: argparse.Namespace) -> int:
+    from simulations.privacy_sweep import run_sweep, sweep_grid
+
+    overrides = _key_values(args.set)
+    if args.data_dir:
+        overrides["data-dir"] = str(Path(args.data_dir).expanduser().resolve())
+    if args.rounds:
+        overrides["rounds"] = args.rounds
+    grid = sweep_grid(args.epsilons, args.user_noise, args.seeds)
+    out = Path(args.out or "runs/privacy-sweep").expanduser().resolve()
+    print(f"privacy sweep: {', '.join(grid.scenarios)}; seeds {args.seeds}; "
+          f"{len(grid.cells())} runs; results in {out}", flush=True)
+    run_sweep(grid, out, overrides, show=lambda line: print(line, flush=True))
+    print((out / "privacy.md").read_text())
+    print(f"outputs: {out} (privacy.md, privacy.csv, privacy.png, and the comparison's files)")
+    return 0
+
+
+def audit(args: argparse.Namespace) -> int:
+    from simulations.audit import audit_run
+
+    print(f"{'model':50s} {'loss AUC':>9s} {'enrolment AUC':>14s} {'members':>8s} {'others':>7s}")
+    for path in args.model:
+        result = audit_run(Path(path))
+        print(f"{path:50s} {result.loss_auc:9.3f} {result.enrolment_auc:14.3f} "
+              f"{result.members:8d} {result.nonmembers:7d}")
+    print("AUC 0.5: the attacker cannot tell training utterances from held-out ones; 1.0: always can")
     return 0
 
 
@@ -233,12 +264,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a run-config option for every cell, e.g. --set rounds=5")
 
+    p = sub.add_parser("privacy-sweep", help="accuracy, EER and membership-inference AUC against "
+                       "epsilon: no DP, sample-level and user-level DP on the same shards")
+    p.set_defaults(command=privacy_sweep)
+    p.add_argument("--epsilons", type=_number_list(float), default=[1.0, 2.0, 4.0, 8.0],
+                   help="sample-level target epsilons (default 1,2,4,8)")
+    p.add_argument("--user-noise", type=_number_list(float), default=[1.0, 4.0],
+                   help="user-level noise multipliers, Flower's server-side fixed clipping "
+                   "(default 1,4; empty to skip)")
+    p.add_argument("--seeds", type=_number_list(int), default=[0], help="seeds (default 0)")
+    p.add_argument("--rounds", type=_positive(int), help=f"rounds per run (default {d.rounds})")
+    p.add_argument("--out", help="output folder (default runs/privacy-sweep; resumable)")
+    p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a run-config option for every run, e.g. --set local-epochs=1")
+
+    p = sub.add_parser("audit", help="membership-inference attacks on trained models (AUC)")
+    p.set_defaults(command=audit)
+    p.add_argument("model", nargs="+", help="global_model.pt files written by simulate, central "
+                   "or compare (audited on the corpus they were trained on)")
+
     p = sub.add_parser("identify", help="name the most likely speakers of audio files")
     p.set_defaults(command=identify)
     p.add_argument("--model", required=True, help="global_model.pt written by simulate or central")
     p.add_argument("--top", type=_positive(int), default=3, help="speakers to list (default 3)")
     p.add_argument("audio", nargs="+", help="audio files (.wav or .flac)")
     return parser
+
+
+def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if any(isinstance(v, float) and not (v > 0 and math.isfinite(v)) for v in values):
+            raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+        return values
+
+    return parse
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:

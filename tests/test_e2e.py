@@ -211,3 +211,23 @@ def test_sample_and_user_level_dp_combine_with_flowers_client_side_clipping(tiny
     privacy = json.loads((out / "summary.json").read_text())["privacy"]
     assert "sample-level" in privacy and "user-level" in privacy
     assert "fixedclipping_mod: parameters are clipped" in (out / "flower.log").read_text()
+
+
+def test_privacy_sweep_runs_audits_and_reports(tiny_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    result = run_cli("privacy-sweep", "--epsilons", "30", "--user-noise", "", "--rounds", "2",
+                     "--out", str(out), "--data-dir", str(tiny_corpus),
+                     "--set", "num-clients=2", "--set", "local-epochs=1", "--set", "channels=32",
+                     "--set", f"cache-dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = list(csv.DictReader(open(out / "privacy.csv")))
+    assert [r["scenario"] for r in rows] == ["no-dp", "epsilon-30"]
+    assert rows[0]["sample_epsilon"] == "nan" and 0 < float(rows[1]["sample_epsilon"]) <= 30
+    for r in rows:
+        assert 0.0 <= float(r["loss_attack_auc"]) <= 1.0 and int(r["members"]) > 0
+    assert "| epsilon-30 |" in (out / "privacy.md").read_text() and (out / "privacy.png").exists()
+
+    model = out / "cells" / "default__no-dp__fedavg__seed0" / "global_model.pt"
+    audited = run_cli("audit", str(model))
+    assert audited.returncode == 0, audited.stderr
+    assert f"{float(rows[0]['loss_attack_auc']):.3f}" in audited.stdout  # the same attack, the same AUC

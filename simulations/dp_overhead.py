@@ -1,0 +1,64 @@
+"""Benchmark: how much slower a DP-SGD step (Opacus) is than a plain SGD step.
+
+    python -m simulations.dp_overhead [--steps N] [--batch-size B]
+
+Same model (the default settings), same batches, one thread as in a client; prints the
+median seconds per step of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedspeaker.config import RunSettings
+from fedspeaker.model import build_model
+from fedspeaker.privacy import PrivacyLedger, make_private
+
+
+def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int) -> list[float]:
+    gen = torch.Generator().manual_seed(0)
+    n = steps * batch_size
+    x = torch.randn(n, settings.n_mels, settings.crop_frames, generator=gen)
+    y = torch.randint(0, 26, (n,), generator=gen)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    model = build_model(settings.n_mels, 26, settings.channels, settings.embedding_dim, seed=0)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
+    if dp:
+        _, model, optimizer, loader = make_private(model, optimizer, loader, PrivacyLedger(), 1.0,
+                                                   settings.max_grad_norm)
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)  # same batches as plain
+    times = []
+    for xb, yb in loader:
+        started = time.perf_counter()
+        optimizer.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return times[2:]  # the first steps warm up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=RunSettings().batch_size)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    settings = RunSettings()
+    plain = statistics.median(step_seconds(False, settings, args.steps, args.batch_size))
+    private = statistics.median(step_seconds(True, settings, args.steps, args.batch_size))
+    print(f"model: {settings.channels} channels, batch {args.batch_size} x {settings.crop_frames} "
+          f"frames x {settings.n_mels} mels, 1 thread, median of {args.steps - 2} steps")
+    print(f"plain SGD step: {plain * 1000:.1f} ms")
+    print(f"DP-SGD step (Opacus, per-sample clipping + noise): {private * 1000:.1f} ms")
+    print(f"DP step overhead: {private / plain:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
