@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import torch
 from flwr.app import ArrayRecord, Error, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -48,16 +53,26 @@ def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallabl
     out = mod(msg, context, train_unless_sat_out)
     return resting[0] if resting else out
 
+def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ mod, for the messages of a run with secure aggregation."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 LEDGER_KEY = "dp-ledger"
+LEGACY_PARAMETERS = "fitins.parameters"  # SecAgg+ runs speak Flower's legacy Fit messages
 
 
-@app.train(mods=[user_dp_clipping])
+@app.train(mods=[secure_aggregation, user_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one CPU per client actor; more threads only contend
     started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     partition_id = int(context.node_config.get("partition-id", 0))
-    server_round = int(msg.content["config"]["server-round"])
+    legacy = LEGACY_PARAMETERS in msg.content.array_records
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True) if legacy else None
+    server_round = int(fitins.config["server-round"] if fitins else msg.content["config"]["server-round"])
     if drops_out(settings, partition_id, server_round):
         if settings.dropout_mode == "silent":  # answer only after the server stopped waiting
             time.sleep(settings.round_timeout + 1.0)
@@ -76,10 +91,15 @@ def train(msg: Message, context: Context) -> Message:
         planned = trainer.dp_plan(len(feats), step_fraction=step_fraction)
         if ledger.epsilon_after(planned, settings.delta) > settings.epsilon_budget:
             return _sat_out(msg, ledger.epsilon(settings.delta), started)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    if fitins:
+        arrays = parameters_to_ndarrays(fitins.parameters)
+        global_state = OrderedDict((k, torch.from_numpy(a.copy()))
+                                   for k, a in zip(trainer.model.state_dict(), arrays))
+    else:
+        global_state = msg.content["arrays"].to_torch_state_dict()
     trainer.model.load_state_dict(global_state)
     seed = settings.seed * 1_000_003 + partition_id * 1_009 + server_round
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
+    mu = 0.0 if fitins else float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
     loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu, step_fraction=step_fraction)
     if settings.dp:
         context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
@@ -91,6 +111,10 @@ def train(msg: Message, context: Context) -> Message:
                "train-seconds": time.monotonic() - started}
     if settings.dp:
         metrics["epsilon"] = ledger.epsilon(settings.delta)
+    if fitins:
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([t.numpy() for t in update.values()]),
+                        len(feats), metrics)
+        return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(update),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -96,6 +96,10 @@ class RunSettings:
     user_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
     user_noise_multiplier: float = 1.0
     user_clip_norm: float = 1.0  # the fixed norm, or the adaptive one's starting value
+    # Secure aggregation (Flower's SecAgg+): the server learns only the sum of the updates
+    secagg: bool = False
+    secagg_shares: float = 1.0  # share of the sampled clients a client's key is split among
+    secagg_threshold: float = 0.67  # share of those shares needed to rebuild a dropped client's mask
     # Output
     out_dir: str = ""
 
@@ -140,6 +144,12 @@ class RunSettings:
         _choice("user-dp", self.user_dp, USER_DP)
         _positive("user-noise-multiplier", self.user_noise_multiplier)
         _positive("user-clip-norm", self.user_clip_norm)
+        for key in ("secagg-shares", "secagg-threshold"):
+            if not 0.0 < getattr(self, key.replace("-", "_")) <= 1.0:
+                raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key.replace('-', '_'))}")
+        if self.secagg and (self.strategy != "fedavg" or self.user_dp != "off" or self.epsilon_budget):
+            raise ConfigError("secagg (Flower's SecAgg+) gives the server only the sum of the updates: "
+                              "use it with strategy fedavg, without user-dp and epsilon-budget")
         _positive("round-timeout", self.round_timeout)
         _at_least("size-exponent", self.size_exponent, 0.0)
         if not 0.0 <= self.dropout < 1.0:

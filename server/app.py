@@ -11,13 +11,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
-from fedspeaker.privacy import sat_out
+from fedspeaker.privacy import SAT_OUT
 from fedspeaker.training import evaluate
 from server.strategies import build_strategy, user_epsilon
 
@@ -32,6 +31,11 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings.n_mels, data.n_speakers, settings.channels,
                         settings.embedding_dim, settings.seed)
     rounds = RoundTracker(settings, data, model, RunReport(settings.out_dir_path))
+    if settings.secagg:
+        from server.secure import run_secure_aggregation
+
+        rounds.finish(run_secure_aggregation(grid, context, settings, rounds, model))
+        return
     strategy = rounds.strategy = build_strategy(settings, rounds.observe_replies)
     result = strategy.start(
         grid=grid,
@@ -55,22 +59,26 @@ class RoundTracker:
         self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
 
     def observe_replies(self, server_round: int, replies: list[RecordDict]) -> None:
-        """Every reply of the round, selected by the strategy or not: loss (weighted by
-        examples, as Flower does), max/mean epsilon, who sat out for budget, summed client
-        time, bytes uploaded."""
-        metrics = [next(iter(r.metric_records.values())) for r in replies]
+        """Every reply of the round, selected by the strategy or not."""
+        self.observe_metrics([next(iter(r.metric_records.values())) for r in replies],
+                             upload_bytes=sum(_array_bytes(r) for r in replies))
+
+    def observe_metrics(self, metrics: list, upload_bytes: float) -> None:
+        """Loss (weighted by examples, as Flower does), max/mean epsilon, who sat out for
+        budget, summed client time, bytes uploaded."""
         eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
-        trained = [r for r in replies if not sat_out(r)]
-        loss = aggregate_metricrecords(trained, "num-examples").get("train-loss", math.nan) \
-            if trained else math.nan
+        trained = [m for m in metrics if not m.get(SAT_OUT, 0)]
+        examples = sum(float(m.get("num-examples", 0)) for m in trained)
+        loss = sum(float(m.get("train-loss", math.nan)) * float(m.get("num-examples", 0))
+                   for m in trained) / examples if examples else math.nan
         self.client_metrics = {
-            "train_loss": float(loss),
+            "train_loss": loss,
             "epsilon_max": max(eps) if eps else math.nan,
             "epsilon_mean": sum(eps) / len(eps) if eps else math.nan,
             "clients": len(trained),
-            "sat_out": len(replies) - len(trained),
+            "sat_out": len(metrics) - len(trained),
             "client_train_seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
-            "upload_bytes": sum(_array_bytes(r) for r in replies),
+            "upload_bytes": upload_bytes,
         }
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:

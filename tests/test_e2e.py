@@ -231,3 +231,41 @@ def test_privacy_sweep_runs_audits_and_reports(tiny_corpus: Path, tmp_path: Path
     audited = run_cli("audit", str(model))
     assert audited.returncode == 0, audited.stderr
     assert f"{float(rows[0]['loss_attack_auc']):.3f}" in audited.stdout  # the same attack, the same AUC
+
+
+def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny_corpus: Path,
+                                                                            tmp_path: Path) -> None:
+    """A client that took part in key sharing then fails to send its masked update (the
+    dropout scenario raises when training starts): SecAgg+ rebuilds its mask from the
+    others' shares, and the sum equals plain FedAvg of the survivors up to quantisation."""
+    import torch
+
+    from fedspeaker.config import RunSettings
+    from simulations.partition import client_shards
+    from simulations.scenarios import drops_out
+
+    common = ["--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "1", "--no-dp",
+              "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "channels=32",
+              "--set", "local-epochs=1", "--set", "dropout=0.5"]
+    secure = run_cli("simulate", *common, "--out", str(tmp_path / "secure"), "--set", "secagg=true")
+    assert secure.returncode == 0, secure.stdout + secure.stderr
+    plain = run_cli("simulate", *common, "--out", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+
+    settings = RunSettings(data_dir=str(tiny_corpus), cache_dir=str(tmp_path / "cache"), num_clients=3,
+                           dropout=0.5, channels=32, local_epochs=1, dp=False)
+    survivors = [c for c in range(3) if not drops_out(settings, c, 1)]
+    assert len(survivors) == 2  # one drops mid-protocol, within the threshold (2 of 3 shares)
+    log = (tmp_path / "secure" / "flower.log").read_text()
+    assert "Received masked vectors from 2 clients" in log and "Received key shares from 2" in log
+    rows = list(csv.DictReader(open(tmp_path / "secure" / "rounds.csv")))
+    assert int(float(rows[0]["clients"])) == 2
+
+    a = torch.load(tmp_path / "secure" / "global_model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "plain" / "global_model.pt", weights_only=True)["state_dict"]
+    # each client's weights, times n/1000 (Flower's max_weight), are stochastically rounded
+    # to steps of 16 / 2^22; the sum is divided by the summed n/1000
+    examples = sum(len(client_shards(settings)[c]) for c in survivors)
+    bound = len(survivors) * (16 / 2**22) / (examples / 1000)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 0 < worst <= bound, (worst, bound)

@@ -100,3 +100,11 @@ def test_guarantee_names_both_kinds_of_dp() -> None:
 def test_bad_user_dp_values_name_the_option(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"^{key}"):
         RunSettings.from_run_config({key: value})
+
+
+@pytest.mark.parametrize("other", [{"strategy": "krum"}, {"user-dp": "server-fixed"},
+                                   {"epsilon-budget": 5.0}])
+def test_secure_aggregation_refuses_what_needs_individual_updates(other: dict) -> None:
+    with pytest.raises(ConfigError, match="secagg"):
+        RunSettings.from_run_config({"secagg": True, **other})
+    RunSettings.from_run_config({"secagg": True})  # plain FedAvg is fine
