@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup simulate central test test-fast bench clean
+.PHONY: setup simulate central compare privacy-sweep test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ simulate: setup
 central: setup
 	$(BIN)/fedspeaker central $(ARGS)
 
+compare: setup
+	$(BIN)/fedspeaker compare $(ARGS)
+
+privacy-sweep: setup
+	$(BIN)/fedspeaker privacy-sweep $(ARGS)
+
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
@@ -29,6 +35,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m simulations.benchmark $(ARGS)
+	$(BIN)/python -m simulations.dp_overhead
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
