@@ -34,12 +34,17 @@ def test_report_states_utility_and_how_far_dp_moved_the_attack(tmp_path: Path) -
     rows = [row(NON_PRIVATE, 0, 0.60, 0.62), row(NON_PRIVATE, 1, 0.62, 0.60),
             row("epsilon-8", 0, 0.30, 0.52, eps=7.9), row("epsilon-8", 1, 0.32, 0.50, eps=8.0),
             row("user-noise-4", 0, 0.5, 0.55, user_eps=9.0), row("user-noise-4", 1, 0.5, 0.55, user_eps=9.0)]
+    for r in rows:
+        r["members"], r["nonmembers"] = 800, 200
     write_privacy_outputs(grid, rows, tmp_path)
     report = (tmp_path / "privacy.md").read_text()
     assert "| epsilon-8 | 7.95 | – | 0.310 | 0.51 |" in report
     assert "| user-noise-4 | – | 9.00 | 0.500 | 0.82 |" in report
     # loss AUC 0.61 without DP, 0.51 at epsilon 8: 0.10 of the 0.11 gap to chance
     assert "epsilon-8: loss attack auc 0.610 → 0.510 (91% of the way to 0.5)" in report
+    assert "about ±0.023" in report  # sqrt(1001 / (12 x 800 x 200))
+    assert "enrolment attack auc is 0.500, within noise of 0.5" in report  # no leakage to remove
+    assert "loss attack auc is" not in report  # 0.61 is far outside the noise
     assert (tmp_path / "privacy.png").stat().st_size > 10_000
     assert len((tmp_path / "privacy.csv").read_text().splitlines()) == 7
 
@@ -48,5 +53,6 @@ def test_report_without_a_non_private_run_still_renders() -> None:
     grid = sweep_grid([8.0], [], seeds=[0])
     text = privacy_markdown(grid, {"epsilon-8": {"sample_epsilon": 8.0, "user_epsilon": math.nan,
                                                  "accuracy": 0.3, "eer": 0.3, "loss_attack_auc": 0.5,
-                                                 "enrolment_attack_auc": 0.5, "runs": 1}})
+                                                 "enrolment_attack_auc": 0.5, "members": 10,
+                                                 "nonmembers": 5, "runs": 1}})
     assert "| epsilon-8 | 8.00 | – | 0.300 | – |" in text
