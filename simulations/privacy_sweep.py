@@ -136,6 +136,8 @@ def plot_privacy(summary: dict[str, dict[str, float]], path: Path) -> None:
             ax.axhline(base[key], ls="--", c="gray", lw=1, label="no DP")
         if key == "loss_attack_auc":
             ax.axhline(0.5, ls=":", c="black", lw=1, label="chance")
+            values = [m[key] for m in summary.values()]
+            ax.set_ylim(min(0.4, *values) - 0.02, max(0.7, *values) + 0.02)  # show the scale of 0.5..1
         ax.set_xscale("log")
         ax.set_xlabel("ε spent (log scale)")
         ax.set_title(label)
