@@ -6,14 +6,14 @@ import time
 from collections import OrderedDict
 
 import torch
-from flwr.app import ArrayRecord, Error, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data import load_speaker_data
@@ -53,6 +53,7 @@ def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallabl
     out = mod(msg, context, train_unless_sat_out)
     return resting[0] if resting else out
 
+
 def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's SecAgg+ mod, for the messages of a run with secure aggregation."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
@@ -70,9 +71,10 @@ def train(msg: Message, context: Context) -> Message:
     started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     partition_id = int(context.node_config.get("partition-id", 0))
-    legacy = LEGACY_PARAMETERS in msg.content.array_records
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True) if legacy else None
-    server_round = int(fitins.config["server-round"] if fitins else msg.content["config"]["server-round"])
+    fitins = (compat.recorddict_to_fitins(msg.content, keep_input=True)
+              if LEGACY_PARAMETERS in msg.content.array_records else None)
+    config = fitins.config if fitins else msg.content["config"]
+    server_round = int(config["server-round"])
     if drops_out(settings, partition_id, server_round):
         if settings.dropout_mode == "silent":  # answer only after the server stopped waiting
             time.sleep(settings.round_timeout + 1.0)
@@ -92,14 +94,13 @@ def train(msg: Message, context: Context) -> Message:
         if ledger.epsilon_after(planned, settings.delta) > settings.epsilon_budget:
             return _sat_out(msg, ledger.epsilon(settings.delta), started)
     if fitins:
-        arrays = parameters_to_ndarrays(fitins.parameters)
-        global_state = OrderedDict((k, torch.from_numpy(a.copy()))
-                                   for k, a in zip(trainer.model.state_dict(), arrays))
+        global_state = OrderedDict((k, torch.from_numpy(a.copy())) for k, a in
+                                   zip(trainer.model.state_dict(), parameters_to_ndarrays(fitins.parameters)))
     else:
         global_state = msg.content["arrays"].to_torch_state_dict()
     trainer.model.load_state_dict(global_state)
     seed = settings.seed * 1_000_003 + partition_id * 1_009 + server_round
-    mu = 0.0 if fitins else float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
+    mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
     loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu, step_fraction=step_fraction)
     if settings.dp:
         context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
