@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 
 from simulations.privacy_sweep import NON_PRIVATE, privacy_markdown, sweep_grid, write_privacy_outputs
 
