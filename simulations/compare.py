@@ -48,6 +48,10 @@ class CellResult:
     max_epsilon: float  # NaN: no DP
     rounds: list[dict[str, float]]  # the cell's rounds.csv, for the plots; not a column
 
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.strategy, self.partition, self.scenario, self.seed)
+
 
 def default_runner(cell: Cell, settings: RunSettings, on_round: Callable[[str], None]) -> None:
     """The central baseline in this process; a federation through the Simulation Engine."""
@@ -64,21 +68,21 @@ def run_grid(grid: Grid, out: Path, overrides: dict[str, Any] | None = None,
 
     overrides = overrides or {}
     cells = grid.cells()
-    planned = [(cell, grid.settings(cell, overrides, out / "cells" / cell.key)) for cell in cells]
+    planned = [(cell, grid.settings(cell, overrides, cell_dir(out, cell))) for cell in cells]
     versions = package_versions()
     failed: list[str] = []
     for number, (cell, settings) in enumerate(planned, 1):
         tag = f"[{number}/{len(cells)}]"
-        cell_dir = settings.out_dir_path
-        if is_done(cell_dir, settings):
+        folder = settings.out_dir_path
+        if is_done(folder, settings):
             show(f"{tag} {cell.label}: done earlier, kept")
             continue
         show(f"{tag} {cell.label}: running")
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        (cell_dir / "summary.json").unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").unlink(missing_ok=True)
         record = {"cell": asdict(cell), "grid": grid.name, "run_config": settings.to_run_config(),
                   "versions": versions, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (cell_dir / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
+        (folder / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
         started = time.monotonic()
         try:
             runner(cell, settings,
@@ -88,7 +92,7 @@ def run_grid(grid: Grid, out: Path, overrides: dict[str, Any] | None = None,
             show(f"{tag} {cell.label}: FAILED: {exc}")
             continue
         record["seconds"] = round(time.monotonic() - started, 2)  # start-up included
-        (cell_dir / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
+        (folder / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
     results = collect_results(grid, out)
     write_outputs(grid, results, out, failed)
     if failed:
@@ -97,20 +101,25 @@ def run_grid(grid: Grid, out: Path, overrides: dict[str, Any] | None = None,
     return results
 
 
-def is_done(cell_dir: Path, settings: RunSettings) -> bool:
+def cell_dir(out: Path, cell: Cell) -> Path:
+    """Where a comparison in ``out`` keeps one cell's run."""
+    return out / "cells" / cell.key
+
+
+def is_done(folder: Path, settings: RunSettings) -> bool:
     """Finished with exactly these settings (a changed grid or --set runs it again).
 
     An option added to fedspeaker after the cell ran counts as its default; cells copied
     from another comparison's folder are reused.
     """
     try:
-        recorded = json.loads((cell_dir / "cell.json").read_text())["run_config"]
+        recorded = json.loads((folder / "cell.json").read_text())["run_config"]
     except (OSError, ValueError, KeyError):
         return False
     def comparable(config: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in config.items() if k != "out-dir"}  # cells may be moved or copied
 
-    return ((cell_dir / "summary.json").exists() and comparable(
+    return ((folder / "summary.json").exists() and comparable(
         {**RunSettings().to_run_config(), **recorded}) == comparable(settings.to_run_config()))
 
 
@@ -118,12 +127,12 @@ def collect_results(grid: Grid, out: Path) -> list[CellResult]:
     """A row per finished cell of the grid, in grid order."""
     finished = {}
     for cell in grid.cells():
-        cell_dir = out / "cells" / cell.key
-        if (cell_dir / "summary.json").exists():
-            summary = json.loads((cell_dir / "summary.json").read_text())
-            record = json.loads((cell_dir / "cell.json").read_text())
+        folder = cell_dir(out, cell)
+        if (folder / "summary.json").exists():
+            summary = json.loads((folder / "summary.json").read_text())
+            record = json.loads((folder / "cell.json").read_text())
             summary["wall_seconds"] = record.get("seconds", summary["wall_seconds"])
-            finished[cell] = (summary, read_rounds(cell_dir / "rounds.csv"))
+            finished[cell] = (summary, read_rounds(folder / "rounds.csv"))
     central_accuracy = {(c.partition, c.seed): summary["final"]["accuracy"]
                         for c, (summary, _) in finished.items() if c.strategy == CENTRAL}
     results = []

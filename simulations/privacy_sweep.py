@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from fedspeaker.audit import AuditResult
 from simulations.audit import audit_run
-from simulations.compare import CellResult, run_grid
+from simulations.compare import CellResult, cell_dir, run_grid
 from simulations.grid import Grid
 
 NON_PRIVATE = "no-dp"
@@ -43,8 +43,7 @@ def run_sweep(grid: Grid, out: Path, overrides: dict[str, Any] | None = None,
     rows = []
     for r in results:
         show(f"auditing {r.scenario} seed {r.seed}")
-        audit = audit_run(out / "cells" / f"{r.partition}__{r.scenario}__{r.strategy}__seed{r.seed}"
-                          / "global_model.pt")
+        audit = audit_run(cell_dir(out, r.cell) / "global_model.pt")
         rows.append(_row(r, audit))
     write_privacy_outputs(grid, rows, out)
     return rows
