@@ -17,6 +17,8 @@ from fedspeaker.features import FeatureCache, FeatureSpec
 
 log = logging.getLogger(__name__)
 
+SPEAKERS_KEY = "speakers"  # train-config key: the training speakers, in label order
+
 
 @dataclass
 class SpeakerData:

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data import SpeakerData, load_speaker_data
+from fedspeaker.data import SPEAKERS_KEY, SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
 from fedspeaker.privacy import SAT_OUT
@@ -42,7 +42,9 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=settings.rounds,
         timeout=settings.round_timeout,
-        train_config=ConfigRecord({"num-rounds": settings.rounds}),
+        train_config=ConfigRecord({"num-rounds": settings.rounds,
+                                   # the label space, so a device maps its own speakers onto it
+                                   SPEAKERS_KEY: list(data.split.speakers)}),
         evaluate_fn=rounds.evaluate,
     )
     rounds.finish(result.arrays)
