@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +20,7 @@ import tomli_w
 
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
+from fedspeaker.processes import Child, child_process, free_port, wait_for_port
 from fedspeaker.report import progress_line, read_rounds
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -47,12 +45,12 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
                       "init-args-num-gpus=0")
         cmd = [str(BIN / "flwr"), "run", str(APP_DIR), "fedspeaker", "--run-config", str(overrides),
                "--federation-config", federation, "--stream"]
-        with _process(cmd, env, log_file) as run:
+        with child_process(cmd, env, log_file) as run:
             shown = 0
             while run.poll() is None and link.poll() is None:
                 time.sleep(0.5)
-                shown = _show_new_rounds(out_dir / "rounds.csv", shown, on_round)
-            _show_new_rounds(out_dir / "rounds.csv", shown, on_round)
+                shown = show_new_rounds(out_dir / "rounds.csv", shown, on_round)
+            show_new_rounds(out_dir / "rounds.csv", shown, on_round)
     if not (out_dir / "summary.json").exists():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
         raise FedSpeakerError(f"the federation did not finish; the end of {log_path}:\n{tail}")
@@ -60,7 +58,7 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
 
 @contextlib.contextmanager
 def _superlink(home: Path, log_file) -> Iterator[tuple[dict[str, str], "Child"]]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -79,103 +77,12 @@ def _superlink(home: Path, log_file) -> Iterator[tuple[dict[str, str], "Child"]]
     cmd = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
            "--database", str(home / "state.db")]
-    with _process(cmd, env, log_file) as link:
-        _wait_for_port(port, link)
+    with child_process(cmd, env, log_file) as link:
+        wait_for_port(port, link)
         yield env, link
 
 
-@contextlib.contextmanager
-def _process(cmd: list[str], env: dict[str, str], log_file) -> Iterator["Child"]:
-    """A child process, stopped on exit together with every process it started."""
-    child = Child(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True))
-    try:
-        yield child
-    finally:
-        child.stop()
-
-
-class Child:
-    """A Popen that remembers its descendants: Flower detaches SuperExec into its own
-    session and Ray starts daemons, so neither a process group nor a parent's exit
-    reaches them all. Remembered PIDs are stopped with the child, by PID.
-    """
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.seen: dict[int, str] = {}  # pid -> start time, to never signal a reused PID
-
-    def poll(self) -> int | None:
-        self.remember_descendants()
-        return self.proc.poll()
-
-    def remember_descendants(self) -> None:
-        table = _process_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        stack = [self.proc.pid]
-        while stack:
-            for pid in children.get(stack.pop(), []):
-                self.seen.setdefault(pid, table[pid][1])
-                stack.append(pid)
-
-    def stop(self) -> None:
-        self.remember_descendants()
-        targets = [self.proc.pid, *self.seen]
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            alive = [pid for pid in targets if self._alive(pid)]
-            for pid in alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and any(self._alive(p) for p in alive):
-                self.proc.poll()  # reap our direct child
-                time.sleep(0.1)
-        self.proc.poll()
-
-    def _alive(self, pid: int) -> bool:
-        if pid == self.proc.pid:
-            return self.proc.poll() is None
-        entry = _process_table().get(pid)
-        return entry is not None and entry[1] == self.seen.get(pid) and not _is_zombie(pid)
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, start time) for every process, from /proc."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-                table[int(entry.name)] = (int(fields[1]), fields[19])
-    return table
-
-
-def _is_zombie(pid: int) -> bool:
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, link: Child, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if link.poll() is not None:
-            raise FedSpeakerError(f"the Flower SuperLink exited at start (code {link.proc.returncode})")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.2)
-    raise FedSpeakerError(f"the Flower SuperLink did not listen on 127.0.0.1:{port} in {timeout:.0f} s")
-
-
-def _show_new_rounds(rounds_csv: Path, shown: int, on_round: Callable[[str], None]) -> int:
+def show_new_rounds(rounds_csv: Path, shown: int, on_round: Callable[[str], None]) -> int:
     if not rounds_csv.exists():
         return shown
     rows = read_rounds(rounds_csv)
