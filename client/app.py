@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -16,11 +19,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data import load_speaker_data
+from fedspeaker.data import SPEAKERS_KEY, load_device_examples, load_speaker_data
 from fedspeaker.errors import CorpusError
+from fedspeaker.features import FeatureSpec
 from fedspeaker.local import LocalTrainer
 from fedspeaker.privacy import SAT_OUT, UNIT_WEIGHT, PrivacyLedger, sat_out
-from simulations.partition import client_shards
 from simulations.scenarios import (
     SimulatedDropout,
     client_role,
@@ -81,8 +84,10 @@ def train(msg: Message, context: Context) -> Message:
         raise SimulatedDropout(f"client {partition_id} dropped out of round {server_round} "
                                f"(scenario: dropout={settings.dropout}, {settings.dropout_mode})")
     role = client_role(settings, partition_id)
-    n_speakers = load_speaker_data(settings).n_speakers
-    feats, labels = client_examples(settings, context)
+    speakers = list(config.get(SPEAKERS_KEY, []))
+    feats, labels = client_examples(settings, context, speakers)
+    n_speakers = len(speakers) or load_speaker_data(settings).n_speakers
+    data_ready = time.monotonic()
     if role.byzantine and settings.attack == "label-flip":
         labels = flip_labels(labels, n_speakers)
     ledger = _load_ledger(context, settings.accountant)
@@ -101,7 +106,9 @@ def train(msg: Message, context: Context) -> Message:
     trainer.model.load_state_dict(global_state)
     seed = settings.seed * 1_000_003 + partition_id * 1_009 + server_round
     mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
+    fit_started = time.monotonic()
     loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu, step_fraction=step_fraction)
+    fit_seconds = time.monotonic() - fit_started
     if settings.dp:
         context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
     update = trainer.model.state_dict()
@@ -109,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         update = poison_update(global_state, update, settings.attack, settings.attack_scale, seed)
 
     metrics = {"num-examples": len(feats), UNIT_WEIGHT: 1, "train-loss": loss,
-               "train-seconds": time.monotonic() - started}
+               "train-seconds": time.monotonic() - started, **footprint(started, data_ready, fit_seconds)}
     if settings.dp:
         metrics["epsilon"] = ledger.epsilon(settings.delta)
     if fitins:
@@ -121,6 +128,33 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def footprint(started: float, data_ready: float, fit_seconds: float) -> dict[str, float]:
+    """What a round costs the device: start-up (process start, imports, loading its
+    features) apart from training, and this process's peak memory.
+
+    A SuperNode starts a fresh ClientApp process per round, so start-up counts from the
+    process's own start; a long-lived simulation actor counts only its first round's.
+    """
+    global _first_message
+    startup = data_ready - (_PROCESS_STARTED if _first_message else started)
+    _first_message = False
+    return {"startup-seconds": startup, "fit-seconds": fit_seconds,
+            "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _process_start_monotonic() -> float:
+    """When this process started, on the time.monotonic() clock (Linux /proc)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return ticks / os.sysconf("SC_CLK_TCK")  # seconds since boot, as CLOCK_MONOTONIC counts
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+_PROCESS_STARTED = _process_start_monotonic()
+_first_message = True
+
+
 def _sat_out(msg: Message, epsilon: float, started: float) -> Message:
     """The reply of a client whose next round would exceed its epsilon budget: no
     weights, just what it has spent, so the server can count it and leave it out."""
@@ -129,8 +163,19 @@ def _sat_out(msg: Message, epsilon: float, started: float) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def client_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
-    """This node's shard of the training utterances (simulation: by partition-id)."""
+def client_examples(settings: RunSettings, context: Context,
+                    speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """This node's training utterances: a device's own folder (node-config `data-dir`),
+    or in simulation its shard of the corpus (by partition-id)."""
+    if "data-dir" in context.node_config:
+        if not speakers:
+            raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
+        state_dir = context.node_config.get("state-dir")
+        return load_device_examples(Path(str(context.node_config["data-dir"])).expanduser(),
+                                    Path(str(state_dir)) if state_dir else settings.feature_cache_dir,
+                                    FeatureSpec(settings.features, settings.n_mels), speakers)
+    from simulations.partition import client_shards  # flwr-datasets: simulation only
+
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", 1))
     if num_partitions != settings.num_clients:

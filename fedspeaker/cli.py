@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fedspeaker.cli_deploy import add_commands as add_deployment_commands
 from fedspeaker.config import PARTITIONS, STRATEGIES, RunSettings
 from fedspeaker.errors import FedSpeakerError
 
@@ -252,6 +253,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run_command("simulate", simulate, "run a simulated federation (Flower Simulation Engine)")
     run_command("central", central, "train the same model centrally: the upper bound")
+    add_deployment_commands(sub)  # certs, node-key, superlink, supernode
 
     p = sub.add_parser("compare", help="compare strategies over a grid of partitions, scenarios "
                        "and seeds (resumable)")

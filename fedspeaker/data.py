@@ -12,7 +12,7 @@ import torch
 
 from fedspeaker.config import RunSettings
 from fedspeaker.corpus import CorpusSplit, scan_corpus, split_corpus
-from fedspeaker.errors import AudioError
+from fedspeaker.errors import AudioError, CorpusError
 from fedspeaker.features import FeatureCache, FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -75,3 +75,35 @@ def _load(root: Path, cache_dir: Path, spec: FeatureSpec, seed: int, unseen: int
                      cache.decoded, last_report - started)
     split = split_corpus(usable, seed, unseen, test_fraction)
     return SpeakerData(split, features, skipped, cache.decoded)
+
+
+def load_device_examples(root: Path, cache_dir: Path, spec: FeatureSpec,
+                         speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """All of one device's recordings of the federation's speakers, as features and labels.
+
+    A real client holds its own folder (<root>/<speaker>/<utterance>); the server's
+    speaker list is the label space. Recordings of other speakers and unreadable
+    files are logged and left out; a device with nothing usable says so.
+    """
+    utterances, _ = scan_corpus(root)
+    labels = {speaker: i for i, speaker in enumerate(speakers)}
+    unknown = sorted({u.speaker for u in utterances if u.speaker not in labels})
+    if unknown:
+        log.warning("%s: leaving out speaker folder(s) %s: not among the federation's %d "
+                    "training speakers", root, ", ".join(unknown), len(speakers))
+    cache = FeatureCache(cache_dir, spec)
+    feats: list[torch.Tensor] = []
+    ys: list[int] = []
+    for utt in utterances:
+        if utt.speaker not in labels:
+            continue
+        try:
+            feats.append(cache.get(utt.path))
+            ys.append(labels[utt.speaker])
+        except AudioError as exc:
+            log.warning("skipping %s", exc)
+    if not feats:
+        raise CorpusError(f"{root}: no usable recordings of the federation's speakers "
+                          f"({len(utterances)} audio file(s) found; expected "
+                          "<speaker>/<utterance>.wav|.flac with speaker folders named as on the server)")
+    return feats, ys
