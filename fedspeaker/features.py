@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchaudio.compliance.kaldi as kaldi
 
 from fedspeaker import audio
 from fedspeaker.errors import AudioError
@@ -39,6 +38,8 @@ class FeatureSpec:
 
 def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """(samples,) waveform -> (n_mels, frames) mean-normalised features."""
+    import torchaudio.compliance.kaldi as kaldi  # here: a client whose features are cached skips it
+
     scaled = (wave * 32768.0).unsqueeze(0)  # Kaldi's int16 scale
     if spec.kind == "fbank":
         feats = kaldi.fbank(scaled, num_mel_bins=spec.n_mels, dither=0.0,

@@ -20,7 +20,11 @@ from fedspeaker.privacy import guarantee_sentence
 
 COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
-           "clients", "sat_out", "upload_bytes", "client_train_seconds", "round_seconds", "seconds")
+           "clients", "sat_out", "upload_bytes", "client_train_seconds",
+           # a client's footprint: mean start-up (process start to features loaded) and
+           # training seconds, the largest peak memory of a client process
+           "client_startup_seconds", "client_fit_seconds", "client_peak_rss_mb",
+           "round_seconds", "seconds")
 
 
 class RunReport:

@@ -80,6 +80,10 @@ class RoundTracker:
             "clients": len(trained),
             "sat_out": len(metrics) - len(trained),
             "client_train_seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
+            "client_startup_seconds": _mean(trained, "startup-seconds"),
+            "client_fit_seconds": _mean(trained, "fit-seconds"),
+            "client_peak_rss_mb": max((float(m["peak-rss-mb"]) for m in trained if "peak-rss-mb" in m),
+                                      default=math.nan),
             "upload_bytes": upload_bytes,
         }
 
@@ -109,6 +113,11 @@ class RoundTracker:
                         mode="federated"),
             model_bundle(self.settings, self.data, self.model),
         )
+
+
+def _mean(metrics: list, key: str) -> float:
+    values = [float(m[key]) for m in metrics if key in m]
+    return sum(values) / len(values) if values else math.nan
 
 
 def _array_bytes(content: RecordDict) -> int:
