@@ -1,4 +1,5 @@
-"""`fedspeaker certs | node-key | superlink | supernode`: a real federation across machines.
+"""`fedspeaker certs | node-key | device-data | superlink | supernode`: a real federation
+across machines.
 
 The last two exec Flower's own `flower-superlink` / `flower-supernode` (fedspeaker/deploy.py);
 these functions only turn flags into those commands and say what they do.
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 from fedspeaker.deploy import DEFAULT_PORT, INSECURE_WARNING, SuperLinkOptions, SuperNodeOptions, flower_env
+from fedspeaker.config import PARTITIONS
+from fedspeaker.errors import FedSpeakerError
 
 
 def certs(args: argparse.Namespace) -> int:
@@ -54,6 +57,22 @@ def supernode(args: argparse.Namespace) -> int:
     return _exec(options.command(), args.insecure)
 
 
+def device_data(args: argparse.Namespace) -> int:
+    from fedspeaker.config import RunSettings
+    from simulations.loopback import device_folders
+
+    settings = RunSettings(num_clients=args.clients, partition=args.partition, seed=args.seed,
+                           data_dir=args.data_dir or "")
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FedSpeakerError(f"{out}: not empty; give a new folder")
+    for folder in device_folders(settings, out):
+        files = sum(1 for _ in folder.rglob("*") if _.is_file())
+        speakers = sum(1 for _ in folder.iterdir())
+        print(f"{folder}: {files} recordings of {speakers} speakers (links into {settings.corpus_dir})")
+    return 0
+
+
 def _exec(cmd: list[str], insecure: bool) -> int:
     """Replace this process with Flower's, so signals and exit codes are Flower's own."""
     if insecure:
@@ -76,6 +95,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node-key", help="make this device's SuperNode authentication key pair")
     p.set_defaults(command=node_key)
     p.add_argument("key", help="private key file to write (its public key goes to KEY.pub)")
+
+    p = sub.add_parser("device-data", help="split a corpus's training utterances into one folder "
+                       "per device, as a simulation would, to try a deployment on one machine")
+    p.set_defaults(command=device_data)
+    p.add_argument("--clients", type=int, default=2, help="devices (default 2)")
+    p.add_argument("--out", default="devices", help="folder for device-0, device-1, ... (default devices)")
+    p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")
+    p.add_argument("--partition", default="dirichlet", choices=PARTITIONS,
+                   help="as for simulate (default dirichlet)")
+    p.add_argument("--seed", type=int, default=0, help="as for simulate (default 0)")
 
     p = sub.add_parser("superlink", help="start Flower's SuperLink: TLS, SuperNode authentication")
     p.set_defaults(command=superlink)
