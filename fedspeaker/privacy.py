@@ -12,14 +12,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 UNIT_WEIGHT = "unit-weight"  # reply metric = 1: equal weights for user-level DP averaging
 SAT_OUT = "sat-out-for-budget"  # reply metric of a client that stopped for its epsilon budget
@@ -73,6 +73,8 @@ def sat_out(content) -> bool:
 def _epsilon(accountant: str, history: History, delta: float) -> float:
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # Opacus takes ~1 s to import: only for DP
+
     acct = create_accountant(accountant)
     acct.history = list(history)
     return float(acct.get_epsilon(delta))
@@ -81,6 +83,8 @@ def _epsilon(accountant: str, history: History, delta: float) -> float:
 @lru_cache(maxsize=64)  # the search costs seconds; every round asks the same question
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, epochs: int, accountant: str) -> float:
     """Noise multiplier that keeps ``epochs`` epochs of DP-SGD within (epsilon, delta)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
@@ -94,6 +98,8 @@ def make_private(
     noise_multiplier: float, max_grad_norm: float,
 ) -> tuple[PrivacyEngine, nn.Module, Optimizer, DataLoader]:
     """Wrap for DP-SGD with Poisson sampling; the engine's accountant continues ``ledger``."""
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant=ledger.accountant)
     engine.accountant.history = list(ledger.history)
     model, optimizer, loader = engine.make_private(
