@@ -84,7 +84,8 @@ def train(msg: Message, context: Context) -> Message:
         raise SimulatedDropout(f"client {partition_id} dropped out of round {server_round} "
                                f"(scenario: dropout={settings.dropout}, {settings.dropout_mode})")
     role = client_role(settings, partition_id)
-    speakers = list(config.get(SPEAKERS_KEY, []))
+    speakers = config.get(SPEAKERS_KEY, [])
+    speakers = speakers.split("\n") if isinstance(speakers, str) else list(speakers)  # legacy: a string
     feats, labels = client_examples(settings, context, speakers)
     n_speakers = len(speakers) or load_speaker_data(settings).n_speakers
     data_ready = time.monotonic()
