@@ -36,6 +36,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m simulations.benchmark $(ARGS)
 	$(BIN)/python -m simulations.dp_overhead
+	$(BIN)/python -m simulations.footprint
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
