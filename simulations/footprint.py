@@ -47,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch_import = import_seconds("import torch")
-    client_import = import_seconds(CLIENT_IMPORTS)
+    client_imports = CLIENT_IMPORTS + ("" if args.no_dp else ", opacus")
+    client_import = import_seconds(client_imports)
     with tempfile.TemporaryDirectory(prefix="fedspeaker-footprint-") as tmp:
         folder = Path(tmp)
         settings = RunSettings(num_clients=args.devices, rounds=args.rounds, dp=not args.no_dp,
@@ -71,7 +72,7 @@ def main() -> None:
     print(f"\nstart-up per round (median, rounds 2+): {startup:.2f} s (aim < 3 s: "
           f"{'met' if startup < 3 else 'not met'}); training {fit:.2f} s")
     print(f"baselines, same run: bare `import torch` {torch_import:.2f} s; a ClientApp process's "
-          f"imports ({CLIENT_IMPORTS}) {client_import:.2f} s")
+          f"imports ({client_imports}) {client_import:.2f} s")
     print(f"start-up / bare torch import: {startup / torch_import:.2f}x")
     print(f"peak RSS of a client process: {max(r['client_peak_rss_mb'] for r in rows):.0f} MB; "
           f"upload per client per round: {rows[-1]['upload_bytes'] / rows[-1]['clients'] / 1e6:.3f} MB")
