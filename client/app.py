@@ -10,7 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
@@ -24,7 +24,7 @@ from fedspeaker.data import SPEAKERS_KEY, load_device_examples, load_speaker_dat
 from fedspeaker.errors import CorpusError
 from fedspeaker.features import FeatureSpec
 from fedspeaker.local import LocalTrainer
-from fedspeaker.privacy import SAT_OUT, UNIT_WEIGHT, PrivacyLedger, sat_out
+from fedspeaker.privacy import FEDERATION_ID, SAT_OUT, UNIT_WEIGHT, PrivacyLedger, sat_out
 from simulations.scenarios import (
     SimulatedDropout,
     client_role,
@@ -65,7 +65,6 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     return call_next(msg, context)
 
 
-LEDGER_KEY = "dp-ledger"
 LEGACY_PARAMETERS = "fitins.parameters"  # SecAgg+ runs speak Flower's legacy Fit messages
 
 
@@ -94,7 +93,8 @@ def train(msg: Message, context: Context) -> Message:
     data_ready = time.monotonic()
     if role.byzantine and settings.attack == "label-flip":
         labels = flip_labels(labels, n_speakers)
-    ledger = _load_ledger(context, settings.accountant)
+    ledger_file = ledger_path(settings, context, config)
+    ledger = PrivacyLedger.load(ledger_file, settings.accountant)
 
     trainer = LocalTrainer(settings, n_speakers)
     step_fraction = settings.straggler_steps if role.straggler else 1.0
@@ -114,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
     loss = trainer.train(feats, labels, ledger, seed, proximal_mu=mu, step_fraction=step_fraction)
     fit_seconds = time.monotonic() - fit_started
     if settings.dp:
-        context.state[LEDGER_KEY] = ConfigRecord(ledger.to_lists())
+        ledger.save(ledger_file)
     update = trainer.model.state_dict()
     if role.byzantine and settings.attack != "label-flip":
         update = poison_update(global_state, update, settings.attack, settings.attack_scale, seed)
@@ -188,7 +188,13 @@ def client_examples(settings: RunSettings, context: Context,
     return load_speaker_data(settings).train_examples(client_shards(settings)[partition_id])
 
 
-def _load_ledger(context: Context, accountant: str) -> PrivacyLedger:
-    if LEDGER_KEY in context.state:
-        return PrivacyLedger.from_lists(accountant, dict(context.state[LEDGER_KEY]))
-    return PrivacyLedger(accountant)
+def ledger_path(settings: RunSettings, context: Context, config) -> Path:
+    """Where this client keeps its privacy ledger, one file per federation: in the
+    device's state-dir, or in simulation a folder per partition in the cache. On disk
+    rather than in Flower's context, so a restarted SuperNode or a resumed run goes on
+    counting what was spent."""
+    federation = str(config.get(FEDERATION_ID, "")) or f"run-{context.run_id}"
+    state_dir = context.node_config.get("state-dir")
+    root = (Path(str(state_dir)) if state_dir else settings.feature_cache_dir / "client-state"
+            / f"partition-{int(context.node_config.get('partition-id', 0))}")
+    return root / "ledgers" / f"{federation}.json"

@@ -48,7 +48,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def simulate(args: argparse.Namespace) -> int:
     from simulations.launch import run_federation
 
-    settings = _settings(args)
+    settings = _resumed_settings(args) if args.resume else _settings(args)
     _prepare(settings)
     print(f"federation: {settings.num_clients} clients, {settings.rounds} rounds, "
           f"{settings.strategy}, {settings.local_epochs} local epoch(s), {_dp_text(settings)}",
@@ -207,6 +207,29 @@ def _settings(args: argparse.Namespace) -> RunSettings:
     return settings.replace(out_dir=str(out), data_dir=str(settings.corpus_dir.resolve()))
 
 
+def _resumed_settings(args: argparse.Namespace) -> RunSettings:
+    """A stopped run's own settings, from its checkpoint: resuming needs only its folder."""
+    from server.checkpoint import FILENAME, Checkpoint
+
+    if not args.out:
+        raise FedSpeakerError("--resume needs --out: the folder of the run to go on with")
+    given = [f"--{a.replace('_', '-')}" for a in (*_FLAG_OPTIONS, "no_dp", "set") if getattr(args, a)]
+    if given:
+        raise FedSpeakerError(f"--resume takes the run's settings from its checkpoint; leave out "
+                              f"{', '.join(given)}")
+    path = Path(args.out).expanduser().resolve() / FILENAME
+    if not path.exists():
+        raise FedSpeakerError(f"{path}: not found; --resume goes on with a run that finished at "
+                              "least one round")
+    import torch
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)["run_config"]
+    settings = RunSettings.from_run_config({**saved, "resume": True, "out-dir": str(path.parent)})
+    done = Checkpoint.load(settings).round
+    print(f"resuming {path.parent} after round {done} of {settings.rounds}", flush=True)
+    return settings
+
+
 def _key_values(items: list[str] | None) -> dict[str, str]:
     """--set KEY=VALUE items; values are typed and checked by RunSettings."""
     config = {}
@@ -224,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = RunSettings()  # defaults shown in --help come from the one typed config
 
-    def run_command(name: str, func: Callable, help_text: str) -> None:
+    def run_command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(command=func)
         p.add_argument("--data-dir", help="corpus root: <root>/<speaker>/<utterance>.{wav,flac} "
@@ -250,8 +273,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="output folder (default runs/<date-time>)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="any other run-config option from pyproject.toml, e.g. --set lr=0.001")
+        return p
 
-    run_command("simulate", simulate, "run a simulated federation (Flower Simulation Engine)")
+    p = run_command("simulate", simulate, "run a simulated federation (Flower Simulation Engine)")
+    p.add_argument("--resume", action="store_true", help="go on with the run in --out after its "
+                   "last finished round (its settings come from its checkpoint)")
     run_command("central", central, "train the same model centrally: the upper bound")
     add_deployment_commands(sub)  # certs, node-key, superlink, supernode
 

@@ -102,6 +102,7 @@ class RunSettings:
     secagg_threshold: float = 0.67  # share of those shares needed to rebuild a dropped client's mask
     # Output
     out_dir: str = ""
+    resume: bool = False  # go on from out-dir's checkpoint.pt, after the last finished round
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":
@@ -150,6 +151,11 @@ class RunSettings:
         if self.secagg and (self.strategy != "fedavg" or self.user_dp != "off" or self.epsilon_budget):
             raise ConfigError("secagg (Flower's SecAgg+) gives the server only the sum of the updates: "
                               "use it with strategy fedavg, without user-dp and epsilon-budget")
+        if self.resume and self.secagg:
+            raise ConfigError("resume is not available with secagg: Flower's SecAgg+ workflow "
+                              "keeps its round state inside Flower")
+        if self.resume and not self.out_dir:
+            raise ConfigError("resume needs out-dir: the folder of the run to go on with")
         _positive("round-timeout", self.round_timeout)
         _at_least("size-exponent", self.size_exponent, 0.0)
         if not 0.0 <= self.dropout < 1.0:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 
 from fedspeaker import audio
 from fedspeaker.errors import AudioError
+from fedspeaker.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +75,7 @@ class FeatureCache:
             feats = compute_features(audio.load_audio(path, self.spec.sample_rate), self.spec)
         except AudioError as exc:
             reason = str(exc).removeprefix(f"{path}: ")
-            _atomic_write(err, lambda f: f.write(reason.encode()))
+            atomic_write(err, lambda f: f.write(reason.encode()))
             raise
-        _atomic_write(npy, lambda f: np.save(f, feats.numpy()))
+        atomic_write(npy, lambda f: np.save(f, feats.numpy()))
         return feats
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write via a temp file and rename, so concurrent clients never read half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

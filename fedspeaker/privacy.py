@@ -8,21 +8,28 @@ the epsilon reported is what the client has spent over the whole run so far.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from fedspeaker.errors import FedSpeakerError
+from fedspeaker.files import atomic_write
+
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
 
 UNIT_WEIGHT = "unit-weight"  # reply metric = 1: equal weights for user-level DP averaging
 SAT_OUT = "sat-out-for-budget"  # reply metric of a client that stopped for its epsilon budget
+FEDERATION_ID = "federation-id"  # train config: one id per federation, kept on resume; a
+# client's privacy ledger file is keyed by it, so its epsilon survives any restart
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
 
@@ -51,8 +58,24 @@ class PrivacyLedger:
         """The epsilon this client would have spent after ``planned`` more steps."""
         return _epsilon(self.accountant, [*self.history, tuple(planned)], delta)
 
+    def save(self, path: Path) -> None:
+        atomic_write(path, lambda f: f.write(json.dumps(self.to_lists()).encode()))
+
+    @classmethod
+    def load(cls, path: Path, accountant: str) -> "PrivacyLedger":
+        """The ledger kept at ``path``, or a new one. An unreadable ledger is an error,
+        never a fresh start: that would forget the privacy already spent."""
+        if not path.exists():
+            return cls(accountant)
+        try:
+            return cls.from_lists(accountant, json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise FedSpeakerError(f"{path}: unreadable privacy ledger ({exc}); this client will "
+                                  "not train until it is restored or the federation restarts "
+                                  "with a new id") from None
+
     def to_lists(self) -> dict[str, list]:
-        """Columns for a Flower ConfigRecord, which holds lists of one type each."""
+        """Columns, one list per field."""
         return {
             "noise": [float(h[0]) for h in self.history],
             "rate": [float(h[1]) for h in self.history],

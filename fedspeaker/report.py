@@ -28,12 +28,15 @@ COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "u
 
 
 class RunReport:
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, rows: list[dict[str, float]] | None = None) -> None:
+        """A new rounds.csv, holding ``rows`` (those of a resumed run's finished rounds)."""
         self.out_dir = out_dir
         self.rows: list[dict[str, float]] = []
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.rounds_csv, "w", newline="") as f:
             csv.writer(f).writerow(COLUMNS)
+        for row in rows or []:
+            self.add_round(row)
 
     @property
     def rounds_csv(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from logging import INFO
 
 import torch
@@ -16,8 +17,15 @@ from fedspeaker.config import RunSettings
 from fedspeaker.data import SPEAKERS_KEY, SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
-from fedspeaker.privacy import SAT_OUT
+from fedspeaker.privacy import FEDERATION_ID, SAT_OUT
 from fedspeaker.training import evaluate
+from server.checkpoint import (
+    Checkpoint,
+    random_state,
+    restore_random_state,
+    restore_strategy_state,
+    strategy_state,
+)
 from server.strategies import build_strategy, user_epsilon
 
 app = ServerApp()
@@ -30,33 +38,47 @@ def main(grid: Grid, context: Context) -> None:
     data = load_speaker_data(settings)
     model = build_model(settings.n_mels, data.n_speakers, settings.channels,
                         settings.embedding_dim, settings.seed)
-    rounds = RoundTracker(settings, data, model, RunReport(settings.out_dir_path))
+    checkpoint = Checkpoint.load(settings) if settings.resume else None
+    report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [])
+    rounds = RoundTracker(settings, data, model, report, checkpoint)
     if settings.secagg:
         from server.secure import run_secure_aggregation
 
         rounds.finish(run_secure_aggregation(grid, context, settings, rounds, model))
         return
     strategy = rounds.strategy = build_strategy(settings, rounds.observe_replies)
+    if checkpoint:
+        restore_strategy_state(strategy, checkpoint.strategy)
+        restore_random_state(checkpoint.random_state)
+        strategy.round_offset = checkpoint.round  # Flower counts the remaining rounds from 1
+        flwr_log(INFO, "resuming from round %d of %d (%s)", checkpoint.round, settings.rounds,
+                 settings.out_dir_path / "checkpoint.pt")
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.rounds,
+        num_rounds=settings.rounds - rounds.offset,
         timeout=settings.round_timeout,
         train_config=ConfigRecord({"num-rounds": settings.rounds,
                                    # the label space, so a device maps its own speakers onto it
-                                   SPEAKERS_KEY: list(data.split.speakers)}),
+                                   SPEAKERS_KEY: list(data.split.speakers),
+                                   FEDERATION_ID: rounds.federation_id}),
         evaluate_fn=rounds.evaluate,
     )
-    rounds.finish(result.arrays)
+    rounds.finish(result.arrays or ArrayRecord(model.state_dict()))
 
 
 class RoundTracker:
     """Joins each round's client metrics with the central evaluation into one report row."""
 
     def __init__(self, settings: RunSettings, data: SpeakerData, model: torch.nn.Module,
-                 report: RunReport) -> None:
+                 report: RunReport, checkpoint: Checkpoint | None = None) -> None:
         self.settings, self.data, self.model, self.report = settings, data, model, report
-        self.started = self.round_started = time.monotonic()
+        self.offset = checkpoint.round if checkpoint else 0  # rounds done before a resume
+        self.federation_id = checkpoint.federation_id if checkpoint else uuid.uuid4().hex
+        if checkpoint:
+            model.load_state_dict(checkpoint.model)
+        self.started = time.monotonic() - (checkpoint.seconds if checkpoint else 0.0)
+        self.round_started = time.monotonic()
         self.client_metrics: dict[str, float] = {}
         self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
 
@@ -88,18 +110,28 @@ class RoundTracker:
         }
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's hook after every round (and before the first, as round 0)."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
         scores = self.score()
         if server_round > 0:
+            server_round += self.offset
             now = time.monotonic()
             row = {"round": server_round, **scores, **self.client_metrics,
                    "user_epsilon": user_epsilon(self.strategy) if self.strategy else math.nan,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it
+            if self.strategy is not None:  # the SecAgg+ workflow keeps its state inside Flower
+                self.checkpoint(server_round, now - self.started)
             self.client_metrics = {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
+
+    def checkpoint(self, server_round: int, seconds: float) -> None:
+        Checkpoint(round=server_round, model=self.model.state_dict(), strategy=strategy_state(self.strategy),
+                   rows=self.report.rows, seconds=seconds, federation_id=self.federation_id,
+                   run_config=self.settings.to_run_config(), random_state=random_state(),
+                   ).save(self.settings.out_dir_path)
 
     def score(self) -> dict[str, float]:
         test_x, test_y = self.data.test_examples()

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data import SPEAKERS_KEY
+from fedspeaker.privacy import FEDERATION_ID
 
 
 def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, rounds,
@@ -47,7 +48,8 @@ def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, 
         min_evaluate_clients=0, min_available_clients=s.num_clients, evaluate_fn=evaluate,
         # legacy configs carry no lists: the speaker list travels as one string
         on_fit_config_fn=lambda server_round: {"server-round": server_round,
-                                               SPEAKERS_KEY: "\n".join(rounds.data.split.speakers)},
+                                               SPEAKERS_KEY: "\n".join(rounds.data.split.speakers),
+                                               FEDERATION_ID: rounds.federation_id},
         initial_parameters=ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
         fit_metrics_aggregation_fn=fit_metrics,
     )

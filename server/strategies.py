@@ -133,6 +133,7 @@ class ScreenedStrategy(Strategy):
         self.on_replies = on_replies
         self.drop_unchanged = drop_unchanged  # Flower's server-side clipping divides by the change
         self.sent: ArrayRecord | None = None
+        self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -140,10 +141,11 @@ class ScreenedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.sent = arrays
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        return self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         if self.on_replies:
             self.on_replies(server_round, [r.content for r in replies if r.has_content()])
@@ -164,10 +166,10 @@ class ScreenedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self.strategy.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        return self.strategy.aggregate_evaluate(server_round + self.round_offset, replies)
 
 
 def _unchanged(content: RecordDict, sent: ArrayRecord | None) -> bool:

@@ -53,7 +53,9 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
             show_new_rounds(out_dir / "rounds.csv", shown, on_round)
     if not (out_dir / "summary.json").exists():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
-        raise FedSpeakerError(f"the federation did not finish; the end of {log_path}:\n{tail}")
+        hint = (f"\nits finished rounds are kept: go on with `fedspeaker simulate --resume --out {out_dir}`"
+                if (out_dir / "checkpoint.pt").exists() else "")
+        raise FedSpeakerError(f"the federation did not finish; the end of {log_path}:\n{tail}{hint}")
 
 
 @contextlib.contextmanager

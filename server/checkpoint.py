@@ -1,0 +1,101 @@
+"""What the server needs to go on after it was stopped: saved after every round.
+
+A checkpoint holds the global model, the strategy's state (FedAdam's moments, FedAvgM's
+momentum, the DP wrappers' clipping norm and accountant...), the report rows so far,
+the federation's id (clients key their privacy ledgers by it) and the server's random
+state. Strategy state is taken generically, as every attribute of the strategy and of
+the strategies it wraps that is not a function, so a strategy added later is covered.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.serverapp.strategy import Strategy
+
+from fedspeaker.config import RunSettings
+from fedspeaker.errors import ConfigError
+from fedspeaker.files import atomic_write
+
+FILENAME = "checkpoint.pt"
+
+
+@dataclass
+class Checkpoint:
+    round: int  # the last finished round
+    model: dict[str, torch.Tensor]
+    strategy: list[dict[str, Any]]  # one dict per strategy in the wrapping chain
+    rows: list[dict[str, float]]
+    seconds: float  # wall seconds of the run up to this round
+    federation_id: str
+    run_config: dict[str, Any]
+    random_state: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: Path) -> Path:
+        """Atomically: a server killed while writing leaves the previous checkpoint."""
+        atomic_write(out_dir / FILENAME, lambda f: torch.save(self.__dict__, f))
+        return out_dir / FILENAME
+
+    @classmethod
+    def load(cls, settings: RunSettings) -> "Checkpoint":
+        """The run's checkpoint, checked against the settings it is resumed with."""
+        path = settings.out_dir_path / FILENAME
+        if not path.exists():
+            raise ConfigError(f"resume: {path} not found; a run can only be resumed from the "
+                              "out-dir of a run that finished at least one round")
+        try:
+            checkpoint = cls(**torch.load(path, map_location="cpu", weights_only=False))
+        except (OSError, EOFError, pickle.UnpicklingError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"resume: {path} is not a readable checkpoint ({exc})") from None
+        ignore = {"resume", "out-dir"}  # read from out-dir itself, wherever it is now
+        saved, now = checkpoint.run_config, settings.to_run_config()
+        changed = sorted(k for k in saved.keys() | now.keys()
+                         if k not in ignore and saved.get(k) != now.get(k))
+        if changed:
+            raise ConfigError("resume: the run config differs from the checkpointed run in "
+                              + ", ".join(f"{k} ({saved.get(k)!r} then, {now.get(k)!r} now)" for k in changed))
+        if checkpoint.round >= settings.rounds:
+            raise ConfigError(f"resume: all {settings.rounds} rounds of {settings.out_dir_path} "
+                              "are done already")
+        return checkpoint
+
+
+def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
+    """Every non-function attribute of the strategy and of each strategy it wraps."""
+    return [{k: v for k, v in vars(s).items() if not callable(v) and not isinstance(v, Strategy)}
+            for s in _chain(strategy)]
+
+
+def restore_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> None:
+    chain = _chain(strategy)
+    if len(chain) != len(state):
+        raise ConfigError("resume: the checkpoint's strategy does not match this run's")
+    for s, attributes in zip(chain, state):
+        vars(s).update(attributes)
+
+
+def random_state() -> dict[str, Any]:
+    """The server's random generators (Flower samples clients with `random`; the DP
+    wrappers draw noise with numpy), so a resumed run draws what the first would have."""
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_random_state(state: dict[str, Any]) -> None:
+    if state:
+        random.setstate(state["random"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+def _chain(strategy: Strategy) -> list[Strategy]:
+    chain = []
+    while isinstance(strategy, Strategy):
+        chain.append(strategy)
+        strategy = getattr(strategy, "strategy", None)  # how Flower's DP wrappers hold theirs
+    return chain
