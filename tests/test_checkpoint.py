@@ -1,0 +1,97 @@
+"""Checkpoints: strategy state survives a restart; a resume with other settings, without
+a checkpoint, or with nothing left to do is refused; client ledgers live on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedspeaker.config import RunSettings
+from fedspeaker.errors import ConfigError, FedSpeakerError
+from fedspeaker.privacy import PrivacyLedger
+from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
+from server.strategies import build_strategy, user_epsilon
+from tests.test_strategies import EightNodes
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+
+def run_round(strategy, server_round: int, arrays: ArrayRecord, seed: int) -> ArrayRecord:
+    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), EightNodes()))
+    rng = np.random.default_rng(seed)
+    replies = [Message(content=RecordDict({
+        "arrays": ArrayRecord({"w": Array((arrays["w"].numpy() + rng.standard_normal(4)).astype(np.float32))}),
+        "metrics": MetricRecord({"num-examples": 10, "unit-weight": 1})}),
+        dst_node_id=m.metadata.dst_node_id, message_type="train") for m in sent]
+    new, _ = strategy.aggregate_train(server_round, replies)
+    return new
+
+
+@pytest.mark.parametrize("name,user_dp", [("fedadam", "off"), ("fedavgm", "off"), ("fedavg", "server-fixed")])
+def test_a_restored_strategy_goes_on_exactly_like_the_original(name: str, user_dp: str) -> None:
+    settings = RunSettings(strategy=name, num_clients=8, user_dp=user_dp)
+    arrays = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    original = build_strategy(settings)
+    for r in (1, 2):
+        arrays = run_round(original, r, arrays, seed=r)
+    state = strategy_state(original)
+    restored = build_strategy(settings)
+    restore_strategy_state(restored, state)
+    np.random.seed(7)  # server-side DP noise comes from numpy's generator
+    want = run_round(original, 3, arrays, seed=3)["w"].numpy()
+    np.random.seed(7)
+    got = run_round(restored, 3, arrays, seed=3)["w"].numpy()
+    np.testing.assert_array_equal(got, want)
+    if name != "fedavg":  # FedAdam's moments and FedAvgM's momentum change the step: not restoring them shows
+        fresh = build_strategy(settings)
+        assert not np.array_equal(run_round(fresh, 3, arrays, seed=3)["w"].numpy(), want)
+    if user_dp != "off":
+        assert user_epsilon(restored) == pytest.approx(user_epsilon(original))
+
+
+def checkpoint_for(settings: RunSettings, done: int) -> Checkpoint:
+    return Checkpoint(round=done, model={"w": torch.zeros(2)}, strategy=[], rows=[], seconds=1.0,
+                      federation_id="f", run_config=settings.to_run_config())
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path: Path) -> None:
+    settings = RunSettings(out_dir=str(tmp_path), rounds=5)
+    checkpoint_for(settings, 2).save(tmp_path)
+    assert Checkpoint.load(settings.replace(resume=True)).round == 2
+    with pytest.raises(ConfigError, match=r"lr \(0.02 then, 0.5 now\)"):
+        Checkpoint.load(settings.replace(resume=True, lr=0.5))
+
+
+def test_resume_without_checkpoint_or_with_every_round_done(tmp_path: Path) -> None:
+    settings = RunSettings(out_dir=str(tmp_path / "run"), rounds=3, resume=True)
+    with pytest.raises(ConfigError, match="checkpoint.pt not found"):
+        Checkpoint.load(settings)
+    (tmp_path / "run").mkdir()
+    checkpoint_for(settings, 3).save(tmp_path / "run")
+    with pytest.raises(ConfigError, match="are done already"):
+        Checkpoint.load(settings)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"half a file")
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        Checkpoint.load(settings)
+
+
+def test_resume_is_refused_with_secagg_and_without_out_dir() -> None:
+    with pytest.raises(ConfigError, match="not available with secagg"):
+        RunSettings.from_run_config({"resume": True, "secagg": True, "out-dir": "/tmp/x"})
+    with pytest.raises(ConfigError, match="needs out-dir"):
+        RunSettings.from_run_config({"resume": True})
+
+
+def test_a_ledger_on_disk_never_silently_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "ledgers" / "f.json"
+    ledger = PrivacyLedger("rdp", [(1.1, 0.1, 30)])
+    ledger.save(path)
+    assert PrivacyLedger.load(path, "rdp") == ledger
+    assert PrivacyLedger.load(tmp_path / "none.json", "rdp").history == []
+    path.write_text("{not json")
+    with pytest.raises(FedSpeakerError, match="unreadable privacy ledger"):
+        PrivacyLedger.load(path, "rdp")
