@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fedspeaker.cli_deploy import add_commands as add_deployment_commands
+from fedspeaker.cli_device import add_commands as add_device_commands
 from fedspeaker.config import PARTITIONS, STRATEGIES, RunSettings
 from fedspeaker.errors import FedSpeakerError
 
@@ -317,6 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="global_model.pt written by simulate or central")
     p.add_argument("--top", type=_positive(int), default=3, help="speakers to list (default 3)")
     p.add_argument("audio", nargs="+", help="audio files (.wav or .flac)")
+    add_device_commands(sub)  # export, enroll, verify
     return parser
 
 

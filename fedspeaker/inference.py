@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fedspeaker.audio import load_audio
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
+from fedspeaker.embedder import file_sha256
 from fedspeaker.features import FeatureSpec, compute_features
 from fedspeaker.model import SpeakerNet, build_model
+from fedspeaker.training import embed
 
 
 @dataclass
@@ -19,6 +22,8 @@ class SpeakerModel:
     model: SpeakerNet
     speakers: list[str]
     settings: RunSettings
+    model_id: str  # the bundle file's sha256: enrolments name the model they were made with
+    verification: dict | None  # EER threshold on unseen speakers; None in older bundles
 
     @classmethod
     def load(cls, path: Path) -> "SpeakerModel":
@@ -33,11 +38,18 @@ class SpeakerModel:
         except (KeyError, RuntimeError, TypeError, ValueError, OSError) as exc:
             raise FedSpeakerError(f"{path}: not a fedspeaker global_model.pt ({exc})") from None
         model.eval()
-        return cls(model, list(bundle["speakers"]), settings)
+        return cls(model, list(bundle["speakers"]), settings, file_sha256(path),
+                   bundle.get("verification"))
 
     def features(self, path: Path) -> torch.Tensor:
         spec = FeatureSpec(self.settings.features, self.settings.n_mels)
         return compute_features(load_audio(path, spec.sample_rate), spec)
+
+    @torch.no_grad()
+    def embed_file(self, path: Path) -> torch.Tensor:
+        """Unit-length embedding of one file, as the server embeds utterances."""
+        emb = embed(self.model, [self.features(path)], 4 * self.settings.crop_frames)
+        return F.normalize(emb, dim=1)[0]
 
     @torch.no_grad()
     def identify(self, path: Path, top: int = 3) -> list[tuple[str, float]]:

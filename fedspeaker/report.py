@@ -144,6 +144,16 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
 
 
 def model_bundle(settings: RunSettings, data: SpeakerData, model: torch.nn.Module) -> dict[str, Any]:
-    """Everything `fedspeaker identify` needs to rebuild and use the model."""
+    """Everything `identify`, `export`, `enroll` and `verify` need: the model, its
+    speakers and settings, and the verification threshold at the EER operating point
+    measured on the unseen speakers."""
+    from fedspeaker.metrics import eer_operating_point, verification_trials
+    from fedspeaker.training import embed
+
+    feats, speakers = data.verification_examples()
+    scores, same = verification_trials(embed(model, feats, 4 * settings.crop_frames), speakers)
+    eer, threshold = eer_operating_point(scores, same)
     return {"state_dict": model.state_dict(), "speakers": list(data.split.speakers),
-            "settings": settings.to_run_config()}
+            "settings": settings.to_run_config(),
+            "verification": {"threshold": threshold, "eer": eer, "unseen_speakers": len(set(speakers)),
+                             "trials": len(scores)}}

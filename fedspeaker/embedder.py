@@ -1,0 +1,153 @@
+"""The global model as one TorchScript file a device runs with `torch` alone.
+
+`fedspeaker export` writes `embedder.pt`: 16 kHz mono waveform in, unit-length speaker
+embedding out, features included. torchaudio's Kaldi fbank cannot be scripted, so
+`KaldiFbank` recomputes it from the same window and mel matrix (taken from torchaudio
+at export time and stored as buffers); the export checks that both give the same
+embedding before it writes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedspeaker.errors import FedSpeakerError
+from fedspeaker.features import FeatureSpec, compute_features
+from fedspeaker.model import SpeakerNet
+from fedspeaker.training import embed
+
+EMBEDDER_FILE = "embedder.pt"
+MANIFEST_FILE = "manifest.json"
+EXPORT_TOLERANCE = 1e-4  # largest embedding difference the export accepts
+
+
+class KaldiFbank(nn.Module):
+    """torchaudio.compliance.kaldi.fbank as fedspeaker calls it (25 ms povey windows every
+    10 ms, pre-emphasis 0.97, power spectrum, log mel energies, no dither), then the
+    per-utterance mean removed: fedspeaker.features.compute_features, scriptable."""
+
+    def __init__(self, n_mels: int, sample_rate: int) -> None:
+        super().__init__()
+        import torchaudio.compliance.kaldi as kaldi
+
+        self.frame = int(sample_rate * 0.025)
+        self.shift = int(sample_rate * 0.010)
+        self.fft = 1 << (self.frame - 1).bit_length()
+        self.floor = float(torch.finfo(torch.float32).eps)  # Kaldi's floor before the log
+        banks, _ = kaldi.get_mel_banks(n_mels, self.fft, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+        self.register_buffer("mel", F.pad(banks, (0, 1)))
+        self.register_buffer("window", torch.hann_window(self.frame, periodic=False).pow(0.85))
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """(samples,) in [-1, 1] -> (n_mels, frames)."""
+        frames = (wave * 32768.0).unfold(0, self.frame, self.shift)
+        frames = frames - frames.mean(dim=1, keepdim=True)
+        previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+        frames = (frames - 0.97 * previous) * self.window
+        power = torch.fft.rfft(frames, n=self.fft).abs().pow(2.0)
+        logmel = torch.clamp(power @ self.mel.T, min=self.floor).log()
+        return (logmel - logmel.mean(dim=0, keepdim=True)).T
+
+
+class WaveformEmbedder(nn.Module):
+    """Waveform -> unit-length embedding, scored as the server scores (centre crop to
+    ``max_frames``), so the saved EER threshold applies."""
+
+    def __init__(self, net: SpeakerNet, n_mels: int, sample_rate: int, max_frames: int) -> None:
+        super().__init__()
+        self.features = KaldiFbank(n_mels, sample_rate)
+        self.net = net
+        self.max_frames = max_frames
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        feats = self.features(wave)
+        frames = feats.shape[1]
+        if frames > self.max_frames:
+            start = (frames - self.max_frames) // 2
+            feats = feats[:, start:start + self.max_frames]
+        return F.normalize(self.net.embed(feats.unsqueeze(0)), dim=1)[0]
+
+
+@dataclass
+class Export:
+    folder: Path
+    size_bytes: int
+    max_abs_diff: float
+
+
+def export_embedder(bundle_path: Path, folder: Path) -> Export:
+    """Write embedder.pt and manifest.json for the global model in ``bundle_path``."""
+    from fedspeaker.inference import SpeakerModel
+
+    model = SpeakerModel.load(bundle_path)
+    s = model.settings
+    if s.features != "fbank":
+        raise FedSpeakerError(f"{bundle_path}: export supports fbank features; this model uses {s.features}")
+    spec = FeatureSpec(s.features, s.n_mels)
+    max_frames = 4 * s.crop_frames  # as the server embeds utterances when it scores
+    scripted = torch.jit.script(WaveformEmbedder(model.model, s.n_mels, spec.sample_rate, max_frames).eval())
+
+    # the same embedding as the training stack's own path, on a 3 s and a 12 s signal
+    diffs = []
+    for seconds in (3, 12):
+        wave = 0.1 * torch.randn(seconds * spec.sample_rate, generator=torch.Generator().manual_seed(seconds))
+        reference = F.normalize(embed(model.model, [compute_features(wave, spec)], max_frames), dim=1)[0]
+        with torch.no_grad():
+            diffs.append(float((scripted(wave) - reference).abs().max()))
+    if max(diffs) > EXPORT_TOLERANCE:
+        raise FedSpeakerError(f"export check failed: the exported model differs by {max(diffs):.2g} "
+                              f"from the original (tolerance {EXPORT_TOLERANCE})")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scripted.save(str(folder / EMBEDDER_FILE))
+    size = (folder / EMBEDDER_FILE).stat().st_size
+    manifest = {
+        "model": EMBEDDER_FILE,
+        "input": f"mono float32 waveform at {spec.sample_rate} Hz, samples in [-1, 1], at least 0.3 s",
+        "output": f"unit-length speaker embedding ({model.model.embedding.out_features} floats); "
+                  "score two with their dot product (cosine)",
+        "sample_rate": spec.sample_rate,
+        "features": f"Kaldi fbank, {s.n_mels} mel bins, 25 ms / 10 ms, mean-normalised, "
+                    f"centre crop to {max_frames} frames (inside the model)",
+        "embedding_dim": model.model.embedding.out_features,
+        "verification": model.verification,
+        "source_model": str(bundle_path.resolve()),
+        "source_sha256": file_sha256(bundle_path),
+        "size_bytes": size,
+        "max_abs_diff_vs_training_stack": max(diffs),
+        "torch": torch.__version__,
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Export(folder, size, max(diffs))
+
+
+class ExportedEmbedder:
+    """An export folder, loaded with torch alone, for enrolment and verification."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            self.manifest: dict[str, Any] = json.loads((folder / MANIFEST_FILE).read_text())
+            self.module = torch.jit.load(str(folder / EMBEDDER_FILE), map_location="cpu")
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise FedSpeakerError(f"{folder}: not a fedspeaker export ({exc})") from None
+        self.model_id = self.manifest["source_sha256"]
+        self.verification = self.manifest.get("verification")
+        self.sample_rate = int(self.manifest["sample_rate"])
+
+    @torch.no_grad()
+    def embed_file(self, path: Path) -> torch.Tensor:
+        from fedspeaker.audio import load_audio
+
+        return self.module(load_audio(path, self.sample_rate))
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,127 @@
+"""Enrol speakers on a device and verify a claimed speaker against the enrolment.
+
+A voiceprint is the mean of the unit-length embeddings of a speaker's enrolment files,
+made unit-length again; a trial's score is its cosine with the test file's embedding.
+The default threshold is the EER operating point the server measured on speakers it
+never trained on, saved with the model. Enrolments remember which model made them:
+embeddings of another model are not comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from fedspeaker.errors import AudioError, FedSpeakerError
+from fedspeaker.files import atomic_write
+
+
+class Embedder(Protocol):
+    model_id: str
+    verification: dict | None
+
+    def embed_file(self, path: Path) -> torch.Tensor: ...
+
+
+def load_embedder(path: Path) -> Embedder:
+    """A global_model.pt (the training stack) or an export folder (torch alone)."""
+    if path.is_dir():
+        from fedspeaker.embedder import ExportedEmbedder
+
+        return ExportedEmbedder(path)
+    from fedspeaker.inference import SpeakerModel
+
+    return SpeakerModel.load(path)
+
+
+def default_enrolments(model_path: Path) -> Path:
+    """Next to the model: the export folder itself, or the bundle's folder."""
+    return (model_path if model_path.is_dir() else model_path.parent) / "enrolments.json"
+
+
+@dataclass
+class Enrolment:
+    files: int
+    skipped: list[str]  # "path: reason" for each file that could not be used
+
+
+class EnrolmentStore:
+    """The enrolment file: voiceprints by speaker name, for one model."""
+
+    def __init__(self, path: Path, model_id: str) -> None:
+        self.path, self.model_id = path, model_id
+        self.speakers: dict[str, dict] = {}
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                made_with, self.speakers = saved["model"], dict(saved["speakers"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise FedSpeakerError(f"{path}: not a fedspeaker enrolment file ({exc})") from None
+            if made_with != model_id:
+                raise FedSpeakerError(f"{path}: these voiceprints were made with another model "
+                                      f"(sha256 {made_with[:12]}…, this one is {model_id[:12]}…); "
+                                      "enrol again with this model, or give --enrolments FILE")
+
+    def enroll(self, embedder: Embedder, speaker: str, audio: list[Path]) -> Enrolment:
+        """Embed every usable file and store their voiceprint; nothing is stored if none is usable."""
+        if not speaker.strip():
+            raise FedSpeakerError("--speaker needs a name")
+        embeddings, skipped = [], []
+        for path in audio:
+            try:
+                embeddings.append(embedder.embed_file(path))
+            except AudioError as exc:
+                skipped.append(str(exc))
+        if not embeddings:
+            raise FedSpeakerError(f"no usable audio to enrol {speaker!r}: " + "; ".join(skipped))
+        voiceprint = F.normalize(torch.stack(embeddings).mean(dim=0), dim=0)
+        self.speakers[speaker] = {"voiceprint": [round(float(x), 7) for x in voiceprint],
+                                  "files": len(embeddings),
+                                  "enrolled": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write(self.path, lambda f: f.write(json.dumps(
+            {"model": self.model_id, "speakers": self.speakers}, indent=1).encode()))
+        return Enrolment(len(embeddings), skipped)
+
+    def voiceprint(self, speaker: str) -> torch.Tensor:
+        if not self.speakers:
+            raise FedSpeakerError(f"{self.path}: no speaker is enrolled yet; first run "
+                                  f"`fedspeaker enroll --model M --speaker {speaker} AUDIO...`")
+        if speaker not in self.speakers:
+            raise FedSpeakerError(f"{speaker!r} is not enrolled in {self.path}; enrolled: "
+                                  + ", ".join(sorted(self.speakers)))
+        return torch.tensor(self.speakers[speaker]["voiceprint"])
+
+
+@dataclass
+class Decision:
+    accept: bool
+    score: float
+    threshold: float
+    threshold_source: str
+
+
+def verify(embedder: Embedder, store: EnrolmentStore, speaker: str, audio: Path,
+           threshold: float | None = None) -> Decision:
+    """Is ``audio`` the enrolled ``speaker``? Accept when the cosine score reaches the threshold."""
+    voiceprint = store.voiceprint(speaker)
+    if threshold is not None:
+        source = "given with --threshold"
+    elif embedder.verification:
+        v = embedder.verification
+        threshold = float(v["threshold"])
+        source = (f"the EER operating point on {v['unseen_speakers']} speakers unseen in "
+                  f"training, EER {v['eer']:.3f}")
+    else:
+        raise FedSpeakerError("this model has no saved verification threshold (it was trained "
+                              "before fedspeaker saved one): give --threshold T")
+    score = float(torch.dot(embedder.embed_file(audio), voiceprint))
+    if not math.isfinite(score):
+        raise FedSpeakerError(f"{audio}: the score is not a number")
+    return Decision(score >= threshold, score, threshold, source)
