@@ -1,0 +1,170 @@
+"""On-device use of the global model: the EER threshold saved with it, the TorchScript
+export, enrolment and verification, and their error messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedspeaker import cli
+from fedspeaker.config import RunSettings
+from fedspeaker.data import load_speaker_data
+from fedspeaker.inference import SpeakerModel
+from fedspeaker.local import LocalTrainer
+from fedspeaker.metrics import eer_operating_point, verification_trials
+from fedspeaker.privacy import PrivacyLedger
+from fedspeaker.report import model_bundle
+from fedspeaker.training import embed
+from fedspeaker.voiceprints import EnrolmentStore, load_embedder, verify
+from tests.conftest import make_corpus
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A small model trained on 4 synthetic speakers (2 more are unseen), as a bundle."""
+    root = tmp_path_factory.mktemp("voice")
+    corpus = make_corpus(root / "corpus", seconds=1.0)
+    settings = RunSettings(data_dir=str(corpus.root), cache_dir=str(root / "cache"), dp=False,
+                           channels=16, embedding_dim=16, crop_frames=40, local_epochs=15, lr=0.05)
+    data = load_speaker_data(settings)
+    trainer = LocalTrainer(settings, data.n_speakers)
+    feats, labels = data.train_examples()
+    trainer.train(feats, labels, PrivacyLedger(), seed=0)
+    bundle = root / "global_model.pt"
+    torch.save(model_bundle(settings, data, trainer.model), bundle)
+    return bundle, corpus, data, settings
+
+
+def test_the_eer_threshold_gives_the_eer() -> None:
+    rng = np.random.default_rng(0)
+    scores = np.round(np.r_[rng.normal(1, 1, 300), rng.normal(-1, 1, 700)], 1)  # with ties
+    same = np.r_[np.ones(300, bool), np.zeros(700, bool)]
+    eer, threshold = eer_operating_point(scores, same)
+    false_reject = np.mean(scores[same] < threshold)
+    false_accept = np.mean(scores[~same] >= threshold)
+    assert (false_reject + false_accept) / 2 == pytest.approx(eer)
+    assert abs(false_reject - false_accept) < 0.05
+
+
+def test_the_bundle_holds_the_threshold_measured_on_unseen_speakers(trained) -> None:
+    bundle, _, data, settings = trained
+    model = SpeakerModel.load(bundle)
+    feats, speakers = data.verification_examples()
+    assert set(speakers).isdisjoint(data.split.speakers)  # unseen in training
+    eer, threshold = eer_operating_point(*verification_trials(
+        embed(model.model, feats, 4 * settings.crop_frames), speakers))
+    assert model.verification["threshold"] == pytest.approx(threshold)
+    assert model.verification["eer"] == pytest.approx(eer)
+    assert model.verification["unseen_speakers"] == len(set(speakers))
+
+
+def test_export_needs_torch_alone_and_embeds_like_the_training_stack(trained, tmp_path: Path) -> None:
+    bundle, corpus, _, _ = trained
+    assert cli.main(["export", "--model", str(bundle), "--out", str(tmp_path / "export")]) == 0
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["size_bytes"] == (tmp_path / "export" / "embedder.pt").stat().st_size
+    assert manifest["verification"] == SpeakerModel.load(bundle).verification
+    audio = corpus.files["spk00"][0]
+    from fedspeaker.audio import load_audio
+
+    np.save(tmp_path / "wave.npy", load_audio(audio).numpy())
+    script = ("import sys, numpy, torch\n"
+              f"m = torch.jit.load({str(tmp_path / 'export' / 'embedder.pt')!r})\n"
+              f"e = m(torch.from_numpy(numpy.load({str(tmp_path / 'wave.npy')!r})))\n"
+              "assert not any(n.split('.')[0] in ('fedspeaker', 'flwr', 'opacus', 'torchaudio') "
+              "for n in sys.modules), 'training stack imported'\n"
+              "print(' '.join(str(float(x)) for x in e))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    on_device = torch.tensor([float(x) for x in done.stdout.split()])
+    reference = SpeakerModel.load(bundle).embed_file(audio)
+    assert (on_device - reference).abs().max() < 1e-4
+    assert on_device.norm() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("use_export", [False, True])
+def test_enrol_then_verify_the_speaker_and_an_impostor(trained, tmp_path: Path, use_export: bool,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    bundle, corpus, data, _ = trained
+    model = str(bundle)
+    if use_export:
+        model = str(tmp_path / "export")
+        assert cli.main(["export", "--model", str(bundle), "--out", model]) == 0
+    speaker, impostor = data.split.speakers[:2]
+    enrolments = tmp_path / "enrolments.json"
+    files = [str(p) for p in corpus.files[speaker]]
+    assert cli.main(["enroll", "--model", model, "--enrolments", str(enrolments), "--speaker", "ann",
+                     *files[:3]]) == 0
+    assert "enrolled 'ann' from 3 file(s)" in capsys.readouterr().out
+
+    embedder = load_embedder(Path(model))
+    store = EnrolmentStore(enrolments, embedder.model_id)
+    claim, attack = Path(files[4]), corpus.files[impostor][4]
+    same = verify(embedder, store, "ann", claim)
+    other = verify(embedder, store, "ann", attack)
+    assert same.score > other.score
+    assert same.threshold == SpeakerModel.load(bundle).verification["threshold"]
+
+    def run(audio: Path, threshold: float | None = None) -> tuple[int, str]:
+        args = ["verify", "--model", model, "--enrolments", str(enrolments), "--speaker", "ann", str(audio)]
+        code = cli.main(args + (["--threshold", repr(threshold)] if threshold is not None else []))
+        return code, capsys.readouterr().out
+
+    code, out = run(claim)
+    assert code == (0 if same.accept else 1) and "EER operating point on 2 speakers" in out
+    middle = (same.score + other.score) / 2
+    code, out = run(claim, middle)
+    assert code == 0 and out.startswith("accept")
+    code, out = run(attack, middle)
+    assert code == 1 and out.startswith("reject") and "given with --threshold" in out
+
+
+def test_clear_messages_for_what_cannot_be_verified(trained, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    bundle, corpus, _, _ = trained
+    enrolments = tmp_path / "enrolments.json"
+    base = ["--model", str(bundle), "--enrolments", str(enrolments)]
+    good = str(corpus.files["spk01"][0])
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio")
+
+    assert cli.main(["verify", *base, "--speaker", "ann", good]) == 2
+    assert "no enrolment file; enrol first" in capsys.readouterr().err
+    assert cli.main(["enroll", *base, "--speaker", "ann", str(broken)]) == 2
+    assert "no usable audio to enrol 'ann'" in capsys.readouterr().err
+    assert not enrolments.exists()  # nothing written
+    assert cli.main(["enroll", *base, "--speaker", "ann", str(broken), good]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "broken.wav" in out and "from 1 file(s)" in out
+    assert cli.main(["verify", *base, "--speaker", "bob", good]) == 2
+    err = capsys.readouterr().err
+    assert "'bob' is not enrolled" in err and "enrolled: ann" in err
+    assert cli.main(["verify", *base, "--speaker", "ann", str(broken)]) == 2
+    assert "broken.wav: not readable audio" in capsys.readouterr().err
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"model": SpeakerModel.load(bundle).model_id, "speakers": {}}))
+    assert cli.main(["verify", "--model", str(bundle), "--enrolments", str(empty), "--speaker",
+                     "ann", good]) == 2
+    assert "no speaker is enrolled yet" in capsys.readouterr().err
+
+    old = torch.load(bundle, weights_only=True)
+    del old["verification"]  # a model saved before thresholds were
+    torch.save(old, tmp_path / "old.pt")
+    assert cli.main(["verify", "--model", str(tmp_path / "old.pt"), "--enrolments", str(enrolments),
+                     "--speaker", "ann", good]) == 2
+    assert "made with another model" in capsys.readouterr().err
+    old_base = ["--model", str(tmp_path / "old.pt"), "--enrolments", str(tmp_path / "old-enrolments.json")]
+    assert cli.main(["enroll", *old_base, "--speaker", "ann", good]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", *old_base, "--speaker", "ann", good]) == 2
+    assert "give --threshold" in capsys.readouterr().err
