@@ -24,7 +24,9 @@ def load_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AudioError(f"{path}: not readable audio ({exc})") from None
+        # libsndfile says only "System error." for a missing file
+        reason = f"not readable audio ({exc})" if Path(path).exists() else "no such file"
+        raise AudioError(f"{path}: {reason}") from None
     if data.size == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     if not np.isfinite(data).all():

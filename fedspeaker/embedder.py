@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedspeaker import __version__
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.features import FeatureSpec, compute_features
 from fedspeaker.model import SpeakerNet
@@ -122,7 +123,9 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "source_model": str(bundle_path.resolve()),
         "source_sha256": file_sha256(bundle_path),
         "size_bytes": size,
+        "sha256": file_sha256(folder / EMBEDDER_FILE),  # lets a device check what it received
         "max_abs_diff_vs_training_stack": max(diffs),
+        "fedspeaker": __version__,
         "torch": torch.__version__,
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import fedspeaker
 from fedspeaker import cli
 from fedspeaker.config import RunSettings
 from fedspeaker.data import load_speaker_data
+from fedspeaker.embedder import file_sha256
 from fedspeaker.inference import SpeakerModel
 from fedspeaker.local import LocalTrainer
 from fedspeaker.metrics import eer_operating_point, verification_trials
@@ -71,6 +73,8 @@ def test_export_needs_torch_alone_and_embeds_like_the_training_stack(trained, tm
     assert cli.main(["export", "--model", str(bundle), "--out", str(tmp_path / "export")]) == 0
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["size_bytes"] == (tmp_path / "export" / "embedder.pt").stat().st_size
+    assert manifest["sha256"] == file_sha256(tmp_path / "export" / "embedder.pt")
+    assert manifest["fedspeaker"] == fedspeaker.__version__ and manifest["torch"] == torch.__version__
     assert manifest["verification"] == SpeakerModel.load(bundle).verification
     audio = corpus.files["spk00"][0]
     from fedspeaker.audio import load_audio
@@ -150,6 +154,8 @@ def test_clear_messages_for_what_cannot_be_verified(trained, tmp_path: Path,
     assert "'bob' is not enrolled" in err and "enrolled: ann" in err
     assert cli.main(["verify", *base, "--speaker", "ann", str(broken)]) == 2
     assert "broken.wav: not readable audio" in capsys.readouterr().err
+    assert cli.main(["verify", *base, "--speaker", "ann", str(tmp_path / "missing.wav")]) == 2
+    assert "missing.wav: no such file" in capsys.readouterr().err
 
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"model": SpeakerModel.load(bundle).model_id, "speakers": {}}))
