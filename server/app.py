@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -128,10 +128,15 @@ class RoundTracker:
         return MetricRecord(scores)
 
     def checkpoint(self, server_round: int, seconds: float) -> None:
-        Checkpoint(round=server_round, model=self.model.state_dict(), strategy=strategy_state(self.strategy),
-                   rows=self.report.rows, seconds=seconds, federation_id=self.federation_id,
-                   run_config=self.settings.to_run_config(), random_state=random_state(),
-                   ).save(self.settings.out_dir_path)
+        """Save what a resume needs; a failure costs the checkpoint, never the run."""
+        try:
+            Checkpoint(round=server_round, model=self.model.state_dict(),
+                       strategy=strategy_state(self.strategy), rows=self.report.rows, seconds=seconds,
+                       federation_id=self.federation_id, run_config=self.settings.to_run_config(),
+                       random_state=random_state()).save(self.settings.out_dir_path)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the federation goes on
+            flwr_log(WARNING, "round %d: could not write checkpoint.pt (%s: %s); the run goes on, "
+                     "but cannot be resumed from this round", server_round, type(exc).__name__, exc)
 
     def score(self) -> dict[str, float]:
         test_x, test_y = self.data.test_examples()

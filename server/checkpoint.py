@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedspeaker.config import RunSettings
@@ -68,7 +69,7 @@ class Checkpoint:
 
 def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
     """Every non-function attribute of the strategy and of each strategy it wraps."""
-    return [{k: v for k, v in vars(s).items() if not callable(v) and not isinstance(v, Strategy)}
+    return [{k: _portable(v) for k, v in vars(s).items() if not callable(v) and not isinstance(v, Strategy)}
             for s in _chain(strategy)]
 
 
@@ -77,7 +78,37 @@ def restore_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> N
     if len(chain) != len(state):
         raise ConfigError("resume: the checkpoint's strategy does not match this run's")
     for s, attributes in zip(chain, state):
-        vars(s).update(attributes)
+        vars(s).update({k: _restored(v) for k, v in attributes.items()})
+
+
+@dataclass
+class _Arrays:
+    """An ArrayRecord, saved as numpy copies: on a SuperLink its arrays are views of
+    received messages (memoryview), which cannot be pickled."""
+
+    arrays: dict[str, np.ndarray]
+
+
+def _portable(value: Any) -> Any:
+    if isinstance(value, ArrayRecord):
+        return _Arrays({k: np.array(a.numpy(), copy=True) for k, a in value.items()})
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_portable(v) for v in value)
+    return value
+
+
+def _restored(value: Any) -> Any:
+    if isinstance(value, _Arrays):
+        return ArrayRecord({k: Array(a) for k, a in value.arrays.items()})
+    if isinstance(value, dict):
+        return {k: _restored(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_restored(v) for v in value)
+    return value
 
 
 def random_state() -> dict[str, Any]:
