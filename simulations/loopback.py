@@ -98,6 +98,16 @@ class LoopbackDeployment(contextlib.ExitStack):
         listing = json.loads(self.flwr("supernode", "ls", CONNECTION, "--format", "json"))
         return [str(n["node-id"]) for n in listing.get("nodes", []) if n.get("status") == "online"]
 
+    def stop_runs(self) -> list[str]:
+        """Stop every run the SuperLink still counts as running (after its ServerApp died,
+        the SuperLink would notice only at its next heartbeat timeout); their IDs."""
+        listing = json.loads(self.flwr("ls", CONNECTION, "--format", "json"))
+        running = [str(r["run-id"]) for r in listing.get("runs", [])
+                   if str(r.get("status", "")).startswith("running")]
+        for run_id in running:
+            self.flwr("stop", run_id, CONNECTION)
+        return running
+
     def run(self, settings: RunSettings, on_round: Callable[[str], None] = print,
             timeout: float = 600.0) -> Path:
         """`flwr run` the app on this deployment; returns the run's output folder."""
@@ -106,15 +116,17 @@ class LoopbackDeployment(contextlib.ExitStack):
         overrides = self.folder / "run-config.toml"
         overrides.write_text(tomli_w.dumps(settings.to_run_config()))
         cmd = [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--stream"]
-        run = self._start_process("flwr-run", cmd)
-        deadline, shown = time.monotonic() + timeout, 0
-        while not (out_dir / "summary.json").exists():
-            if time.monotonic() > deadline or run.poll() is not None or self.link.poll() is not None:
-                raise FedSpeakerError(f"the run did not finish; see the logs in {self.folder}:\n"
-                                      + _tail(self.log_path("flwr-run")))
-            time.sleep(0.5)
-            shown = show_new_rounds(out_dir / "rounds.csv", shown, on_round)
-        show_new_rounds(out_dir / "rounds.csv", shown, on_round)
+        # `flwr run` lives as long as this call, however it ends
+        with open(self.log_path("flwr-run"), "w") as log, \
+                child_process(cmd, flower_env(self.home), log) as run:
+            deadline, shown = time.monotonic() + timeout, 0
+            while not (out_dir / "summary.json").exists():
+                if time.monotonic() > deadline or run.poll() is not None or self.link.poll() is not None:
+                    raise FedSpeakerError(f"the run did not finish; see the logs in {self.folder}:\n"
+                                          + _tail(self.log_path("flwr-run")))
+                time.sleep(0.5)
+                shown = show_new_rounds(out_dir / "rounds.csv", shown, on_round)
+            show_new_rounds(out_dir / "rounds.csv", shown, on_round)
         return out_dir
 
 

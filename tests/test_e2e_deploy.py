@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import os
+import signal
 import socket
 import ssl
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedspeaker.config import RunSettings
-from fedspeaker.processes import Child
+from fedspeaker.processes import Child, _process_table
 from fedspeaker.report import read_rounds
 from simulations.loopback import Device, LoopbackDeployment, device_folders
 
@@ -79,3 +82,37 @@ def test_every_process_is_stopped_when_the_body_fails(tmp_path: Path) -> None:
             raise RuntimeError("test failure")
     assert alive(children) == []
     assert not listening(deployment.port)
+
+
+def test_a_serverapp_killed_on_the_superlink_resumes_where_it_stopped(tmp_path: Path) -> None:
+    settings = RunSettings(num_clients=2, rounds=3, local_epochs=1, strategy="fedadam",
+                           out_dir=str(tmp_path / "run"))
+    devices = [Device(f"device-{i}", d) for i, d in enumerate(device_folders(settings, tmp_path / "devices"))]
+    rounds_csv = tmp_path / "run" / "rounds.csv"
+
+    class ServerKilled(Exception):
+        pass
+
+    def kill_the_server_after_round_one(line: str) -> None:
+        if line.startswith("round   1"):
+            killed = []
+            for pid in _process_table():
+                with contextlib.suppress(OSError):
+                    if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            assert killed, "no flwr-serverapp process"
+            # the SuperLink notices a dead ServerApp only after a minute: stop waiting now
+            raise ServerKilled
+
+    with LoopbackDeployment(tmp_path / "deployment", devices) as deployment:
+        with pytest.raises(ServerKilled):
+            deployment.run(settings, on_round=kill_the_server_after_round_one, timeout=300)
+        assert len(deployment.stop_runs()) == 1  # what an operator does, rather than wait
+        done = len(read_rounds(rounds_csv))
+        assert 1 <= done < 3
+        deployment.run(settings.replace(resume=True), on_round=lambda line: None, timeout=300)
+    rows = read_rounds(rounds_csv)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    eps = [r["epsilon_max"] for r in rows]
+    assert eps[0] < eps[1] < eps[2]  # the devices' ledgers went on across the two Flower runs
