@@ -1,5 +1,8 @@
-"""`fedspeaker`: simulate a federation, train the central baseline, compare strategies,
-sweep and audit privacy, identify speakers.
+"""`fedspeaker`: federated speaker recognition, simulated or deployed, and used on devices.
+
+Simulate a federation, train the central baseline, compare strategies, sweep and audit
+privacy, identify speakers (here); deploy on real devices (cli_deploy.py); export,
+enrol and verify (cli_device.py).
 
 Every flag maps onto a run-config option (fedspeaker/config.py), so a run started
 here and one started with `flwr run .` are configured the same way.
