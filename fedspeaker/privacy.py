@@ -2,8 +2,8 @@
 
 Flower's Opacus example makes a fresh PrivacyEngine every round, so the epsilon it
 prints covers one round only. Here a client's accountant history (noise, sampling
-rate, steps) is stored in its Flower context and restored before the next round, so
-the epsilon reported is what the client has spent over the whole run so far.
+rate, steps) is kept in a ledger file on the client and restored before the next round,
+so the epsilon reported is what the client has spent over the whole run so far.
 """
 
 from __future__ import annotations

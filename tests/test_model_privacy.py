@@ -254,7 +254,7 @@ def test_ledger_epsilon_grows_over_rounds_and_matches_fresh_accountant():
     ledger = PrivacyLedger(settings.accountant)
     epsilons, steps = [], []
     for rnd in range(settings.rounds):
-        # carried between rounds the way a Flower context carries it
+        # carried between rounds the way a client's ledger file carries it
         ledger = PrivacyLedger.from_lists(settings.accountant, ledger.to_lists())
         before = _total_steps(ledger.history)
         loss = trainer.train(feats, labels, ledger, seed=rnd)
