@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from logging import WARNING
 from typing import Any, Callable, Iterable
@@ -146,7 +147,10 @@ class ScreenedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        replies = list(replies)
+        # in an order set by their content, not by arrival: Flower sums the updates in the
+        # order given, and float sums depend on it, so a run (or a resumed run) repeats bit
+        # for bit only this way
+        replies = sorted(replies, key=_content_key)
         if self.on_replies:
             self.on_replies(server_round, [r.content for r in replies if r.has_content()])
         kept = []
@@ -170,6 +174,21 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round + self.round_offset, replies)
+
+
+def _content_key(reply: Message) -> tuple[bytes, float]:
+    """A reply's place in the canonical order: a digest of its weights, then its epsilon
+    (what a reply without weights, sitting out, adds to the round's figures)."""
+    if not reply.has_content():
+        return b"", -1.0
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(reply.content.array_records):
+        for key, array in reply.content.array_records[name].items():
+            digest.update(key.encode())
+            digest.update(array.data)
+    metrics = next(iter(reply.content.metric_records.values()), {})
+    epsilon = float(metrics.get("epsilon", -1.0))
+    return digest.digest(), epsilon if epsilon == epsilon else -1.0
 
 
 def _unchanged(content: RecordDict, sent: ArrayRecord | None) -> bool:
