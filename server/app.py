@@ -21,7 +21,9 @@ from fedspeaker.privacy import FEDERATION_ID, SAT_OUT
 from fedspeaker.training import evaluate
 from server.checkpoint import (
     Checkpoint,
+    portable_arrays,
     random_state,
+    restored_arrays,
     restore_random_state,
     restore_strategy_state,
     strategy_state,
@@ -55,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
                  settings.out_dir_path / "checkpoint.pt")
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=restored_arrays(checkpoint.arrays) if checkpoint else ArrayRecord(model.state_dict()),
         num_rounds=settings.rounds - rounds.offset,
         timeout=settings.round_timeout,
         train_config=ConfigRecord({"num-rounds": settings.rounds,
@@ -76,7 +78,7 @@ class RoundTracker:
         self.offset = checkpoint.round if checkpoint else 0  # rounds done before a resume
         self.federation_id = checkpoint.federation_id if checkpoint else uuid.uuid4().hex
         if checkpoint:
-            model.load_state_dict(checkpoint.model)
+            model.load_state_dict(restored_arrays(checkpoint.arrays).to_torch_state_dict())
         self.started = time.monotonic() - (checkpoint.seconds if checkpoint else 0.0)
         self.round_started = time.monotonic()
         self.client_metrics: dict[str, float] = {}
@@ -122,15 +124,15 @@ class RoundTracker:
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it
             if self.strategy is not None:  # the SecAgg+ workflow keeps its state inside Flower
-                self.checkpoint(server_round, now - self.started)
+                self.checkpoint(server_round, arrays, now - self.started)
             self.client_metrics = {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
 
-    def checkpoint(self, server_round: int, seconds: float) -> None:
+    def checkpoint(self, server_round: int, arrays: ArrayRecord, seconds: float) -> None:
         """Save what a resume needs; a failure costs the checkpoint, never the run."""
         try:
-            Checkpoint(round=server_round, model=self.model.state_dict(),
+            Checkpoint(round=server_round, arrays=portable_arrays(arrays),
                        strategy=strategy_state(self.strategy), rows=self.report.rows, seconds=seconds,
                        federation_id=self.federation_id, run_config=self.settings.to_run_config(),
                        random_state=random_state()).save(self.settings.out_dir_path)

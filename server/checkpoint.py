@@ -1,6 +1,7 @@
 """What the server needs to go on after it was stopped: saved after every round.
 
-A checkpoint holds the global model, the strategy's state (FedAdam's moments, FedAvgM's
+A checkpoint holds the global arrays (in the strategy's own dtype: FedAdam computes in
+float64 and goes on from the arrays it sent, so a float32 copy would drift), the strategy's state (FedAdam's moments, FedAvgM's
 momentum, the DP wrappers' clipping norm and accountant...), the report rows so far,
 the federation's id (clients key their privacy ledgers by it) and the server's random
 state. Strategy state is taken generically, as every attribute of the strategy and of
@@ -30,7 +31,7 @@ FILENAME = "checkpoint.pt"
 @dataclass
 class Checkpoint:
     round: int  # the last finished round
-    model: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray]  # the global arrays exactly as the strategy made them
     strategy: list[dict[str, Any]]  # one dict per strategy in the wrapping chain
     rows: list[dict[str, float]]
     seconds: float  # wall seconds of the run up to this round
@@ -109,6 +110,14 @@ def _restored(value: Any) -> Any:
     if type(value) in (list, tuple):
         return type(value)(_restored(v) for v in value)
     return value
+
+
+def portable_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return _portable(arrays).arrays
+
+
+def restored_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return _restored(_Arrays(arrays))
 
 
 def random_state() -> dict[str, Any]:

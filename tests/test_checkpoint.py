@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedspeaker.config import RunSettings
@@ -54,7 +53,7 @@ def test_a_restored_strategy_goes_on_exactly_like_the_original(name: str, user_d
 
 
 def checkpoint_for(settings: RunSettings, done: int) -> Checkpoint:
-    return Checkpoint(round=done, model={"w": torch.zeros(2)}, strategy=[], rows=[], seconds=1.0,
+    return Checkpoint(round=done, arrays={"w": np.zeros(2)}, strategy=[], rows=[], seconds=1.0,
                       federation_id="f", run_config=settings.to_run_config())
 
 
