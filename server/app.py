@@ -121,19 +121,21 @@ class RoundTracker:
             row = {"round": server_round, **scores, **self.client_metrics,
                    "user_epsilon": user_epsilon(self.strategy) if self.strategy else math.nan,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
+            # checkpoint first: a round that rounds.csv shows can always be resumed from
+            if self.strategy is not None:  # the SecAgg+ workflow keeps its state inside Flower
+                self.checkpoint(server_round, arrays, [*self.report.rows, row], now - self.started)
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it
-            if self.strategy is not None:  # the SecAgg+ workflow keeps its state inside Flower
-                self.checkpoint(server_round, arrays, now - self.started)
             self.client_metrics = {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
 
-    def checkpoint(self, server_round: int, arrays: ArrayRecord, seconds: float) -> None:
+    def checkpoint(self, server_round: int, arrays: ArrayRecord, rows: list[dict[str, float]],
+                   seconds: float) -> None:
         """Save what a resume needs; a failure costs the checkpoint, never the run."""
         try:
             Checkpoint(round=server_round, arrays=portable_arrays(arrays),
-                       strategy=strategy_state(self.strategy), rows=self.report.rows, seconds=seconds,
+                       strategy=strategy_state(self.strategy), rows=rows, seconds=seconds,
                        federation_id=self.federation_id, run_config=self.settings.to_run_config(),
                        random_state=random_state()).save(self.settings.out_dir_path)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the federation goes on
