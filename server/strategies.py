@@ -166,6 +166,7 @@ class ScreenedStrategy(Strategy):
                          "infinite weights", server_round, reply.metadata.src_node_id)
                 continue
             kept.append(reply)
+        self.sent = None  # needed within the round only: not worth a place in a checkpoint
         return self.strategy.aggregate_train(server_round, kept)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
