@@ -10,13 +10,31 @@ from typing import IO, Callable
 
 def atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write via a temp file and rename: a reader (another client, a restarted server)
-    sees the old file or the new one, never half of one, even if the writer is killed."""
+    sees the old file or the new one, never half of one, even if the writer is killed.
+    Synced to disk before and after the rename, so that holds after a power cut too."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_dir(target.parent)
+
+
+def _sync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (where the platform can)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
