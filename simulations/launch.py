@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,12 +18,12 @@ from typing import Callable, Iterator
 import tomli_w
 
 from fedspeaker.config import RunSettings
+from fedspeaker.deploy import BIN, flower_env
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.processes import Child, child_process, free_port, wait_for_port
 from fedspeaker.report import progress_line, read_rounds
 
 APP_DIR = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def run_federation(settings: RunSettings, on_round: Callable[[str], None] = print) -> None:
@@ -62,15 +61,9 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
 def _superlink(home: Path, log_file) -> Iterator[tuple[dict[str, str], "Child"]]:
     port = free_port()
     env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        **flower_env(home),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps Ray's listeners on 127.0.0.1
         "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec et al.
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
     }
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedspeaker"\n\n[superlink.fedspeaker]\n'
