@@ -213,7 +213,7 @@ def _settings(args: argparse.Namespace) -> RunSettings:
 
 def _resumed_settings(args: argparse.Namespace) -> RunSettings:
     """A stopped run's own settings, from its checkpoint: resuming needs only its folder."""
-    from server.checkpoint import FILENAME, Checkpoint
+    from server.checkpoint import Checkpoint
 
     if not args.out:
         raise FedSpeakerError("--resume needs --out: the folder of the run to go on with")
@@ -221,16 +221,11 @@ def _resumed_settings(args: argparse.Namespace) -> RunSettings:
     if given:
         raise FedSpeakerError(f"--resume takes the run's settings from its checkpoint; leave out "
                               f"{', '.join(given)}")
-    path = Path(args.out).expanduser().resolve() / FILENAME
-    if not path.exists():
-        raise FedSpeakerError(f"{path}: not found; --resume goes on with a run that finished at "
-                              "least one round")
-    import torch
-
-    saved = torch.load(path, map_location="cpu", weights_only=False)["run_config"]
-    settings = RunSettings.from_run_config({**saved, "resume": True, "out-dir": str(path.parent)})
-    done = Checkpoint.load(settings).round
-    print(f"resuming {path.parent} after round {done} of {settings.rounds}", flush=True)
+    out = Path(args.out).expanduser().resolve()
+    checkpoint = Checkpoint.read(out)  # read once: it holds the settings and what is done
+    settings = RunSettings.from_run_config({**checkpoint.run_config, "resume": True, "out-dir": str(out)})
+    done = checkpoint.check(settings).round
+    print(f"resuming {out} after round {done} of {settings.rounds}", flush=True)
     return settings
 
 

@@ -47,27 +47,35 @@ class Checkpoint:
         return out_dir / FILENAME
 
     @classmethod
-    def load(cls, settings: RunSettings) -> "Checkpoint":
-        """The run's checkpoint, checked against the settings it is resumed with."""
-        path = settings.out_dir_path / FILENAME
+    def read(cls, out_dir: Path) -> "Checkpoint":
+        """The checkpoint in ``out_dir``, unchecked; a clear error if there is none."""
+        path = out_dir / FILENAME
         if not path.exists():
             raise ConfigError(f"resume: {path} not found; a run can only be resumed from the "
                               "out-dir of a run that finished at least one round")
         try:
-            checkpoint = cls(**torch.load(path, map_location="cpu", weights_only=False))
+            return cls(**torch.load(path, map_location="cpu", weights_only=False))
         except (OSError, EOFError, pickle.UnpicklingError, TypeError, RuntimeError) as exc:
             raise ConfigError(f"resume: {path} is not a readable checkpoint ({exc})") from None
+
+    @classmethod
+    def load(cls, settings: RunSettings) -> "Checkpoint":
+        """The run's checkpoint, checked against the settings it is resumed with."""
+        return cls.read(settings.out_dir_path).check(settings)
+
+    def check(self, settings: RunSettings) -> "Checkpoint":
+        """Itself, if ``settings`` are the checkpointed run's and rounds are left to run."""
         ignore = {"resume", "out-dir"}  # read from out-dir itself, wherever it is now
-        saved, now = checkpoint.run_config, settings.to_run_config()
+        saved, now = self.run_config, settings.to_run_config()
         changed = sorted(k for k in saved.keys() | now.keys()
                          if k not in ignore and saved.get(k) != now.get(k))
         if changed:
             raise ConfigError("resume: the run config differs from the checkpointed run in "
                               + ", ".join(f"{k} ({saved.get(k)!r} then, {now.get(k)!r} now)" for k in changed))
-        if checkpoint.round >= settings.rounds:
+        if self.round >= settings.rounds:
             raise ConfigError(f"resume: all {settings.rounds} rounds of {settings.out_dir_path} "
                               "are done already")
-        return checkpoint
+        return self
 
 
 def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
