@@ -1,19 +1,35 @@
 # One command sets everything up and runs: `make simulate` (the default federation)
-# or `make test` (the test suite, what CI runs). Setup happens once, into .venv/.
+# or `make test` (the test suite, what CI runs). Setup installs exactly what uv.lock
+# lists (every package, pinned and hashed) into .venv/, once.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+UV := .uv/bin/uv
 ARGS ?=
+# Use the machine's Python; never download one.
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup simulate central compare privacy-sweep test test-fast bench clean
+.PHONY: setup lock check-lock simulate central compare privacy-sweep test test-fast bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+# uv itself, hash-checked, in a folder of its own (uv sync keeps .venv exactly as the lock says).
+$(UV): requirements-uv.txt
+	test -x .uv/bin/python || $(PYTHON) -m venv .uv
+	.uv/bin/python -m pip install --quiet --require-hashes -r requirements-uv.txt
 	touch $@
+
+$(VENV)/.installed: pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --python $(PYTHON)
+	touch $@
+
+# The lock must say what pyproject.toml asks for; fails if someone changed one without the other.
+check-lock: $(UV)
+	$(UV) lock --check
+
+# Move the lock on purpose: newest versions pyproject.toml allows. Review, test, commit uv.lock.
+lock: $(UV)
+	$(UV) lock --upgrade
 
 simulate: setup
 	$(BIN)/fedspeaker simulate $(ARGS)
@@ -27,7 +43,7 @@ compare: setup
 privacy-sweep: setup
 	$(BIN)/fedspeaker privacy-sweep $(ARGS)
 
-test: setup
+test: check-lock setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: setup
@@ -39,4 +55,4 @@ bench: setup
 	$(BIN)/python -m simulations.footprint
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .uv runs .pytest_cache
