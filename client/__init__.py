@@ -1,0 +1,1 @@
+"""The Flower ClientApp and what it is made of."""

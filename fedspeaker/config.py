@@ -206,6 +206,12 @@ class RunSettings:
         return max(int(self.num_clients * self.fraction_train), self.min_train_nodes)
 
     @property
+    def eval_frames(self) -> int:
+        """Frames of an utterance the server (and a device) embeds when it scores: the
+        centre of the utterance, up to four training crops long."""
+        return 4 * self.crop_frames
+
+    @property
     def corpus_dir(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else bundled_corpus()
 

@@ -13,12 +13,13 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedspeaker import wire
 from fedspeaker.config import RunSettings
-from fedspeaker.data import SPEAKERS_KEY, SpeakerData, load_speaker_data
+from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
-from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
-from fedspeaker.privacy import FEDERATION_ID, SAT_OUT
-from fedspeaker.training import evaluate
+from fedspeaker.evaluation.scoring import evaluate
+from fedspeaker.model.bundle import model_bundle
+from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
     Checkpoint,
     portable_arrays,
@@ -60,10 +61,10 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=restored_arrays(checkpoint.arrays) if checkpoint else ArrayRecord(model.state_dict()),
         num_rounds=settings.rounds - rounds.offset,
         timeout=settings.round_timeout,
-        train_config=ConfigRecord({"num-rounds": settings.rounds,
+        train_config=ConfigRecord({wire.NUM_ROUNDS: settings.rounds,
                                    # the label space, so a device maps its own speakers onto it
-                                   SPEAKERS_KEY: list(data.split.speakers),
-                                   FEDERATION_ID: rounds.federation_id}),
+                                   wire.SPEAKERS: list(data.split.speakers),
+                                   wire.FEDERATION_ID: rounds.federation_id}),
         evaluate_fn=rounds.evaluate,
     )
     rounds.finish(result.arrays or ArrayRecord(model.state_dict()))
@@ -92,10 +93,10 @@ class RoundTracker:
     def observe_metrics(self, metrics: list, upload_bytes: float) -> None:
         """Loss (weighted by examples, as Flower does), max/mean epsilon, who sat out for
         budget, summed client time, bytes uploaded."""
-        eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
-        trained = [m for m in metrics if not m.get(SAT_OUT, 0)]
-        examples = sum(float(m.get("num-examples", 0)) for m in trained)
-        loss = sum(float(m.get("train-loss", math.nan)) * float(m.get("num-examples", 0))
+        eps = [float(m[wire.EPSILON]) for m in metrics if wire.EPSILON in m]
+        trained = [m for m in metrics if not m.get(wire.SAT_OUT, 0)]
+        examples = sum(float(m.get(wire.NUM_EXAMPLES, 0)) for m in trained)
+        loss = sum(float(m.get(wire.TRAIN_LOSS, math.nan)) * float(m.get(wire.NUM_EXAMPLES, 0))
                    for m in trained) / examples if examples else math.nan
         self.client_metrics = {
             "train_loss": loss,
@@ -103,10 +104,10 @@ class RoundTracker:
             "epsilon_mean": sum(eps) / len(eps) if eps else math.nan,
             "clients": len(trained),
             "sat_out": len(metrics) - len(trained),
-            "client_train_seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
-            "client_startup_seconds": _mean(trained, "startup-seconds"),
-            "client_fit_seconds": _mean(trained, "fit-seconds"),
-            "client_peak_rss_mb": max((float(m["peak-rss-mb"]) for m in trained if "peak-rss-mb" in m),
+            "client_train_seconds": sum(float(m.get(wire.TRAIN_SECONDS, 0.0)) for m in metrics),
+            "client_startup_seconds": _mean(trained, wire.STARTUP_SECONDS),
+            "client_fit_seconds": _mean(trained, wire.FIT_SECONDS),
+            "client_peak_rss_mb": max((float(m[wire.PEAK_RSS_MB]) for m in trained if wire.PEAK_RSS_MB in m),
                                       default=math.nan),
             "upload_bytes": upload_bytes,
         }
@@ -145,7 +146,7 @@ class RoundTracker:
     def score(self) -> dict[str, float]:
         test_x, test_y = self.data.test_examples()
         verify_x, verify_spk = self.data.verification_examples()
-        return evaluate(self.model, test_x, test_y, verify_x, verify_spk, 4 * self.settings.crop_frames)
+        return evaluate(self.model, test_x, test_y, verify_x, verify_spk, self.settings.eval_frames)
 
     def finish(self, arrays: ArrayRecord) -> None:
         self.model.load_state_dict(arrays.to_torch_state_dict())

@@ -22,8 +22,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data import SPEAKERS_KEY
-from fedspeaker.privacy import FEDERATION_ID
+from fedspeaker import wire
 
 
 def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, rounds,
@@ -47,9 +46,9 @@ def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, 
         fraction_fit=s.fraction_train, fraction_evaluate=0.0, min_fit_clients=s.min_train_nodes,
         min_evaluate_clients=0, min_available_clients=s.num_clients, evaluate_fn=evaluate,
         # legacy configs carry no lists: the speaker list travels as one string
-        on_fit_config_fn=lambda server_round: {"server-round": server_round,
-                                               SPEAKERS_KEY: "\n".join(rounds.data.split.speakers),
-                                               FEDERATION_ID: rounds.federation_id},
+        on_fit_config_fn=lambda server_round: {wire.SERVER_ROUND: server_round,
+                                               wire.SPEAKERS: "\n".join(rounds.data.split.speakers),
+                                               wire.FEDERATION_ID: rounds.federation_id},
         initial_parameters=ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
         fit_metrics_aggregation_fn=fit_metrics,
     )

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedspeaker.config import RunSettings
-from fedspeaker.privacy import UNIT_WEIGHT, sat_out
+from fedspeaker import wire
 
 ReplyObserver = Callable[[int, list[RecordDict]], None]
 
@@ -53,7 +53,7 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         min_train_nodes=s.min_train_nodes,
         min_available_nodes=s.num_clients,
         # under user-level DP every client counts the same, as its analysis assumes
-        weighted_by_key="num-examples" if s.user_dp == "off" else UNIT_WEIGHT,
+        weighted_by_key=wire.NUM_EXAMPLES if s.user_dp == "off" else wire.UNIT_WEIGHT,
     )
     server_lr = {"eta": s.server_lr} if s.server_lr else {}
     fedopt = dict(common, eta_l=s.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **server_lr)
@@ -72,7 +72,7 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=s.num_malicious,
                                        num_nodes_to_select=s.krum_select),
         "bulyan": lambda: Bulyan(**common, num_malicious_nodes=s.num_malicious),
-        "qfedavg": lambda: QFedAvg(client_learning_rate=s.lr, q=s.q, train_loss_key="train-loss",
+        "qfedavg": lambda: QFedAvg(client_learning_rate=s.lr, q=s.q, train_loss_key=wire.TRAIN_LOSS,
                                    **common),
     }
     return ScreenedStrategy(with_user_dp(strategies[s.strategy](), s), on_replies,
@@ -155,7 +155,7 @@ class ScreenedStrategy(Strategy):
             self.on_replies(server_round, [r.content for r in replies if r.has_content()])
         kept = []
         for reply in replies:
-            if reply.has_content() and sat_out(reply.content):
+            if reply.has_content() and wire.sat_out(reply.content):
                 continue  # it spent its privacy budget and sent no weights
             if self.drop_unchanged and reply.has_content() and _unchanged(reply.content, self.sent):
                 flwr_log(WARNING, "round %d: left out the update of node %d: it did not change "
@@ -188,7 +188,7 @@ def _content_key(reply: Message) -> tuple[bytes, float]:
             digest.update(key.encode())
             digest.update(array.data)
     metrics = next(iter(reply.content.metric_records.values()), {})
-    epsilon = float(metrics.get("epsilon", -1.0))
+    epsilon = float(metrics.get(wire.EPSILON, -1.0))
     return digest.digest(), epsilon if epsilon == epsilon else -1.0
 
 

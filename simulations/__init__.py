@@ -1,0 +1,1 @@
+"""The simulation harness: federations through Flower's Simulation Engine, comparisons, benchmarks."""

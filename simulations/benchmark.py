@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data import load_speaker_data
+from fedspeaker.data.speakers import load_speaker_data
 from simulations.central import run_central
 from simulations.launch import run_federation
 

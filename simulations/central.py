@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data import load_speaker_data
-from fedspeaker.local import LocalTrainer
-from fedspeaker.privacy import PrivacyLedger
-from fedspeaker.report import RunReport, model_bundle, progress_line, run_summary
-from fedspeaker.training import evaluate
-from simulations.partition import client_shards
+from fedspeaker.data.speakers import load_speaker_data
+from fedspeaker.training.local import LocalTrainer, round_seed
+from fedspeaker.evaluation.scoring import evaluate
+from fedspeaker.model.bundle import model_bundle
+from fedspeaker.privacy.ledger import PrivacyLedger
+from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
+from fedspeaker.data.partition import client_shards
 
 
 def run_central(settings: RunSettings, on_round=print) -> dict:
@@ -30,10 +31,10 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     started = time.monotonic()
     for epoch_round in range(1, settings.rounds + 1):
         round_started = time.monotonic()
-        loss = trainer.train(feats, labels, ledger, seed=settings.seed * 1_000_003 + epoch_round,
+        loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
                              planned_epochs=settings.rounds * settings.local_epochs)
         train_seconds = time.monotonic() - round_started
-        scores = evaluate(trainer.model, test_x, test_y, verify_x, verify_spk, 4 * settings.crop_frames)
+        scores = evaluate(trainer.model, test_x, test_y, verify_x, verify_spk, settings.eval_frames)
         eps = ledger.epsilon(settings.delta) if settings.dp else float("nan")
         now = time.monotonic()
         row = {"round": epoch_round, **scores, "epsilon_max": eps, "epsilon_mean": eps,

@@ -12,18 +12,19 @@ import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from simulations.compare import CellResult
-from simulations.grid import CENTRAL, Grid
+from fedspeaker.reporting.plots import pyplot
+from simulations.grid import CENTRAL, ComparisonGrid
+from simulations.results import CellResult
 
 COLUMNS = [f.name for f in fields(CellResult) if f.name != "rounds"]
 
 
-def write_outputs(grid: Grid, results: list[CellResult], out: Path, failed: list[str]) -> None:
+def write_outputs(grid: ComparisonGrid, results: list[CellResult], out: Path, failed: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_results_csv(results, out / "results.csv")
     (out / "report.md").write_text(report_markdown(grid, results, failed))
     if results:
-        plot_curves(grid, results, out)
+        plot_strategy_curves(grid, results, out)
         plot_final_accuracy(grid, results, out / "final_accuracy.png")
 
 
@@ -75,7 +76,7 @@ TABLE = [
 ]
 
 
-def groups(grid: Grid, results: list[CellResult]) -> dict[tuple[str, str], list[Summary]]:
+def groups(grid: ComparisonGrid, results: list[CellResult]) -> dict[tuple[str, str], list[Summary]]:
     """(partition, scenario) -> one Summary per strategy that has finished runs."""
     table: dict[tuple[str, str], list[Summary]] = {}
     for partition in grid.partitions:
@@ -90,7 +91,7 @@ def central_summary(results: list[CellResult], partition: str) -> Summary:
     return Summary(CENTRAL, [r for r in results if r.strategy == CENTRAL and r.partition == partition])
 
 
-def report_markdown(grid: Grid, results: list[CellResult], failed: list[str]) -> str:
+def report_markdown(grid: ComparisonGrid, results: list[CellResult], failed: list[str]) -> str:
     expected = len(grid.cells())
     lines = [f"# Comparison: {grid.name}", "", grid.description, "",
              f"{len(results)} of {expected} runs finished; seeds {', '.join(map(str, grid.seeds))}; "
@@ -147,10 +148,10 @@ def overall_ranking(by_group: dict[tuple[str, str], list[Summary]]) -> list[str]
             + ", ".join(f"{name} {statistics.fmean(ranks[name]):.1f}" for name in order), ""]
 
 
-def plot_curves(grid: Grid, results: list[CellResult], out: Path) -> None:
+def plot_strategy_curves(grid: ComparisonGrid, results: list[CellResult], out: Path) -> None:
     """accuracy and EER against rounds, one figure per partition/scenario: a line per
     strategy (mean over seeds) with a band from the lowest to the highest seed."""
-    plt = _pyplot()
+    plt = pyplot()
     for (partition, scenario), summaries in groups(grid, results).items():
         if not summaries:
             continue
@@ -184,10 +185,10 @@ def _band(ax, runs: list[list[dict[str, float]]], key: str, label: str) -> None:
                         color=line.get_color(), alpha=0.18, lw=0)
 
 
-def plot_final_accuracy(grid: Grid, results: list[CellResult], path: Path) -> None:
+def plot_final_accuracy(grid: ComparisonGrid, results: list[CellResult], path: Path) -> None:
     """Grouped bars: final accuracy of each strategy under each scenario (attacks included),
     error bars = std over seeds; one panel per partition."""
-    plt = _pyplot()
+    plt = pyplot()
     by_group = groups(grid, results)
     partitions = [p for p in grid.partitions if any(by_group[(p, s)] for s in grid.scenarios)]
     panel_width = max(6.0, 0.35 * len(grid.scenarios) * len(grid.strategies) + 1.5)
@@ -216,15 +217,6 @@ def plot_final_accuracy(grid: Grid, results: list[CellResult], path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _safe(name: str) -> str:

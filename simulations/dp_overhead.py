@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedspeaker.config import RunSettings
 from fedspeaker.model import build_model
-from fedspeaker.privacy import PrivacyLedger, make_private
+from fedspeaker.privacy.dpsgd import make_private
+from fedspeaker.privacy.ledger import PrivacyLedger
 
 
 def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int) -> list[float]:
@@ -31,8 +32,9 @@ def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int) -
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
     if dp:
-        _, model, optimizer, loader = make_private(model, optimizer, loader, PrivacyLedger(), 1.0,
-                                                   settings.max_grad_norm)
+        _, model, optimizer, loader = make_private(
+            model=model, optimizer=optimizer, loader=loader, ledger=PrivacyLedger(),
+            noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm)
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)  # same batches as plain
     times = []
     for xb, yb in loader:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from fedspeaker.config import RunSettings
-from fedspeaker.report import read_rounds
+from fedspeaker.reporting.run_report import read_rounds
 from simulations.loopback import APP_DIR, Device, LoopbackDeployment, device_folders
 
 CLIENT_IMPORTS = "import flwr.supernode.cli.flwr_clientapp, client.app"

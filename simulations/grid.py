@@ -42,7 +42,7 @@ class Cell:
 
 
 @dataclass(frozen=True)
-class Grid:
+class ComparisonGrid:
     name: str
     description: str
     strategies: list[str]
@@ -54,7 +54,7 @@ class Grid:
     strategy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, name_or_path: str) -> "Grid":
+    def load(cls, name_or_path: str) -> "ComparisonGrid":
         """A grid by name (a file in simulations/grids/) or by path."""
         path = Path(name_or_path)
         if not path.suffix and not path.exists():

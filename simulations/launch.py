@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 import tomli_w
 
 from fedspeaker.config import RunSettings
-from fedspeaker.deploy import BIN, flower_env
+from fedspeaker.deploy.flower import BIN, flower_env
 from fedspeaker.errors import FedSpeakerError
-from fedspeaker.processes import Child, child_process, free_port, wait_for_port
-from fedspeaker.report import progress_line, read_rounds
+from fedspeaker.deploy.processes import Child, child_process, free_port, wait_for_port
+from fedspeaker.reporting.run_report import progress_line, read_rounds
 
 APP_DIR = Path(__file__).resolve().parent.parent
 

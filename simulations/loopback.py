@@ -20,11 +20,11 @@ from typing import Callable
 
 import tomli_w
 
-from fedspeaker.certs import make_certificates, make_node_key
+from fedspeaker.deploy.certs import make_certificates, make_node_key
 from fedspeaker.config import RunSettings
-from fedspeaker.deploy import BIN, SuperLinkOptions, SuperNodeOptions, flower_env
+from fedspeaker.deploy.flower import BIN, SuperLinkOptions, SuperNodeOptions, flower_env
 from fedspeaker.errors import FedSpeakerError
-from fedspeaker.processes import Child, child_process, free_port, wait_for_port
+from fedspeaker.deploy.processes import Child, child_process, free_port, wait_for_port
 from simulations.launch import show_new_rounds
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -136,8 +136,8 @@ def device_folders(settings: RunSettings, folder: Path) -> list[Path]:
     Lets a loopback deployment train on exactly the shards a simulation would use,
     while each SuperNode sees nothing but its own folder.
     """
-    from fedspeaker.data import load_speaker_data
-    from simulations.partition import client_shards
+    from fedspeaker.data.speakers import load_speaker_data
+    from fedspeaker.data.partition import client_shards
 
     train = load_speaker_data(settings).split.train
     folders = []

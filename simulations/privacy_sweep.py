@@ -15,21 +15,22 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from fedspeaker.audit import AuditResult
-from simulations.audit import audit_run
-from simulations.compare import CellResult, cell_dir, run_grid
-from simulations.grid import Grid
+from fedspeaker.privacy.audit import AuditResult, audit_run
+from fedspeaker.reporting.plots import pyplot
+from simulations.compare import run_grid
+from simulations.grid import ComparisonGrid
+from simulations.results import CellResult, cell_dir
 
 NON_PRIVATE = "no-dp"
 
 
 def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int],
-               options: dict[str, Any] | None = None) -> Grid:
+               options: dict[str, Any] | None = None) -> ComparisonGrid:
     scenarios: dict[str, dict[str, Any]] = {NON_PRIVATE: {"dp": False}}
     scenarios |= {f"epsilon-{e:g}": {"dp": True, "epsilon": e} for e in epsilons}
     scenarios |= {f"user-noise-{z:g}": {"dp": False, "user-dp": "server-fixed",
                                         "user-noise-multiplier": z} for z in user_noises}
-    return Grid(name="privacy-sweep",
+    return ComparisonGrid(name="privacy-sweep",
                 description="FedAvg without DP, with sample-level DP-SGD at each target epsilon, "
                             "and with user-level DP (Flower's server-side fixed clipping) at each "
                             "noise multiplier",
@@ -37,7 +38,7 @@ def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int]
                 partitions={"default": {}}, scenarios=scenarios)
 
 
-def run_sweep(grid: Grid, out: Path, overrides: dict[str, Any] | None = None,
+def run_sweep(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None = None,
               show: Callable[[str], None] = print) -> list[dict[str, Any]]:
     results = run_grid(grid, out, overrides, show=show)
     rows = []
@@ -57,7 +58,7 @@ def _row(r: CellResult, audit: AuditResult) -> dict[str, Any]:
             "members": audit.members, "nonmembers": audit.nonmembers}
 
 
-def write_privacy_outputs(grid: Grid, rows: list[dict[str, Any]], out: Path) -> None:
+def write_privacy_outputs(grid: ComparisonGrid, rows: list[dict[str, Any]], out: Path) -> None:
     with open(out / "privacy.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -79,7 +80,7 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: statistics.fmean(r[k] for r in rows) for k in keys} | {"runs": len(rows)}
 
 
-def privacy_markdown(grid: Grid, summary: dict[str, dict[str, float]]) -> str:
+def privacy_markdown(grid: ComparisonGrid, summary: dict[str, dict[str, float]]) -> str:
     base = summary.get(NON_PRIVATE)
     lines = ["# Privacy sweep", "", grid.description + ".", "",
              f"Seeds {', '.join(map(str, grid.seeds))} (means shown). Membership inference: members "
@@ -115,10 +116,7 @@ def privacy_markdown(grid: Grid, summary: dict[str, dict[str, float]]) -> str:
 
 
 def plot_privacy(summary: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sample = sorted((m["sample_epsilon"], m) for name, m in summary.items() if name.startswith("epsilon-"))
     user = sorted((m["user_epsilon"], m) for name, m in summary.items()

@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from fedspeaker.audio import MIN_SECONDS, SAMPLE_RATE, load_audio
-from fedspeaker.corpus import Utterance, scan_corpus, split_corpus
+from fedspeaker.data.audio import MIN_SECONDS, SAMPLE_RATE, load_audio
+from fedspeaker.data.corpus import Utterance, scan_corpus, split_corpus
 from fedspeaker.errors import AudioError, CorpusError
 
 from conftest import make_corpus, tone, write_audio, write_tone

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedspeaker.audit import audit_model, membership_auc
+from fedspeaker.privacy.audit import audit_model, membership_auc
 from fedspeaker.config import RunSettings
-from fedspeaker.local import LocalTrainer
+from fedspeaker.training.local import LocalTrainer
 from fedspeaker.model import build_model
-from fedspeaker.privacy import PrivacyLedger
+from fedspeaker.privacy.ledger import PrivacyLedger
 
 N_MELS, SPEAKERS = 24, 4
 

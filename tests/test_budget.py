@@ -12,10 +12,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from opacus.accountants import RDPAccountant
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data import load_speaker_data
-from fedspeaker.local import LocalTrainer
+from fedspeaker.data.speakers import load_speaker_data
+from fedspeaker.training.local import LocalTrainer
 from fedspeaker.model import build_model
-from fedspeaker.privacy import SAT_OUT, PrivacyLedger
+from fedspeaker.privacy.ledger import PrivacyLedger
+from fedspeaker.wire import SAT_OUT
 from server.strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
-from fedspeaker.privacy import PrivacyLedger
+from fedspeaker.privacy.ledger import PrivacyLedger
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.strategies import build_strategy, user_epsilon
 from tests.test_strategies import EightNodes

@@ -16,19 +16,19 @@ import pytest
 
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
-from fedspeaker.report import RunReport
+from fedspeaker.reporting.run_report import RunReport
 from simulations.compare import collect_results, run_grid
-from simulations.grid import CENTRAL, GRIDS_DIR, Cell, Grid
+from simulations.grid import CENTRAL, GRIDS_DIR, Cell, ComparisonGrid
 
 STRATEGY_SKILL = {CENTRAL: 0.80, "fedavg": 0.60, "fedmedian": 0.50}
 
 
-def small_grid(**changes) -> Grid:
-    grid = Grid(name="t", description="test grid", strategies=["fedavg", "fedmedian"], seeds=[0, 1],
+def small_grid(**changes) -> ComparisonGrid:
+    grid = ComparisonGrid(name="t", description="test grid", strategies=["fedavg", "fedmedian"], seeds=[0, 1],
                 options={"dp": False, "rounds": 4, "num-clients": 4},
                 partitions={"iid": {"partition": "iid"}},
                 scenarios={"clean": {}, "attack": {"byzantine-fraction": 0.25}})
-    return Grid(**{**grid.__dict__, **changes})
+    return ComparisonGrid(**{**grid.__dict__, **changes})
 
 
 class FakeRunner:
@@ -57,13 +57,13 @@ def test_every_shipped_grid_loads_and_every_cell_is_valid(tmp_path: Path) -> Non
     names = sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
     assert {"default", "robust", "strategies", "attacks", "realistic", "smoke"} <= set(names)
     for name in names:
-        grid = Grid.load(name)
+        grid = ComparisonGrid.load(name)
         for cell in grid.cells():
             grid.settings(cell, {}, tmp_path / cell.key)  # raises on a bad option
 
 
 def test_cells_of_one_seed_share_shards_model_and_roles(tmp_path: Path) -> None:
-    grid = Grid.load("default")
+    grid = ComparisonGrid.load("default")
     by_seed: dict[int, set] = {}
     for cell in grid.cells():
         s = grid.settings(cell, {}, tmp_path)
@@ -94,14 +94,14 @@ def test_bad_grid_files_name_the_problem(tmp_path: Path, text: str, message: str
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        grid = Grid.load(str(path))
+        grid = ComparisonGrid.load(str(path))
         for cell in grid.cells():
             grid.settings(cell, {}, tmp_path)
 
 
 def test_unknown_grid_name_lists_the_shipped_ones() -> None:
     with pytest.raises(ConfigError, match="default.*robust|robust.*default"):
-        Grid.load("no-such-grid")
+        ComparisonGrid.load("no-such-grid")
 
 
 def test_resume_runs_only_missing_or_changed_cells(tmp_path: Path) -> None:

@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
 from fedspeaker import cli
-from fedspeaker.certs import CertificatePaths, make_certificates, make_node_key
-from fedspeaker.data import load_device_examples
-from fedspeaker.deploy import SuperLinkOptions, SuperNodeOptions
+from fedspeaker.deploy.certs import CertificatePaths, make_certificates, make_node_key
+from fedspeaker.data.speakers import load_device_examples
+from fedspeaker.deploy.flower import SuperLinkOptions, SuperNodeOptions
 from fedspeaker.errors import CorpusError, FedSpeakerError
-from fedspeaker.features import FeatureSpec
+from fedspeaker.data.features import FeatureSpec
 from tests.conftest import write_tone
 
 

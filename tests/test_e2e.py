@@ -127,7 +127,7 @@ def test_a_strategy_chosen_by_name_runs_a_federation(tiny_corpus: Path, tmp_path
 
 def test_dropouts_leave_fewer_replies_and_the_run_finishes(tiny_corpus: Path, tmp_path: Path) -> None:
     from fedspeaker.config import RunSettings
-    from simulations.scenarios import drops_out
+    from client.scenarios import drops_out
 
     out = tmp_path / "drop"
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "3",
@@ -144,7 +144,7 @@ def test_dropouts_leave_fewer_replies_and_the_run_finishes(tiny_corpus: Path, tm
 
 def test_compare_runs_a_grid_resumes_and_repeats_a_cell_exactly(tiny_corpus: Path, tmp_path: Path) -> None:
     from fedspeaker.config import RunSettings
-    from simulations.scenarios import drops_out
+    from client.scenarios import drops_out
 
     grid = tmp_path / "tiny.toml"
     grid.write_text(f"""
@@ -240,8 +240,8 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
     import torch
 
     from fedspeaker.config import RunSettings
-    from simulations.partition import client_shards
-    from simulations.scenarios import drops_out
+    from fedspeaker.data.partition import client_shards
+    from client.scenarios import drops_out
 
     common = ["--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "1", "--no-dp",
               "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "channels=32",

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fedspeaker.config import RunSettings
-from fedspeaker.processes import Child, _process_table
-from fedspeaker.report import read_rounds
+from fedspeaker.deploy.processes import Child, _process_table
+from fedspeaker.reporting.run_report import read_rounds
 from simulations.loopback import Device, LoopbackDeployment, device_folders
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedspeaker.processes import _process_table
+from fedspeaker.deploy.processes import _process_table
 from tests.test_e2e import BUNDLED, flower_processes
 
 pytestmark = pytest.mark.e2e

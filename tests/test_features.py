@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-import fedspeaker.audio
-import fedspeaker.data
+import fedspeaker.data.audio
+import fedspeaker.data.speakers
 from fedspeaker.config import RunSettings
-from fedspeaker.data import load_speaker_data
+from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.errors import AudioError
-from fedspeaker.features import FeatureCache, FeatureSpec, compute_features
+from fedspeaker.data.features import FeatureCache, FeatureSpec, compute_features
 
 from conftest import write_tone
 
@@ -25,16 +25,16 @@ FRAMES = 58
 
 @pytest.fixture(autouse=True)
 def _clear_data_cache():
-    fedspeaker.data._load.cache_clear()
+    fedspeaker.data.speakers._load.cache_clear()
     yield
-    fedspeaker.data._load.cache_clear()
+    fedspeaker.data.speakers._load.cache_clear()
 
 
 def _no_decoding(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("audio was decoded although it should come from the cache")
 
-    monkeypatch.setattr(fedspeaker.audio, "load_audio", boom)
+    monkeypatch.setattr(fedspeaker.data.audio, "load_audio", boom)
 
 
 def _corrupt(path):
@@ -76,7 +76,7 @@ def test_cached_features_equal_direct_computation(synthetic_corpus, cache_dir):
     spec = FeatureSpec()
     FeatureCache(cache_dir, spec).get(path)
     cached = FeatureCache(cache_dir, spec).get(path)
-    direct = compute_features(fedspeaker.audio.load_audio(path), spec)
+    direct = compute_features(fedspeaker.data.audio.load_audio(path), spec)
     torch.testing.assert_close(cached, direct)
 
 
@@ -225,7 +225,7 @@ def test_load_speaker_data_second_run_uses_cache(synthetic_corpus, cache_dir, mo
     assert first.decoded == 37
     assert load_speaker_data(settings) is first  # memoised in the process
 
-    fedspeaker.data._load.cache_clear()
+    fedspeaker.data.speakers._load.cache_clear()
     _no_decoding(monkeypatch)
     second = load_speaker_data(settings)
     assert second is not first

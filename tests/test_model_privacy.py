@@ -13,11 +13,12 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 
 from fedspeaker.config import RunSettings
-from fedspeaker.local import LocalTrainer
-from fedspeaker.metrics import equal_error_rate, verification_eer
+from fedspeaker.training.local import LocalTrainer
+from fedspeaker.evaluation.metrics import equal_error_rate, verification_eer
 from fedspeaker.model import SpeakerNet, build_model
-from fedspeaker.privacy import PrivacyLedger, calibrate_noise, make_private
-from fedspeaker.training import make_loader
+from fedspeaker.privacy.dpsgd import calibrate_noise, make_private
+from fedspeaker.privacy.ledger import PrivacyLedger
+from fedspeaker.training.loops import make_loader
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -220,7 +221,8 @@ def test_make_private_continues_the_ledger():
     loader = make_loader(feats, labels, 50, 4, seed=0)
     ledger = PrivacyLedger("rdp", [(1.3, 0.25, 12)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine, dp_model, _, dp_loader = make_private(model, optimizer, loader, ledger, 1.3, 1.0)
+    engine, dp_model, _, dp_loader = make_private(model=model, optimizer=optimizer, loader=loader, ledger=ledger,
+                                                 noise_multiplier=1.3, max_grad_norm=1.0)
     try:
         assert engine.accountant.history == [(1.3, 0.25, 12)]
         assert engine.accountant.history is not ledger.history

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from fedspeaker.corpus import scan_corpus, split_corpus
+from fedspeaker.data.corpus import scan_corpus, split_corpus
 from fedspeaker.errors import CorpusError
-from simulations.partition import partition_indices
+from fedspeaker.data.partition import partition_indices
 
 N_CLIENTS = 10
 
@@ -165,7 +165,7 @@ def test_unknown_scheme_raises():
 
 
 def test_power_law_sizes_follow_the_exponent_and_cover_everything() -> None:
-    from simulations.partition import power_law_sizes
+    from fedspeaker.data.partition import power_law_sizes
 
     sizes = power_law_sizes(1000, 10, 1.0, seed=0)
     assert sum(sizes) == 1000 and min(sizes) >= 1

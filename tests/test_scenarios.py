@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedspeaker.config import RunSettings
-from fedspeaker.local import LocalTrainer
-from fedspeaker.privacy import PrivacyLedger
-from simulations.scenarios import client_role, drops_out, flip_labels, poison_update
+from fedspeaker.training.local import LocalTrainer
+from fedspeaker.privacy.ledger import PrivacyLedger
+from client.scenarios import client_role, drops_out, flip_labels, poison_update
 
 
 def test_roles_take_the_configured_share_and_repeat_with_the_seed() -> None:

@@ -8,8 +8,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedspeaker.config import STRATEGIES, RunSettings
-from fedspeaker.local import LocalTrainer
-from fedspeaker.privacy import PrivacyLedger
+from fedspeaker.training.local import LocalTrainer
+from fedspeaker.privacy.ledger import PrivacyLedger
 from server.strategies import build_strategy
 
 

@@ -13,7 +13,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedspeaker.config import USER_DP, RunSettings
 from fedspeaker.errors import ConfigError
-from fedspeaker.privacy import UNIT_WEIGHT, guarantee_sentence
+from fedspeaker.privacy.guarantee import guarantee_sentence
+from fedspeaker.wire import UNIT_WEIGHT
 from server.strategies import build_strategy, user_epsilon
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

@@ -15,15 +15,15 @@ import torch
 import fedspeaker
 from fedspeaker import cli
 from fedspeaker.config import RunSettings
-from fedspeaker.data import load_speaker_data
-from fedspeaker.embedder import file_sha256
-from fedspeaker.inference import SpeakerModel
-from fedspeaker.local import LocalTrainer
-from fedspeaker.metrics import eer_operating_point, verification_trials
-from fedspeaker.privacy import PrivacyLedger
-from fedspeaker.report import model_bundle
-from fedspeaker.training import embed
-from fedspeaker.voiceprints import EnrolmentStore, load_embedder, verify
+from fedspeaker.data.speakers import load_speaker_data
+from fedspeaker.device.export import file_sha256
+from fedspeaker.model.bundle import SpeakerModel
+from fedspeaker.training.local import LocalTrainer
+from fedspeaker.evaluation.metrics import eer_operating_point, verification_trials
+from fedspeaker.evaluation.scoring import embed
+from fedspeaker.model.bundle import model_bundle
+from fedspeaker.privacy.ledger import PrivacyLedger
+from fedspeaker.device.voiceprints import EnrolmentStore, load_embedder, verify
 from tests.conftest import make_corpus
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -62,7 +62,7 @@ def test_the_bundle_holds_the_threshold_measured_on_unseen_speakers(trained) -> 
     feats, speakers = data.verification_examples()
     assert set(speakers).isdisjoint(data.split.speakers)  # unseen in training
     eer, threshold = eer_operating_point(*verification_trials(
-        embed(model.model, feats, 4 * settings.crop_frames), speakers))
+        embed(model.model, feats, settings.eval_frames), speakers))
     assert model.verification["threshold"] == pytest.approx(threshold)
     assert model.verification["eer"] == pytest.approx(eer)
     assert model.verification["unseen_speakers"] == len(set(speakers))
@@ -77,7 +77,7 @@ def test_export_needs_torch_alone_and_embeds_like_the_training_stack(trained, tm
     assert manifest["fedspeaker"] == fedspeaker.__version__ and manifest["torch"] == torch.__version__
     assert manifest["verification"] == SpeakerModel.load(bundle).verification
     audio = corpus.files["spk00"][0]
-    from fedspeaker.audio import load_audio
+    from fedspeaker.data.audio import load_audio
 
     np.save(tmp_path / "wave.npy", load_audio(audio).numpy())
     script = ("import sys, numpy, torch\n"

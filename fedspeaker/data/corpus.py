@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from fedspeaker.audio import AUDIO_SUFFIXES
+from fedspeaker.data.audio import AUDIO_SUFFIXES
 from fedspeaker.errors import CorpusError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from flwr_datasets.partitioner import (
 )
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data import load_speaker_data
+from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.errors import CorpusError
 
 
@@ -27,17 +27,27 @@ def client_shards(settings: RunSettings) -> list[list[int]]:
     Cached: a Ray actor serving many clients and rounds partitions once.
     """
     speakers = [u.speaker for u in load_speaker_data(settings).split.train]
-    return partition_indices(speakers, settings.num_clients, settings.partition, settings.seed,
-                             settings.alpha, settings.speakers_per_client, settings.size_exponent)
+    return partition_indices(speakers, settings.num_clients, settings.partition, seed=settings.seed,
+                             alpha=settings.alpha, speakers_per_client=settings.speakers_per_client,
+                             size_exponent=settings.size_exponent)
 
 
-def partition_indices(speakers: list[str], num_clients: int, scheme: str, seed: int,
+def partition_indices(speakers: list[str], num_clients: int, scheme: str, *, seed: int,
                       alpha: float = 0.5, speakers_per_client: int = 2,
                       size_exponent: float = 1.0) -> list[list[int]]:
     """Indices into ``speakers`` (one entry per training utterance) for each client.
 
     Disjoint, covering (except where a scheme drops speakers by design), and the same
     for the same seed on every machine, so each client can compute its own shard.
+
+    Args:
+        speakers: the speaker of each training utterance, in the run's order.
+        num_clients: how many shards.
+        scheme: ``iid``, ``dirichlet``, ``pathological``, ``natural`` or ``power-law``.
+        seed: the same seed gives the same shards everywhere.
+        alpha: Dirichlet concentration over speakers (``dirichlet``; smaller is more skewed).
+        speakers_per_client: speakers each client draws (``pathological``).
+        size_exponent: shard sizes ~ rank^-exponent (``power-law``).
     """
     if num_clients > len(speakers):
         raise CorpusError(f"{num_clients} clients but only {len(speakers)} training utterances: "

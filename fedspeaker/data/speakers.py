@@ -11,13 +11,11 @@ from pathlib import Path
 import torch
 
 from fedspeaker.config import RunSettings
-from fedspeaker.corpus import CorpusSplit, scan_corpus, split_corpus
+from fedspeaker.data.corpus import CorpusSplit, scan_corpus, split_corpus
 from fedspeaker.errors import AudioError, CorpusError
-from fedspeaker.features import FeatureCache, FeatureSpec
+from fedspeaker.data.features import FeatureCache, FeatureSpec
 
 log = logging.getLogger(__name__)
-
-SPEAKERS_KEY = "speakers"  # train-config key: the training speakers, in label order
 
 
 @dataclass

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedspeaker.certs import CertificatePaths
+from fedspeaker.deploy.certs import CertificatePaths
 from fedspeaker.errors import FedSpeakerError
 
 BIN = Path(sys.executable).parent

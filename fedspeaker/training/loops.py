@@ -1,18 +1,14 @@
-"""Training and evaluation loops shared by clients, the server and `central`."""
+"""The training loop shared by clients and `central`: random crops, epochs, steps."""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from fedspeaker.metrics import accuracy, verification_eer
-from fedspeaker.model import SpeakerNet
 
 
 def fit_length(feats: torch.Tensor, frames: int, start: int | None = None) -> torch.Tensor:
@@ -71,31 +67,3 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             total += loss.item() * len(y)
             count += len(y)
     return total / max(count, 1)
-
-
-@torch.no_grad()
-def embed(model: SpeakerNet, feats: Sequence[torch.Tensor], max_frames: int) -> torch.Tensor:
-    """Embeddings of whole utterances (up to ``max_frames``), batched by equal length."""
-    model.eval()
-    clipped = [f if f.shape[1] <= max_frames else fit_length(f, max_frames) for f in feats]
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, f in enumerate(clipped):
-        groups[f.shape[1]].append(i)
-    out = torch.empty(len(feats), model.embedding.out_features)
-    for idx in groups.values():
-        out[idx] = model.embed(torch.stack([clipped[i] for i in idx]))
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: SpeakerNet, test_feats: Sequence[torch.Tensor], test_labels: Sequence[int],
-             verify_feats: Sequence[torch.Tensor], verify_speakers: list[str],
-             max_frames: int) -> dict[str, float]:
-    """Identification accuracy/loss on held-out utterances; EER on unseen speakers."""
-    logits = model.head(embed(model, test_feats, max_frames))
-    labels = torch.tensor(list(test_labels))
-    return {
-        "accuracy": accuracy(logits, labels),
-        "loss": float(F.cross_entropy(logits, labels)),
-        "eer": verification_eer(embed(model, verify_feats, max_frames), verify_speakers),
-    }

@@ -1,4 +1,4 @@
-"""What a run leaves behind: rounds.csv, summary.json, curves.png, global_model.pt.
+"""What a run leaves behind: rounds.csv, summary.json, curves.png (global_model.pt: model/bundle.py).
 
 Rows are appended as rounds finish, so a user (or `fedspeaker simulate`) can follow
 a run by reading rounds.csv, and a run that stops early still leaves its history.
@@ -12,11 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedspeaker.config import RunSettings
-from fedspeaker.data import SpeakerData
-from fedspeaker.privacy import guarantee_sentence
+from fedspeaker.data.speakers import SpeakerData
+from fedspeaker.model.bundle import save_bundle
+from fedspeaker.privacy.guarantee import guarantee_sentence
+from fedspeaker.reporting.plots import plot_curves
 
 COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
@@ -48,7 +48,7 @@ class RunReport:
             csv.writer(f).writerow([_fmt(row.get(c, math.nan)) for c in COLUMNS])
 
     def finish(self, summary: dict[str, Any], model_bundle: dict[str, Any]) -> None:
-        torch.save(model_bundle, self.out_dir / "global_model.pt")
+        save_bundle(model_bundle, self.out_dir / "global_model.pt")
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         plot_curves(self.rows, self.out_dir / "curves.png", title=summary.get("title", ""),
                     chance=1 / summary["data"]["training_speakers"])
@@ -71,38 +71,6 @@ def progress_line(row: dict[str, float]) -> str:
 def read_rounds(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "",
-                chance: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("accuracy", "identification accuracy", (0, 1)), ("eer", "verification EER", (0, 0.5))]
-    if any(not math.isnan(r.get("epsilon_max", math.nan)) for r in rows):
-        panels.append(("epsilon_max", "client ε spent (max, mean)", None))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    x = [r["round"] for r in rows]
-    for ax, (key, label, limits) in zip(axes, panels):
-        ax.plot(x, [r[key] for r in rows], marker="o", ms=3, label=key.replace("_", " "))
-        if key == "accuracy" and chance:
-            ax.axhline(chance, ls="--", c="gray", lw=1, label="chance")
-            ax.legend()
-        if key == "epsilon_max":
-            ax.plot(x, [r["epsilon_mean"] for r in rows], marker="o", ms=3, label="epsilon mean")
-            ax.legend()
-        if limits:
-            ax.set_ylim(*limits)
-        ax.set_xlabel("round")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _fmt(value: float) -> str:
@@ -141,19 +109,3 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         },
         "settings": settings.to_run_config(),
     }
-
-
-def model_bundle(settings: RunSettings, data: SpeakerData, model: torch.nn.Module) -> dict[str, Any]:
-    """Everything `identify`, `export`, `enroll` and `verify` need: the model, its
-    speakers and settings, and the verification threshold at the EER operating point
-    measured on the unseen speakers."""
-    from fedspeaker.metrics import eer_operating_point, verification_trials
-    from fedspeaker.training import embed
-
-    feats, speakers = data.verification_examples()
-    scores, same = verification_trials(embed(model, feats, 4 * settings.crop_frames), speakers)
-    eer, threshold = eer_operating_point(scores, same)
-    return {"state_dict": model.state_dict(), "speakers": list(data.split.speakers),
-            "settings": settings.to_run_config(),
-            "verification": {"threshold": threshold, "eer": eer, "unseen_speakers": len(set(speakers)),
-                             "trials": len(scores)}}

@@ -10,7 +10,7 @@ EPILOG = ("MODEL is a global_model.pt written by simulate, central or a deployme
 
 
 def export(args: argparse.Namespace) -> int:
-    from fedspeaker.embedder import export_embedder
+    from fedspeaker.device.export import export_embedder
 
     done = export_embedder(Path(args.model).expanduser(), Path(args.out).expanduser())
     print(f"exported to {done.folder}: embedder.pt ({done.size_bytes / 1e6:.2f} MB, TorchScript, "
@@ -21,7 +21,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def enroll(args: argparse.Namespace) -> int:
-    from fedspeaker.voiceprints import EnrolmentStore, default_enrolments, load_embedder
+    from fedspeaker.device.voiceprints import EnrolmentStore, default_enrolments, load_embedder
 
     model_path = Path(args.model).expanduser()
     embedder = load_embedder(model_path)
@@ -37,7 +37,7 @@ def enroll(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from fedspeaker.voiceprints import EnrolmentStore, default_enrolments, load_embedder, verify
+    from fedspeaker.device.voiceprints import EnrolmentStore, default_enrolments, load_embedder, verify
 
     model_path = Path(args.model).expanduser()
     embedder = load_embedder(model_path)

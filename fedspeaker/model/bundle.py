@@ -1,20 +1,45 @@
-"""Use a trained global model: load it, embed audio, name the speaker."""
+"""global_model.pt: the trained global model with its speakers, settings and threshold.
+
+The writer (:func:`model_bundle`, :func:`save_bundle`) and the reader
+(:class:`SpeakerModel`, for `identify`, `export`, `enroll`, `verify` and the audit)
+live side by side, so the format changes in one place.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fedspeaker.audio import load_audio
+from fedspeaker.data.audio import load_audio
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
-from fedspeaker.embedder import file_sha256
-from fedspeaker.features import FeatureSpec, compute_features
+from fedspeaker.files import file_sha256
+from fedspeaker.data.features import FeatureSpec, compute_features
+from fedspeaker.data.speakers import SpeakerData
+from fedspeaker.evaluation.metrics import eer_operating_point, verification_trials
+from fedspeaker.evaluation.scoring import embed
 from fedspeaker.model import SpeakerNet, build_model
-from fedspeaker.training import embed
+
+
+def model_bundle(settings: RunSettings, data: SpeakerData, model: torch.nn.Module) -> dict[str, Any]:
+    """Everything `identify`, `export`, `enroll` and `verify` need: the model, its
+    speakers and settings, and the verification threshold at the EER operating point
+    measured on the unseen speakers."""
+    feats, speakers = data.verification_examples()
+    scores, same = verification_trials(embed(model, feats, settings.eval_frames), speakers)
+    eer, threshold = eer_operating_point(scores, same)
+    return {"state_dict": model.state_dict(), "speakers": list(data.split.speakers),
+            "settings": settings.to_run_config(),
+            "verification": {"threshold": threshold, "eer": eer, "unseen_speakers": len(set(speakers)),
+                             "trials": len(scores)}}
+
+
+def save_bundle(bundle: dict[str, Any], path: Path) -> None:
+    torch.save(bundle, path)
 
 
 @dataclass
@@ -48,7 +73,7 @@ class SpeakerModel:
     @torch.no_grad()
     def embed_file(self, path: Path) -> torch.Tensor:
         """Unit-length embedding of one file, as the server embeds utterances."""
-        emb = embed(self.model, [self.features(path)], 4 * self.settings.crop_frames)
+        emb = embed(self.model, [self.features(path)], self.settings.eval_frames)
         return F.normalize(emb, dim=1)[0]
 
     @torch.no_grad()

@@ -33,10 +33,10 @@ class Embedder(Protocol):
 def load_embedder(path: Path) -> Embedder:
     """A global_model.pt (the training stack) or an export folder (torch alone)."""
     if path.is_dir():
-        from fedspeaker.embedder import ExportedEmbedder
+        from fedspeaker.device.export import ExportedEmbedder
 
         return ExportedEmbedder(path)
-    from fedspeaker.inference import SpeakerModel
+    from fedspeaker.model.bundle import SpeakerModel
 
     return SpeakerModel.load(path)
 

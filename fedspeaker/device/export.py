@@ -9,7 +9,6 @@ embedding before it writes anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,11 @@ from torch import nn
 
 from fedspeaker import __version__
 from fedspeaker.errors import FedSpeakerError
-from fedspeaker.features import FeatureSpec, compute_features
+from fedspeaker.files import file_sha256
+from fedspeaker.model.bundle import SpeakerModel
+from fedspeaker.data.features import FeatureSpec, compute_features
+from fedspeaker.evaluation.scoring import embed
 from fedspeaker.model import SpeakerNet
-from fedspeaker.training import embed
 
 EMBEDDER_FILE = "embedder.pt"
 MANIFEST_FILE = "manifest.json"
@@ -86,14 +87,12 @@ class Export:
 
 def export_embedder(bundle_path: Path, folder: Path) -> Export:
     """Write embedder.pt and manifest.json for the global model in ``bundle_path``."""
-    from fedspeaker.inference import SpeakerModel
-
     model = SpeakerModel.load(bundle_path)
     s = model.settings
     if s.features != "fbank":
         raise FedSpeakerError(f"{bundle_path}: export supports fbank features; this model uses {s.features}")
     spec = FeatureSpec(s.features, s.n_mels)
-    max_frames = 4 * s.crop_frames  # as the server embeds utterances when it scores
+    max_frames = s.eval_frames  # as the server embeds utterances when it scores
     scripted = torch.jit.script(WaveformEmbedder(model.model, s.n_mels, spec.sample_rate, max_frames).eval())
 
     # the same embedding as the training stack's own path, on a 3 s and a 12 s signal
@@ -147,10 +146,6 @@ class ExportedEmbedder:
 
     @torch.no_grad()
     def embed_file(self, path: Path) -> torch.Tensor:
-        from fedspeaker.audio import load_audio
+        from fedspeaker.data.audio import load_audio
 
         return self.module(load_audio(path, self.sample_rate))
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

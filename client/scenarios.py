@@ -1,18 +1,26 @@
 """Realistic federations in simulation: clients that drop out, lag, or attack.
 
 Which client plays which role is drawn from the run's seed, so every strategy in a
-comparison faces the same dropouts, stragglers and attackers.
+comparison faces the same dropouts, stragglers and attackers. The ClientApp applies
+them as a layer around training (:func:`scenario_layer`), and only on simulated nodes
+whose run asks for a scenario: a device never imports this module.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from flwr.app import Array, Context, Message
+from flwr.clientapp.typing import ClientAppCallable
 
+from client.messages import TrainRequest, single_array_record
+from fedspeaker import wire
 from fedspeaker.config import RunSettings
+from fedspeaker.training.local import round_seed
 
 
 class SimulatedDropout(RuntimeError):
@@ -70,3 +78,37 @@ def poison_update(global_state: OrderedDict, local_state: OrderedDict, attack: s
         else:
             raise ValueError(f"no weight poisoning for attack {attack!r}")
     return poisoned
+
+
+def scenario_layer(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The scenarios of a simulated run around one train message: a dropout fails (or
+    never answers), a straggler is asked for fewer steps, an attacker's weights are
+    poisoned on the way out. Label flips happen where a simulated client loads its
+    shard (client/data.py)."""
+    settings = RunSettings.from_run_config(context.run_config)
+    partition_id = int(context.node_config.get("partition-id", 0))
+    request = TrainRequest.of(msg)
+    server_round = request.server_round
+    if drops_out(settings, partition_id, server_round):
+        if settings.dropout_mode == "silent":  # answer only after the server stopped waiting
+            time.sleep(settings.round_timeout + 1.0)
+        raise SimulatedDropout(f"client {partition_id} dropped out of round {server_round} "
+                               f"(scenario: dropout={settings.dropout}, {settings.dropout_mode})")
+    role = client_role(settings, partition_id)
+    if role.straggler:
+        for record in msg.content.config_records.values():  # the train config, either format
+            if wire.SERVER_ROUND in record:
+                record[wire.STEP_FRACTION] = settings.straggler_steps
+    reply = call_next(msg, context)
+    if not (role.byzantine and settings.attack != "label-flip") or not reply.has_content() \
+            or not reply.content.array_records:
+        return reply
+    sent, trained = single_array_record(msg.content), single_array_record(reply.content)
+    keys = list(trained.keys())  # paired in order: both hold the model's tensors, in order
+    poisoned = poison_update(
+        OrderedDict(zip(keys, (torch.from_numpy(a.numpy().copy()) for a in sent.values()))),
+        OrderedDict((k, torch.from_numpy(a.numpy().copy())) for k, a in trained.items()),
+        settings.attack, settings.attack_scale, round_seed(settings.seed, partition_id, server_round))
+    for key, tensor in poisoned.items():
+        trained[key] = Array(tensor.numpy())
+    return reply

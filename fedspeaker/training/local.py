@@ -10,8 +10,15 @@ import torch
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.model import build_model
-from fedspeaker.privacy import DPSteps, PrivacyLedger, calibrate_noise, make_private
-from fedspeaker.training import make_loader, train_epochs
+from fedspeaker.privacy.dpsgd import calibrate_noise, make_private
+from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
+from fedspeaker.training.loops import make_loader, train_epochs
+
+
+def round_seed(seed: int, party: int, server_round: int) -> int:
+    """One seed per party (client) and round: its crops, its DP noise, and in a
+    simulated attack its noise, all repeat with the run's seed."""
+    return seed * 1_000_003 + party * 1_009 + server_round
 
 
 class LocalTrainer:
@@ -20,15 +27,20 @@ class LocalTrainer:
         self.model = build_model(settings.n_mels, n_speakers, settings.channels,
                                  settings.embedding_dim, settings.seed)
 
-    def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger,
+    def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger, *,
               seed: int, epochs: int | None = None, planned_epochs: int | None = None,
               proximal_mu: float = 0.0, step_fraction: float = 1.0) -> float:
-        """Train in place for ``epochs`` (default: local epochs); return the mean loss.
+        """Train ``self.model`` in place; return the mean training loss.
 
-        Under DP the noise is calibrated so that ``planned_epochs`` (default: every round
-        of the run) stay within the target epsilon, and ``ledger`` gains this call's steps.
-        ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights;
-        ``step_fraction`` < 1 stops early, as a slow device would.
+        Args:
+            feats, labels: this party's utterances (features) and their speaker labels.
+            ledger: this party's privacy ledger; under DP it gains this call's steps.
+            seed: seeds the crops, the batches and the DP noise of this call.
+            epochs: passes over the data (default: the run's local epochs).
+            planned_epochs: under DP, the noise is calibrated so that this many epochs
+                stay within the target epsilon (default: every round of the run).
+            proximal_mu: > 0 adds FedProx's pull towards the starting (global) weights.
+            step_fraction: < 1 stops after that share of the steps, as a slow device would.
         """
         s = self.settings
         epochs = epochs or s.local_epochs
@@ -46,7 +58,8 @@ class LocalTrainer:
             loss = train_epochs(self.model, loader, optimizer, epochs, after_step, max_steps)
         else:
             engine, dp_model, optimizer, loader = make_private(
-                self.model, optimizer, loader, ledger, plan.noise_multiplier, s.max_grad_norm)
+                model=self.model, optimizer=optimizer, loader=loader, ledger=ledger,
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm)
             loss = train_epochs(dp_model, loader, optimizer, epochs, after_step, max_steps)
             ledger.history = list(engine.accountant.history)
             dp_model.remove_hooks()  # self.model keeps the trained weights

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedspeaker import audio
+from fedspeaker.data import audio
 from fedspeaker.errors import AudioError
 from fedspeaker.files import atomic_write
 

@@ -11,11 +11,16 @@ each reported as the AUC of its score (0.5: no better than a coin; 1.0: always r
   voiceprint, the mean embedding of all the speaker's other utterances (members and
   non-members pooled, leave-one-out), as a verification system would score a trial.
   A model that memorised its training utterances pulls them closer to the voiceprint.
+
+:func:`audit_run` audits a run's global_model.pt: members are the utterances some
+client trained on (the union of the shards), non-members the held-out utterances of the
+same speakers, both rebuilt from the settings saved with the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -23,8 +28,12 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
+from fedspeaker.data.partition import client_shards
+from fedspeaker.data.speakers import load_speaker_data
+from fedspeaker.errors import FedSpeakerError
+from fedspeaker.evaluation.scoring import embed
 from fedspeaker.model import SpeakerNet
-from fedspeaker.training import embed
+from fedspeaker.model.bundle import SpeakerModel
 
 
 @dataclass(frozen=True)
@@ -69,3 +78,17 @@ def _leave_one_out_scores(unit: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     scores = F.cosine_similarity(unit, others, dim=1)
     scores[alone] = 0.0
     return scores
+
+
+def audit_run(model_path: Path) -> AuditResult:
+    """Both attacks against the global model a run saved, on the corpus it trained on."""
+    loaded = SpeakerModel.load(model_path)
+    settings = loaded.settings
+    data = load_speaker_data(settings)
+    if list(data.split.speakers) != loaded.speakers:
+        raise FedSpeakerError(f"{model_path}: its speakers are not those of {settings.corpus_dir} "
+                              "with its seed; audit it where it was trained")
+    members = sorted(i for shard in client_shards(settings) for i in shard)
+    member_x, member_y = data.train_examples(members)
+    other_x, other_y = data.test_examples()
+    return audit_model(loaded.model, member_x, member_y, other_x, other_y, settings.eval_frames)

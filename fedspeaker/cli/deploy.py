@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from fedspeaker.deploy import DEFAULT_PORT, INSECURE_WARNING, SuperLinkOptions, SuperNodeOptions, flower_env
+from fedspeaker.deploy.flower import DEFAULT_PORT, INSECURE_WARNING, SuperLinkOptions, SuperNodeOptions, flower_env
 from fedspeaker.config import PARTITIONS
 from fedspeaker.errors import FedSpeakerError
 
 
 def certs(args: argparse.Namespace) -> int:
-    from fedspeaker.certs import DEFAULT_HOSTS, make_certificates
+    from fedspeaker.deploy.certs import DEFAULT_HOSTS, make_certificates
 
     hosts = list(dict.fromkeys([*args.host, *DEFAULT_HOSTS]))
     paths = make_certificates(Path(args.out).expanduser(), hosts, days=args.days)
@@ -30,7 +30,7 @@ def certs(args: argparse.Namespace) -> int:
 
 
 def node_key(args: argparse.Namespace) -> int:
-    from fedspeaker.certs import make_node_key
+    from fedspeaker.deploy.certs import make_node_key
 
     private = Path(args.key).expanduser()
     public = make_node_key(private)

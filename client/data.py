@@ -1,0 +1,51 @@
+"""A client's training utterances: a device's own folder, or a simulated client's shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+
+from fedspeaker.config import RunSettings
+from fedspeaker.data.features import FeatureSpec
+from fedspeaker.data.speakers import load_device_examples, load_speaker_data
+from fedspeaker.errors import CorpusError
+
+
+def is_simulated(context: Context) -> bool:
+    """A node of Flower's Simulation Engine (it has a partition id and no folder of its own)."""
+    return "data-dir" not in context.node_config
+
+
+def training_examples(settings: RunSettings, context: Context,
+                      speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """This node's training utterances and labels: a device's own folder (node-config
+    ``data-dir``), or in simulation its shard of the corpus (by partition-id)."""
+    if not is_simulated(context):
+        if not speakers:
+            raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
+        state_dir = context.node_config.get("state-dir")
+        return load_device_examples(Path(str(context.node_config["data-dir"])).expanduser(),
+                                    Path(str(state_dir)) if state_dir else settings.feature_cache_dir,
+                                    FeatureSpec(settings.features, settings.n_mels), speakers)
+    return simulated_examples(settings, context)
+
+
+def simulated_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
+    """A simulated client's shard, with wrong labels if the scenario makes it a label flipper."""
+    from fedspeaker.data.partition import client_shards  # flwr-datasets: simulation only
+
+    partition_id = int(context.node_config.get("partition-id", 0))
+    num_partitions = int(context.node_config.get("num-partitions", 1))
+    if num_partitions != settings.num_clients:
+        raise CorpusError(f"the federation has {num_partitions} nodes but num-clients is "
+                          f"{settings.num_clients}; make them equal")
+    data = load_speaker_data(settings)
+    feats, labels = data.train_examples(client_shards(settings)[partition_id])
+    if settings.byzantine_fraction and settings.attack == "label-flip":
+        from client.scenarios import client_role, flip_labels
+
+        if client_role(settings, partition_id).byzantine:
+            labels = flip_labels(labels, data.n_speakers)
+    return feats, labels

@@ -1,0 +1,5 @@
+import sys
+
+from fedspeaker.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""`fedspeaker`: federated speaker recognition, simulated or deployed, and used on devices.
+
+The command line is the one place that composes every layer: runs and comparisons
+(cli/runs.py) drive simulations/, deployment commands (cli/deploy.py) start Flower's
+SuperLink and SuperNodes, device commands (cli/device.py) export, enrol and verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+from typing import Any, Callable, Sequence
+
+from fedspeaker.cli.deploy import add_commands as add_deployment_commands
+from fedspeaker.cli.device import add_commands as add_device_commands
+from fedspeaker.cli.runs import audit, central, compare, identify, privacy_sweep, simulate
+from fedspeaker.config import PARTITIONS, STRATEGIES, RunSettings
+from fedspeaker.errors import FedSpeakerError
+
+log = logging.getLogger("fedspeaker")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # so `kill` also stops the processes we started
+    logging.basicConfig(level=logging.INFO, format="fedspeaker: %(levelname)s: %(message)s")
+    for noisy in ("matplotlib", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.command(args)
+    except FedSpeakerError as exc:
+        print(f"fedspeaker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedspeaker: interrupted; every process this run started has been stopped",
+              file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedspeaker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    d = RunSettings()  # defaults shown in --help come from the one typed config
+
+    def run_command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(command=func)
+        p.add_argument("--data-dir", help="corpus root: <root>/<speaker>/<utterance>.{wav,flac} "
+                       "(default: the bundled DSPSpeech-20 mini)")
+        p.add_argument("--clients", type=_positive(int), help=f"number of clients (default {d.num_clients})")
+        p.add_argument("--rounds", type=_positive(int), help=f"federated rounds (default {d.rounds})")
+        p.add_argument("--partition", choices=PARTITIONS, help="how utterances are split "
+                       f"across clients (default {d.partition})")
+        p.add_argument("--alpha", type=_positive(float), help="Dirichlet concentration over "
+                       f"speakers; smaller is more skewed (default {d.alpha})")
+        p.add_argument("--local-epochs", type=_positive(int), help=f"epochs per round (default {d.local_epochs})")
+        p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+        p.add_argument("--noise-multiplier", type=_positive(float),
+                       help="DP-SGD noise multiplier (instead of a target --epsilon)")
+        p.add_argument("--epsilon", type=_positive(float),
+                       help=f"target epsilon per client over the whole run (default {d.epsilon:g})")
+        p.add_argument("--epsilon-budget", type=_positive(float), help="a client stops training "
+                       "(and says so) once its next round would take it past this epsilon")
+        p.add_argument("--delta", type=_positive(float), help=f"DP delta (default {d.delta:g})")
+        p.add_argument("--strategy", choices=STRATEGIES, help="Flower aggregation strategy "
+                       f"(default {d.strategy}); its hyperparameters via --set, e.g. proximal-mu")
+        p.add_argument("--seed", type=int, help=f"seed for splits, partitions, model (default {d.seed})")
+        p.add_argument("--out", help="output folder (default runs/<date-time>)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="any other run-config option from pyproject.toml, e.g. --set lr=0.001")
+        return p
+
+    p = run_command("simulate", simulate, "run a simulated federation (Flower Simulation Engine)")
+    p.add_argument("--resume", action="store_true", help="go on with the run in --out after its "
+                   "last finished round (its settings come from its checkpoint)")
+    run_command("central", central, "train the same model centrally: the upper bound")
+    add_deployment_commands(sub)  # certs, node-key, superlink, supernode
+
+    p = sub.add_parser("compare", help="compare strategies over a grid of partitions, scenarios "
+                       "and seeds (resumable)")
+    p.set_defaults(command=compare)
+    p.add_argument("grid", nargs="?", default="default", help="a grid in simulations/grids/ "
+                   "(default, robust, strategies, realistic, smoke) or a TOML file (default: default)")
+    p.add_argument("--out", help="output folder (default runs/compare-<grid>); re-running with the "
+                   "same folder runs only the cells that are missing")
+    p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a run-config option for every cell, e.g. --set rounds=5")
+
+    p = sub.add_parser("privacy-sweep", help="accuracy, EER and membership-inference AUC against "
+                       "epsilon: no DP, sample-level and user-level DP on the same shards")
+    p.set_defaults(command=privacy_sweep)
+    p.add_argument("--epsilons", type=_number_list(float), default=[1.0, 2.0, 4.0, 8.0],
+                   help="sample-level target epsilons (default 1,2,4,8)")
+    p.add_argument("--user-noise", type=_number_list(float), default=[1.0, 4.0],
+                   help="user-level noise multipliers, Flower's server-side fixed clipping "
+                   "(default 1,4; empty to skip)")
+    p.add_argument("--seeds", type=_number_list(int), default=[0], help="seeds (default 0)")
+    p.add_argument("--rounds", type=_positive(int), help=f"rounds per run (default {d.rounds})")
+    p.add_argument("--out", help="output folder (default runs/privacy-sweep; resumable)")
+    p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a run-config option for every run, e.g. --set local-epochs=1")
+
+    p = sub.add_parser("audit", help="membership-inference attacks on trained models (AUC)")
+    p.set_defaults(command=audit)
+    p.add_argument("model", nargs="+", help="global_model.pt files written by simulate, central "
+                   "or compare (audited on the corpus they were trained on)")
+
+    p = sub.add_parser("identify", help="name the most likely speakers of audio files")
+    p.set_defaults(command=identify)
+    p.add_argument("--model", required=True, help="global_model.pt written by simulate or central")
+    p.add_argument("--top", type=_positive(int), default=3, help="speakers to list (default 3)")
+    p.add_argument("audio", nargs="+", help="audio files (.wav or .flac)")
+    add_device_commands(sub)  # export, enroll, verify
+    return parser
+
+
+def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if any(isinstance(v, float) and not (v > 0 and math.isfinite(v)) for v in values):
+            raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+        return values
+
+    return parse
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    noun = {"int": "an integer", "float": "a number"}[kind.__name__]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} > 0, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected {noun} > 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+if __name__ == "__main__":
+    sys.exit(main())

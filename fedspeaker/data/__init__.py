@@ -1,0 +1,1 @@
+"""Speech in: audio decoding, corpora and their split, torchaudio features (cached), partitions."""

@@ -1,0 +1,1 @@
+"""Deployment tooling: certificates and keys, Flower's SuperLink/SuperNode commands, child processes."""

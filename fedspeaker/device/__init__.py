@@ -1,0 +1,1 @@
+"""The model on a device: TorchScript export, enrolment and verification."""

@@ -1,0 +1,1 @@
+"""Scoring speaker models: identification accuracy, verification EER, embeddings."""

@@ -1,0 +1,1 @@
+"""What a run writes: rounds.csv, summary.json and plots."""

@@ -1,0 +1,80 @@
+"""The client/server contract: every key a fedspeaker message carries, in one place.
+
+Both apps import their keys from here, so a key is renamed (or its meaning changed) in
+one file. Flower's own keys (``server-round`` in a train config, ``proximal-mu`` sent
+by FedProx) are listed too, since fedspeaker reads them.
+
+Server -> client, train message (``config`` record, Flower's ConfigRecord):
+
+====================  ======  ===================================================
+key                   type    meaning
+====================  ======  ===================================================
+``server-round``      int     the round, counted over the whole run (Flower's key)
+``num-rounds``        int     rounds in the whole run
+``speakers``          list    the federation's training speakers in label order:
+                              label i is speakers[i] (SecAgg+ runs, whose legacy
+                              configs hold no lists, send one newline-joined str)
+``federation-id``     str     one id per federation, kept on resume; a client keys
+                              its privacy ledger file by it
+``proximal-mu``       float   FedProx's proximal term (Flower's key; FedProx only)
+``step-fraction``     float   share of its local steps the client takes (default 1;
+                              set by the straggler scenario in simulation)
+====================  ======  ===================================================
+
+Client -> server, train reply (``arrays`` record: the trained weights, absent when the
+client sat out; ``metrics`` record):
+
+==========================  =====  ==============================================
+key                         type   meaning
+==========================  =====  ==============================================
+``num-examples``            int    training utterances used (FedAvg's weight)
+``unit-weight``             int    always 1: equal weights for user-level DP
+``train-loss``              float  mean training loss of this round
+``train-seconds``           float  the whole round on the client, start-up included
+``startup-seconds``         float  process start (or message) to features loaded
+``fit-seconds``             float  training alone
+``peak-rss-mb``             float  the client process's peak resident memory
+``epsilon``                 float  sample-level epsilon spent so far (DP runs)
+``sat-out-for-budget``      int    1: the next round would pass its epsilon budget,
+                                   so it sent no weights
+==========================  =====  ==============================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# server -> client (train config)
+SERVER_ROUND = "server-round"
+NUM_ROUNDS = "num-rounds"
+SPEAKERS = "speakers"
+FEDERATION_ID = "federation-id"
+PROXIMAL_MU = "proximal-mu"
+STEP_FRACTION = "step-fraction"
+
+# client -> server (reply records and metrics)
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+NUM_EXAMPLES = "num-examples"
+UNIT_WEIGHT = "unit-weight"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+STARTUP_SECONDS = "startup-seconds"
+FIT_SECONDS = "fit-seconds"
+PEAK_RSS_MB = "peak-rss-mb"
+EPSILON = "epsilon"
+SAT_OUT = "sat-out-for-budget"
+
+
+def speakers_from_config(config: Mapping[str, Any]) -> list[str]:
+    """The label space a train config carries: a list, or (SecAgg+) one joined string."""
+    speakers = config.get(SPEAKERS, [])
+    if isinstance(speakers, str):
+        return speakers.split("\n") if speakers else []
+    return list(speakers)
+
+
+def sat_out(content: Any) -> bool:
+    """Whether a reply's RecordDict comes from a client that stopped for its budget."""
+    return any(record.get(SAT_OUT, 0) for record in content.metric_records.values())
