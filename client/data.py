@@ -8,7 +8,6 @@ import torch
 from flwr.app import Context
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data.features import FeatureSpec
 from fedspeaker.data.speakers import load_device_examples, load_speaker_data
 from fedspeaker.errors import CorpusError
 
@@ -28,7 +27,7 @@ def training_examples(settings: RunSettings, context: Context,
         state_dir = context.node_config.get("state-dir")
         return load_device_examples(Path(str(context.node_config["data-dir"])).expanduser(),
                                     Path(str(state_dir)) if state_dir else settings.feature_cache_dir,
-                                    FeatureSpec(settings.features, settings.n_mels), speakers)
+                                    settings.feature_spec, speakers)
     return simulated_examples(settings, context)
 
 

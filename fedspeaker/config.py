@@ -15,12 +15,17 @@ import math
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fedspeaker.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fedspeaker.data.features import FeatureSpec
+
 CORPUS_NAME = "dspspeech20-mini"
 
+MODELS = ("ge2e", "tdnn")
+SCORE_NORMS = ("none", "s-norm")
 PARTITIONS = ("iid", "dirichlet", "pathological", "natural", "power-law")
 FEATURES = ("fbank", "mfcc")
 ACCOUNTANTS = ("rdp", "prv")
@@ -42,13 +47,21 @@ class RunSettings:
     seed: int = 0
     unseen_speakers: int = 0  # 0: a quarter of the speakers, at least 2
     test_fraction: float = 0.2
-    # Features
+    # Model: the pretrained GE2E encoder fine-tuned at the top, or a TDNN from scratch
+    model: str = "ge2e"
+    margin: float = 0.2  # GE2E: additive angular margin of the AAM-softmax loss (radians)
+    scale: float = 30.0  # GE2E: scale of the cosine logits
+    # TDNN only: its features and size
     features: str = "fbank"
     n_mels: int = 40
     crop_frames: int = 200
-    # Model
     channels: int = 128
     embedding_dim: int = 128
+    # Evaluation (verification trials on unseen speakers)
+    max_trials: int = 0  # 0: every pair of unseen-speaker utterances; N: a seeded sample of N
+    trial_list: str = ""  # a VoxCeleb-format list (label enrol test), paths under data-dir
+    score_norm: str = "none"  # "s-norm": adaptive s-norm against training-speaker embeddings
+    cohort_top: int = 100  # s-norm: the closest cohort scores each side is normalised by
     # Federation
     strategy: str = "fedavg"
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
@@ -135,6 +148,14 @@ class RunSettings:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
+        _choice("model", self.model, MODELS)
+        _choice("score-norm", self.score_norm, SCORE_NORMS)
+        _at_least("margin", self.margin, 0.0)
+        if self.margin >= math.pi / 2:
+            raise ConfigError(f"margin must be below pi/2 radians, got {self.margin}")
+        _positive("scale", self.scale)
+        _at_least("max-trials", self.max_trials, 0)
+        _at_least("cohort-top", self.cohort_top, 2)
         _choice("partition", self.partition, PARTITIONS)
         _choice("features", self.features, FEATURES)
         _choice("accountant", self.accountant, ACCOUNTANTS)
@@ -206,10 +227,13 @@ class RunSettings:
         return max(int(self.num_clients * self.fraction_train), self.min_train_nodes)
 
     @property
-    def eval_frames(self) -> int:
-        """Frames of an utterance the server (and a device) embeds when it scores: the
-        centre of the utterance, up to four training crops long."""
-        return 4 * self.crop_frames
+    def feature_spec(self) -> "FeatureSpec":
+        """What the model reads, computed once per file and cached."""
+        from fedspeaker.data.features import FeatureSpec
+
+        if self.model == "ge2e":
+            return FeatureSpec("ge2e")
+        return FeatureSpec(self.features, self.n_mels)
 
     @property
     def corpus_dir(self) -> Path:
@@ -227,6 +251,18 @@ class RunSettings:
             return Path(self.cache_dir).expanduser()
         env = os.environ.get("FEDSPEAKER_CACHE")
         return Path(env) if env else Path.home() / ".cache" / "fedspeaker"
+
+
+# Options added after runs were saved whose older behaviour is not the new default:
+# before the pretrained GE2E encoder, every run trained the TDNN.
+_OLDER_BEHAVIOUR = {"model": "tdnn"}
+
+
+def saved_run_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config saved by this or an older fedspeaker (a checkpoint, a model bundle, a
+    comparison cell), complete: every option it lacks at the value its run used."""
+    known = {**RunSettings().to_run_config(), **_OLDER_BEHAVIOUR}
+    return {**known, **config}
 
 
 def bundled_corpus() -> Path:

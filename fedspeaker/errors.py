@@ -15,3 +15,7 @@ class AudioError(FedSpeakerError):
 
 class CorpusError(FedSpeakerError):
     """The corpus or its partition cannot support a run (too few speakers, empty shard)."""
+
+
+class ModelError(FedSpeakerError):
+    """A model or its weights cannot be loaded."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from functools import cached_property
 from logging import INFO, WARNING
 
 import torch
@@ -17,7 +18,7 @@ from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
-from fedspeaker.evaluation.scoring import evaluate
+from fedspeaker.evaluation.scoring import EvaluationSet, evaluate
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
@@ -39,8 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     torch.set_num_threads(1)
     data = load_speaker_data(settings)
-    model = build_model(settings.n_mels, data.n_speakers, settings.channels,
-                        settings.embedding_dim, settings.seed)
+    model = build_model(settings, data.n_speakers)
     checkpoint = Checkpoint.load(settings) if settings.resume else None
     report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [])
     rounds = RoundTracker(settings, data, model, report, checkpoint)
@@ -85,6 +85,10 @@ class RoundTracker:
         self.client_metrics: dict[str, float] = {}
         self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
 
+    @cached_property
+    def evaluation(self) -> EvaluationSet:
+        return EvaluationSet.of(self.data, self.settings)
+
     def observe_replies(self, server_round: int, replies: list[RecordDict]) -> None:
         """Every reply of the round, selected by the strategy or not."""
         self.observe_metrics([next(iter(r.metric_records.values())) for r in replies],
@@ -113,10 +117,17 @@ class RoundTracker:
         }
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower's hook after every round (and before the first, as round 0)."""
+        """Flower's hook after every round, and before the first: round 0, the starting
+        model (the pretrained encoder), so every report shows what federating added."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        scores = self.score()
-        if server_round > 0:
+        scores = evaluate(self.model, self.evaluation)
+        if server_round == 0 and self.offset == 0:
+            now = time.monotonic()
+            row = {"round": 0, **scores, "round_seconds": now - self.round_started,
+                   "seconds": now - self.started}
+            self.report.add_round(row)
+            flwr_log(INFO, "%s", progress_line(row))
+        elif server_round > 0:
             server_round += self.offset
             now = time.monotonic()
             row = {"round": server_round, **scores, **self.client_metrics,
@@ -143,17 +154,13 @@ class RoundTracker:
             flwr_log(WARNING, "round %d: could not write checkpoint.pt (%s: %s); the run goes on, "
                      "but cannot be resumed from this round", server_round, type(exc).__name__, exc)
 
-    def score(self) -> dict[str, float]:
-        test_x, test_y = self.data.test_examples()
-        verify_x, verify_spk = self.data.verification_examples()
-        return evaluate(self.model, test_x, test_y, verify_x, verify_spk, self.settings.eval_frames)
-
     def finish(self, arrays: ArrayRecord) -> None:
         self.model.load_state_dict(arrays.to_torch_state_dict())
+        scores = evaluate(self.model, self.evaluation)
         self.report.finish(
             run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
-                        mode="federated"),
-            model_bundle(self.settings, self.data, self.model),
+                        mode="federated", evaluation=self.evaluation),
+            model_bundle(self.settings, self.data.split.speakers, self.model, scores, self.evaluation),
         )
 
 

@@ -21,7 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedspeaker.config import RunSettings
+from fedspeaker.config import RunSettings, saved_run_config
 from fedspeaker.errors import ConfigError
 from fedspeaker.files import atomic_write
 
@@ -66,7 +66,7 @@ class Checkpoint:
     def check(self, settings: RunSettings) -> "Checkpoint":
         """Itself, if ``settings`` are the checkpointed run's and rounds are left to run."""
         ignore = {"resume", "out-dir"}  # read from out-dir itself, wherever it is now
-        saved, now = self.run_config, settings.to_run_config()
+        saved, now = saved_run_config(self.run_config), settings.to_run_config()
         changed = sorted(k for k in saved.keys() | now.keys()
                          if k not in ignore and saved.get(k) != now.get(k))
         if changed:

@@ -7,7 +7,7 @@ import time
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
-from fedspeaker.evaluation.scoring import evaluate
+from fedspeaker.evaluation.scoring import EvaluationSet, evaluate
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
@@ -23,18 +23,21 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     data = load_speaker_data(settings)
     shards = client_shards(settings)
     feats, labels = data.train_examples(sorted(i for shard in shards for i in shard))
-    test_x, test_y = data.test_examples()
-    verify_x, verify_spk = data.verification_examples()
+    evaluation = EvaluationSet.of(data, settings)
     trainer = LocalTrainer(settings, data.n_speakers)
     ledger = PrivacyLedger(settings.accountant)
     report = RunReport(settings.out_dir_path)
     started = time.monotonic()
+    row = {"round": 0, **evaluate(trainer.model, evaluation), "round_seconds": time.monotonic() - started,
+           "seconds": time.monotonic() - started}  # the starting model
+    report.add_round(row)
+    on_round(progress_line(row))
     for epoch_round in range(1, settings.rounds + 1):
         round_started = time.monotonic()
         loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
                              planned_epochs=settings.rounds * settings.local_epochs)
         train_seconds = time.monotonic() - round_started
-        scores = evaluate(trainer.model, test_x, test_y, verify_x, verify_spk, settings.eval_frames)
+        scores = evaluate(trainer.model, evaluation)
         eps = ledger.epsilon(settings.delta) if settings.dp else float("nan")
         now = time.monotonic()
         row = {"round": epoch_round, **scores, "epsilon_max": eps, "epsilon_mean": eps,
@@ -42,6 +45,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
                "round_seconds": now - round_started, "seconds": now - started}
         report.add_round(row)
         on_round(progress_line(row))
-    summary = run_summary(settings, data, report.rows, time.monotonic() - started, mode="central")
-    report.finish(summary, model_bundle(settings, data, trainer.model))
+    summary = run_summary(settings, data, report.rows, time.monotonic() - started, mode="central",
+                          evaluation=evaluation)
+    report.finish(summary, model_bundle(settings, data.split.speakers, trainer.model, scores, evaluation))
     return summary

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from fedspeaker.config import RunSettings
+from fedspeaker.config import RunSettings, saved_run_config
 from fedspeaker.errors import FedSpeakerError
 from simulations.central import run_central
 from simulations.compare_report import write_outputs
@@ -78,7 +78,7 @@ def run_grid(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None =
 def is_done(folder: Path, settings: RunSettings) -> bool:
     """Finished with exactly these settings (a changed grid or --set runs it again).
 
-    An option added to fedspeaker after the cell ran counts as its default; cells copied
+    An option added to fedspeaker after the cell ran counts as what the cell ran with; cells copied
     from another comparison's folder are reused.
     """
     try:
@@ -89,7 +89,7 @@ def is_done(folder: Path, settings: RunSettings) -> bool:
         return {k: v for k, v in config.items() if k != "out-dir"}  # cells may be moved or copied
 
     return ((folder / "summary.json").exists() and comparable(
-        {**RunSettings().to_run_config(), **recorded}) == comparable(settings.to_run_config()))
+        saved_run_config(recorded)) == comparable(settings.to_run_config()))
 
 
 def package_versions() -> dict[str, str]:

@@ -2,8 +2,8 @@
 
     python -m simulations.dp_overhead [--steps N] [--batch-size B]
 
-Same model (the default settings), same batches, one thread as in a client; prints the
-median seconds per step of each and their ratio.
+Same model (the default settings, or --set model=tdnn), same batches, one thread as in a
+client; prints the median seconds per step of each and their ratio.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedspeaker.config import RunSettings
@@ -25,11 +24,12 @@ from fedspeaker.privacy.ledger import PrivacyLedger
 def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int) -> list[float]:
     gen = torch.Generator().manual_seed(0)
     n = steps * batch_size
-    x = torch.randn(n, settings.n_mels, settings.crop_frames, generator=gen)
+    model = build_model(settings, 26)
+    model.train()
+    loss = model.loss
+    x = torch.randn(n, model.input_channels, model.train_frames, generator=gen)
     y = torch.randint(0, 26, (n,), generator=gen)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
-    model = build_model(settings.n_mels, 26, settings.channels, settings.embedding_dim, seed=0)
-    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
     if dp:
         _, model, optimizer, loader = make_private(
@@ -40,7 +40,7 @@ def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int) -
     for xb, yb in loader:
         started = time.perf_counter()
         optimizer.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
+        loss(model(xb), yb).backward()
         optimizer.step()
         times.append(time.perf_counter() - started)
     return times[2:]  # the first steps warm up
@@ -50,13 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=RunSettings().batch_size)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config option, e.g. --set model=tdnn")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    settings = RunSettings()
+    settings = RunSettings.from_run_config(dict(item.split("=", 1) for item in args.set))
     plain = statistics.median(step_seconds(False, settings, args.steps, args.batch_size))
     private = statistics.median(step_seconds(True, settings, args.steps, args.batch_size))
-    print(f"model: {settings.channels} channels, batch {args.batch_size} x {settings.crop_frames} "
-          f"frames x {settings.n_mels} mels, 1 thread, median of {args.steps - 2} steps")
+    print(f"model: {settings.model}, batch {args.batch_size}, 1 thread, median of {args.steps - 2} steps")
     print(f"plain SGD step: {plain * 1000:.1f} ms")
     print(f"DP-SGD step (Opacus, per-sample clipping + noise): {private * 1000:.1f} ms")
     print(f"DP step overhead: {private / plain:.2f}x")

@@ -33,10 +33,15 @@ pytestmark = [
 # ------------------------------------------------------------------ model
 
 
+def tdnn(*, n_mels: int, n_speakers: int, channels: int, embedding_dim: int, seed: int) -> SpeakerNet:
+    return build_model(RunSettings(model="tdnn", n_mels=n_mels, channels=channels,
+                                   embedding_dim=embedding_dim, seed=seed), n_speakers)
+
+
 def test_speakernet_is_valid_for_opacus():
-    model = build_model(40, 10, channels=16, embedding_dim=16, seed=0)
+    model = tdnn(n_mels=40, n_speakers=10, channels=16, embedding_dim=16, seed=0)
     assert ModuleValidator.validate(model, strict=True) == []
-    assert ModuleValidator.validate(build_model(40, 26, 128, 128, seed=0), strict=False) == []
+    assert ModuleValidator.validate(tdnn(n_mels=40, n_speakers=26, channels=128, embedding_dim=128, seed=0), strict=False) == []
 
 
 def test_batchnorm_model_fails_opacus_validation():
@@ -56,7 +61,7 @@ def test_speakernet_with_batchnorm_swapped_in_fails_validation():
 
 @pytest.mark.parametrize("frames", [20, 57, 100, 201])
 def test_forward_shapes(frames):
-    model = build_model(40, 7, channels=16, embedding_dim=12, seed=0)
+    model = tdnn(n_mels=40, n_speakers=7, channels=16, embedding_dim=12, seed=0)
     x = torch.randn(3, 40, frames)
     assert model.frames(x).shape == (3, 16, frames)  # 'same' padding keeps time length
     assert model.embed(x).shape == (3, 12)
@@ -67,7 +72,7 @@ def test_forward_shapes(frames):
 
 def test_embedding_is_independent_of_batch_neighbours():
     # per-sample gradients (Opacus) need layers that do not mix samples
-    model = build_model(40, 4, channels=16, embedding_dim=8, seed=0).eval()
+    model = tdnn(n_mels=40, n_speakers=4, channels=16, embedding_dim=8, seed=0).eval()
     x = torch.randn(5, 40, 60)
     together = model.embed(x)
     alone = torch.cat([model.embed(x[i : i + 1]) for i in range(5)])
@@ -75,9 +80,9 @@ def test_embedding_is_independent_of_batch_neighbours():
 
 
 def test_build_model_is_seeded_and_leaves_global_rng_alone():
-    a = build_model(40, 5, 16, 16, seed=3)
-    b = build_model(40, 5, 16, 16, seed=3)
-    c = build_model(40, 5, 16, 16, seed=4)
+    a = tdnn(n_mels=40, n_speakers=5, channels=16, embedding_dim=16, seed=3)
+    b = tdnn(n_mels=40, n_speakers=5, channels=16, embedding_dim=16, seed=3)
+    c = tdnn(n_mels=40, n_speakers=5, channels=16, embedding_dim=16, seed=4)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
@@ -85,7 +90,7 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    build_model(40, 5, 16, 16, seed=9)
+    tdnn(n_mels=40, n_speakers=5, channels=16, embedding_dim=16, seed=9)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -217,7 +222,7 @@ def test_ledger_epsilon_matches_opacus_accountant():
 def test_make_private_continues_the_ledger():
     feats = [torch.randn(40, 60) for _ in range(16)]
     labels = [i % 2 for i in range(16)]
-    model = build_model(40, 2, 16, 8, seed=0)
+    model = tdnn(n_mels=40, n_speakers=2, channels=16, embedding_dim=8, seed=0)
     loader = make_loader(feats, labels, 50, 4, seed=0)
     ledger = PrivacyLedger("rdp", [(1.3, 0.25, 12)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -233,7 +238,7 @@ def test_make_private_continues_the_ledger():
 
 # ------------------------------------------------------------------ LocalTrainer under DP
 
-SMALL = dict(channels=16, embedding_dim=16, n_mels=40, crop_frames=100, batch_size=8,
+SMALL = dict(model="tdnn", channels=16, embedding_dim=16, n_mels=40, crop_frames=100, batch_size=8,
              rounds=3, local_epochs=1, dp=True)
 
 

@@ -16,11 +16,12 @@ import fedspeaker
 from fedspeaker import cli
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_speaker_data
-from fedspeaker.device.export import file_sha256
+from fedspeaker.files import file_sha256
 from fedspeaker.model.bundle import SpeakerModel
 from fedspeaker.training.local import LocalTrainer
-from fedspeaker.evaluation.metrics import eer_operating_point, verification_trials
-from fedspeaker.evaluation.scoring import embed
+from fedspeaker.evaluation.metrics import eer_operating_point
+from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
+from fedspeaker.evaluation.trials import all_pairs, trial_scores
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.device.voiceprints import EnrolmentStore, load_embedder, verify
@@ -29,19 +30,26 @@ from tests.conftest import make_corpus
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):
-    """A small model trained on 4 synthetic speakers (2 more are unseen), as a bundle."""
+MODELS = {"ge2e": dict(model="ge2e"),
+          "tdnn": dict(model="tdnn", channels=16, embedding_dim=16, crop_frames=40)}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A small model trained on 4 synthetic speakers (2 more are unseen), as a bundle:
+    the fine-tuned GE2E encoder, and the TDNN."""
     root = tmp_path_factory.mktemp("voice")
     corpus = make_corpus(root / "corpus", seconds=1.0)
     settings = RunSettings(data_dir=str(corpus.root), cache_dir=str(root / "cache"), dp=False,
-                           channels=16, embedding_dim=16, crop_frames=40, local_epochs=15, lr=0.05)
+                           local_epochs=15, lr=0.05, **MODELS[request.param])
     data = load_speaker_data(settings)
     trainer = LocalTrainer(settings, data.n_speakers)
     feats, labels = data.train_examples()
     trainer.train(feats, labels, PrivacyLedger(), seed=0)
     bundle = root / "global_model.pt"
-    torch.save(model_bundle(settings, data, trainer.model), bundle)
+    evaluation = EvaluationSet.of(data, settings)
+    scores = evaluate(trainer.model, evaluation)
+    torch.save(model_bundle(settings, data.split.speakers, trainer.model, scores, evaluation), bundle)
     return bundle, corpus, data, settings
 
 
@@ -61,11 +69,12 @@ def test_the_bundle_holds_the_threshold_measured_on_unseen_speakers(trained) -> 
     model = SpeakerModel.load(bundle)
     feats, speakers = data.verification_examples()
     assert set(speakers).isdisjoint(data.split.speakers)  # unseen in training
-    eer, threshold = eer_operating_point(*verification_trials(
-        embed(model.model, feats, settings.eval_frames), speakers))
+    trials = all_pairs(speakers)
+    eer, threshold = eer_operating_point(trial_scores(embed(model.model, feats), trials), trials.target)
     assert model.verification["threshold"] == pytest.approx(threshold)
     assert model.verification["eer"] == pytest.approx(eer)
     assert model.verification["unseen_speakers"] == len(set(speakers))
+    assert model.verification["trials"] == len(trials)
 
 
 def test_export_needs_torch_alone_and_embeds_like_the_training_stack(trained, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedspeaker.config import RunSettings
+from fedspeaker.config import RunSettings, saved_run_config
 from fedspeaker.errors import FedSpeakerError
 
 
@@ -190,7 +190,8 @@ def _resumed_settings(args: argparse.Namespace) -> RunSettings:
                               f"{', '.join(given)}")
     out = Path(args.out).expanduser().resolve()
     checkpoint = Checkpoint.read(out)  # read once: it holds the settings and what is done
-    settings = RunSettings.from_run_config({**checkpoint.run_config, "resume": True, "out-dir": str(out)})
+    settings = RunSettings.from_run_config({**saved_run_config(checkpoint.run_config), "resume": True,
+                                           "out-dir": str(out)})
     done = checkpoint.check(settings).round
     print(f"resuming {out} after round {done} of {settings.rounds}", flush=True)
     return settings

@@ -1,4 +1,6 @@
-"""torchaudio filterbank/MFCC features, computed once per file and cached on disk.
+"""A model's input features, computed once per file and cached on disk: torchaudio
+filterbanks or MFCCs (the TDNN), or the pretrained GE2E encoder's frozen LSTM states
+(fine-tuning GE2E: its lower layers never change, so their output is a feature too).
 
 The cache key is the audio file's content hash plus the feature parameters, so a
 renamed file still hits and a changed file or setting misses. Files that fail to
@@ -26,17 +28,26 @@ _VERSION = 1  # bump when the computation below changes
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    kind: str = "fbank"  # "fbank" (log-mel) or "mfcc"
-    n_mels: int = 40
+    kind: str = "fbank"  # "fbank" (log-mel), "mfcc", or "ge2e" (frozen encoder states)
+    n_mels: int = 40  # fbank and mfcc; GE2E's input is fixed (40 power-mel bands)
     sample_rate: int = audio.SAMPLE_RATE
 
     @property
     def id(self) -> str:
+        if self.kind == "ge2e":
+            from fedspeaker.model.ge2e import weights_id
+
+            return f"ge2e-{weights_id()}-{self.sample_rate}-v{_VERSION}"
         return f"{self.kind}{self.n_mels}-{self.sample_rate}-v{_VERSION}"
 
 
 def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
-    """(samples,) waveform -> (n_mels, frames) mean-normalised features."""
+    """(samples,) waveform -> (channels, frames): mean-normalised fbank/MFCC (n_mels,
+    frames), or GE2E's frozen LSTM states (256, partial windows)."""
+    if spec.kind == "ge2e":
+        from fedspeaker.model.ge2e import frozen_states
+
+        return frozen_states(wave)
     import torchaudio.compliance.kaldi as kaldi  # here: a client whose features are cached skips it
 
     scaled = (wave * 32768.0).unsqueeze(0)  # Kaldi's int16 scale

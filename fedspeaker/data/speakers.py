@@ -48,7 +48,7 @@ def load_speaker_data(settings: RunSettings) -> SpeakerData:
     Kept in memory per process, so a Ray actor that serves many rounds loads once.
     """
     return _load(settings.corpus_dir.resolve(), settings.feature_cache_dir,
-                 FeatureSpec(settings.features, settings.n_mels), settings.seed,
+                 settings.feature_spec, settings.seed,
                  settings.unseen_speakers, settings.test_fraction)
 
 

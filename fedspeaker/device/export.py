@@ -1,10 +1,11 @@
 """The global model as one TorchScript file a device runs with `torch` alone.
 
 `fedspeaker export` writes `embedder.pt`: 16 kHz mono waveform in, unit-length speaker
-embedding out, features included. torchaudio's Kaldi fbank cannot be scripted, so
-`KaldiFbank` recomputes it from the same window and mel matrix (taken from torchaudio
-at export time and stored as buffers); the export checks that both give the same
-embedding before it writes anything.
+embedding out, features included. For the TDNN, torchaudio's Kaldi fbank cannot be
+scripted, so `KaldiFbank` recomputes it from the same window and mel matrix (taken from
+torchaudio at export time and stored as buffers); for GE2E, `GE2EWaveformEmbedder`
+holds the power mel (same), the frozen LSTM and the fine-tuned projection. The export
+checks that it gives the training stack's embedding before it writes anything.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from fedspeaker import __version__
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.files import file_sha256
 from fedspeaker.model.bundle import SpeakerModel
-from fedspeaker.data.features import FeatureSpec, compute_features
+from fedspeaker.data.features import compute_features
 from fedspeaker.evaluation.scoring import embed
 from fedspeaker.model import SpeakerNet
 
 EMBEDDER_FILE = "embedder.pt"
 MANIFEST_FILE = "manifest.json"
 EXPORT_TOLERANCE = 1e-4  # largest embedding difference the export accepts
+GE2E_NOTICE = ("embedder.pt holds the GE2E speaker encoder of Resemblyzer 0.1.4 (Copyright "
+               "Corentin Jemine, Apache License 2.0, https://github.com/resemble-ai/Resemblyzer), "
+               "its projection fine-tuned by fedspeaker (Apache License 2.0).")
 
 
 class KaldiFbank(nn.Module):
@@ -78,6 +82,52 @@ class WaveformEmbedder(nn.Module):
         return F.normalize(self.net.embed(feats.unsqueeze(0)), dim=1)[0]
 
 
+class GE2EWaveformEmbedder(nn.Module):
+    """Waveform -> unit-length embedding through the whole GE2E stack: volume
+    normalisation, 1.6 s partial windows of the power mel, the frozen LSTM, the fine-tuned
+    projection, the windows averaged (fedspeaker.model.ge2e, scriptable)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        import torchaudio.functional as AF
+
+        from fedspeaker.model import ge2e
+
+        self.lstm = ge2e.frozen_encoder().lstm
+        self.projection = net.projection
+        self.sample_rate, self.hop, self.n_fft = ge2e.SAMPLE_RATE, ge2e.HOP_LENGTH, ge2e.N_FFT
+        self.partial_frames = ge2e.PARTIAL_FRAMES
+        self.frame_step = round(ge2e.SAMPLE_RATE / 1.3 / ge2e.HOP_LENGTH)
+        self.register_buffer("window", torch.hann_window(ge2e.N_FFT))
+        self.register_buffer("mel", AF.melscale_fbanks(ge2e.N_FFT // 2 + 1, 0.0, ge2e.SAMPLE_RATE / 2,
+                                                       ge2e.N_MELS, ge2e.SAMPLE_RATE, "slaney", "slaney"))
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        wave = wave.float()
+        rms = (wave * 32767.0).square().mean().sqrt()
+        if rms > 0:
+            change_db = -30.0 - 20 * torch.log10(rms / 32767.0)
+            if change_db > 0:
+                wave = wave * torch.pow(10.0, change_db / 20)
+        n = wave.numel()
+        n_frames = (n + 1 + self.hop - 1) // self.hop
+        steps = max(1, n_frames - self.partial_frames + self.frame_step + 1)
+        starts = list(range(0, steps, self.frame_step))
+        last = starts[-1] * self.hop
+        if len(starts) > 1 and (n - last) / (self.partial_frames * self.hop) < 0.75:
+            starts = starts[:-1]
+        end = (starts[-1] + self.partial_frames) * self.hop
+        if end > n:
+            wave = F.pad(wave, (0, end - n))
+        spec = torch.stft(F.pad(wave[None], (self.n_fft // 2, self.n_fft // 2))[0], self.n_fft,
+                          self.hop, window=self.window, center=False, return_complex=True)
+        mel = (spec.abs().pow(2.0).T @ self.mel)  # (frames, 40)
+        windows = torch.stack([mel[s:s + self.partial_frames] for s in starts])
+        _, (hidden, _) = self.lstm(windows)
+        partial = F.normalize(torch.relu(self.projection(hidden[-1])), dim=1)
+        return F.normalize(partial.mean(dim=0), dim=0)
+
+
 @dataclass
 class Export:
     folder: Path
@@ -89,17 +139,25 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
     """Write embedder.pt and manifest.json for the global model in ``bundle_path``."""
     model = SpeakerModel.load(bundle_path)
     s = model.settings
-    if s.features != "fbank":
+    spec = s.feature_spec
+    if s.model == "ge2e":
+        module: nn.Module = GE2EWaveformEmbedder(model.model)
+        features = ("GE2E: volume normalised to -30 dBFS, 40-band Slaney power mel (25 ms / 10 ms), "
+                    "1.6 s windows 1.3 per second, frozen LSTM, fine-tuned projection, windows "
+                    "averaged (inside the model)")
+    elif s.features == "fbank":
+        module = WaveformEmbedder(model.model, s.n_mels, spec.sample_rate, model.model.eval_frames)
+        features = (f"Kaldi fbank, {s.n_mels} mel bins, 25 ms / 10 ms, mean-normalised, "
+                    f"centre crop to {model.model.eval_frames} frames (inside the model)")
+    else:
         raise FedSpeakerError(f"{bundle_path}: export supports fbank features; this model uses {s.features}")
-    spec = FeatureSpec(s.features, s.n_mels)
-    max_frames = s.eval_frames  # as the server embeds utterances when it scores
-    scripted = torch.jit.script(WaveformEmbedder(model.model, s.n_mels, spec.sample_rate, max_frames).eval())
+    scripted = torch.jit.script(module.eval())
 
     # the same embedding as the training stack's own path, on a 3 s and a 12 s signal
     diffs = []
     for seconds in (3, 12):
         wave = 0.1 * torch.randn(seconds * spec.sample_rate, generator=torch.Generator().manual_seed(seconds))
-        reference = F.normalize(embed(model.model, [compute_features(wave, spec)], max_frames), dim=1)[0]
+        reference = F.normalize(embed(model.model, [compute_features(wave, spec)]), dim=1)[0]
         with torch.no_grad():
             diffs.append(float((scripted(wave) - reference).abs().max()))
     if max(diffs) > EXPORT_TOLERANCE:
@@ -112,12 +170,11 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
     manifest = {
         "model": EMBEDDER_FILE,
         "input": f"mono float32 waveform at {spec.sample_rate} Hz, samples in [-1, 1], at least 0.3 s",
-        "output": f"unit-length speaker embedding ({model.model.embedding.out_features} floats); "
+        "output": f"unit-length speaker embedding ({model.model.embedding_dim} floats); "
                   "score two with their dot product (cosine)",
         "sample_rate": spec.sample_rate,
-        "features": f"Kaldi fbank, {s.n_mels} mel bins, 25 ms / 10 ms, mean-normalised, "
-                    f"centre crop to {max_frames} frames (inside the model)",
-        "embedding_dim": model.model.embedding.out_features,
+        "features": features,
+        "embedding_dim": model.model.embedding_dim,
         "verification": model.verification,
         "source_model": str(bundle_path.resolve()),
         "source_sha256": file_sha256(bundle_path),
@@ -127,6 +184,9 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "fedspeaker": __version__,
         "torch": torch.__version__,
     }
+    if s.model == "ge2e":
+        manifest["licence"] = GE2E_NOTICE
+        (folder / "NOTICE").write_text(GE2E_NOTICE + "\n")
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return Export(folder, size, max(diffs))
 

@@ -1,41 +1,146 @@
-"""Scoring a speaker model: utterance embeddings, identification and verification."""
+"""Scoring a speaker model as speaker-recognition users expect it.
+
+Identification: held-out utterances of the training speakers, named by the model's
+head and by the nearest enrolled voiceprint (a speaker's voiceprint is the normalised
+mean embedding of its training utterances). Verification: trials on speakers never
+seen in training (every pair, a seeded sample, or a user's trial list), cosine scoring
+(optionally adaptive s-norm against the training utterances' embeddings), EER and
+minDCF (p_target 0.01, C_miss = C_fa = 1), and the EER threshold saved with the model.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fedspeaker.evaluation.metrics import accuracy, verification_eer
-from fedspeaker.model import SpeakerNet
+from fedspeaker.config import RunSettings
+from fedspeaker.data.features import FeatureCache
+from fedspeaker.data.speakers import SpeakerData
+from fedspeaker.errors import AudioError, ConfigError
+from fedspeaker.evaluation.metrics import accuracy, eer_operating_point, min_dcf
+from fedspeaker.evaluation.trials import Trials, choose_trials, read_trial_list, trial_scores
 from fedspeaker.training.loops import fit_length
 
 
 @torch.no_grad()
-def embed(model: SpeakerNet, feats: Sequence[torch.Tensor], max_frames: int) -> torch.Tensor:
-    """Embeddings of whole utterances (up to ``max_frames``), batched by equal length."""
+def embed(model: nn.Module, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Embeddings of whole utterances (up to the model's ``eval_frames``), batched by
+    equal length."""
     model.eval()
-    clipped = [f if f.shape[1] <= max_frames else fit_length(f, max_frames) for f in feats]
+    frames = model.eval_frames
+    clipped = [f if f.shape[1] <= frames else fit_length(f, frames) for f in feats]
     groups: dict[int, list[int]] = defaultdict(list)
     for i, f in enumerate(clipped):
         groups[f.shape[1]].append(i)
-    out = torch.empty(len(feats), model.embedding.out_features)
+    out = torch.empty(len(feats), model.embedding_dim)
     for idx in groups.values():
         out[idx] = model.embed(torch.stack([clipped[i] for i in idx]))
     return out
 
 
+def voiceprints(embeddings: torch.Tensor, labels: Sequence[int], n_speakers: int) -> torch.Tensor:
+    """One unit-length voiceprint per speaker: the mean of its unit-length embeddings."""
+    unit = F.normalize(embeddings, dim=1)
+    sums = torch.zeros(n_speakers, unit.shape[1]).index_add_(0, torch.tensor(list(labels)), unit)
+    return F.normalize(sums, dim=1)
+
+
+@dataclass
+class EvaluationSet:
+    """What the server scores every round: held-out utterances of the training speakers,
+    their training utterances (enrolment for voiceprints, and the s-norm cohort), and the
+    verification utterances with their trials."""
+
+    test_feats: list[torch.Tensor]
+    test_labels: list[int]
+    enrol_feats: list[torch.Tensor]
+    enrol_labels: list[int]
+    n_speakers: int
+    verify_feats: list[torch.Tensor]
+    trials: Trials
+    speakers_scored: int  # distinct speakers in the verification trials
+    score_norm: str = "none"
+    cohort_top: int = 100
+
+    @classmethod
+    def of(cls, data: SpeakerData, settings: RunSettings) -> "EvaluationSet":
+        """The run's evaluation: the split's unseen speakers (all pairs or a seeded sample
+        of ``max-trials``), or the trials of ``trial-list``."""
+        test_feats, test_labels = data.test_examples()
+        enrol_feats, enrol_labels = data.train_examples()
+        if settings.trial_list:
+            verify_feats, trials, scored = _listed_trials(settings)
+        else:
+            verify_feats, speakers = data.verification_examples()
+            trials = choose_trials(speakers, settings.max_trials, settings.seed)
+            trials = Trials(trials.enrol, trials.test, trials.target,
+                            f"{trials.source} of {len(speakers)} utterances of "
+                            f"{len(set(speakers))} unseen speakers")
+            scored = len(set(speakers))
+        return cls(test_feats, test_labels, enrol_feats, enrol_labels, data.n_speakers,
+                   verify_feats, trials, scored, settings.score_norm, settings.cohort_top)
+
+
+def _listed_trials(settings: RunSettings) -> tuple[list[torch.Tensor], Trials, int]:
+    """The features of a trial list's files, its trials, and how many speaker folders
+    they come from."""
+    files, trials = read_trial_list(Path(settings.trial_list).expanduser(), settings.corpus_dir)
+    cache = FeatureCache(settings.feature_cache_dir, settings.feature_spec)
+    feats = []
+    for path in files:
+        try:
+            feats.append(cache.get(path))
+        except AudioError as exc:
+            raise ConfigError(f"trial-list {settings.trial_list}: {exc}") from None
+    return feats, trials, len({_speaker_folder(path, settings.corpus_dir) for path in files})
+
+
+def _speaker_folder(path: Path, root: Path) -> str:
+    """The first folder under the corpus root: the speaker, in fedspeaker's and
+    VoxCeleb's layouts."""
+    try:
+        return path.resolve().relative_to(root.resolve()).parts[0]
+    except ValueError:
+        return path.parent.name
+
+
 @torch.no_grad()
-def evaluate(model: SpeakerNet, test_feats: Sequence[torch.Tensor], test_labels: Sequence[int],
-             verify_feats: Sequence[torch.Tensor], verify_speakers: list[str],
-             max_frames: int) -> dict[str, float]:
-    """Identification accuracy/loss on held-out utterances; EER on unseen speakers."""
-    logits = model.head(embed(model, test_feats, max_frames))
-    labels = torch.tensor(list(test_labels))
+def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
+    """The model's scores on ``evaluation``.
+
+    Returns ``accuracy`` (the head's identification accuracy), ``voiceprint_accuracy``
+    (nearest enrolled voiceprint), ``loss`` (the head's cross-entropy), ``eer`` and
+    ``min_dcf`` (with the run's score normalisation), ``trials``, and ``threshold`` with
+    ``threshold_eer``: the cosine at the EER operating point of plain cosine scoring and
+    that EER, what a device compares a voiceprint score with.
+    """
+    e = evaluation
+    test = embed(model, e.test_feats)
+    labels = torch.tensor(list(e.test_labels))
+    logits = model.head(test)
+    enrolled = embed(model, e.enrol_feats)
+    prints = voiceprints(enrolled, e.enrol_labels, e.n_speakers)
+    verify = embed(model, e.verify_feats)
+    cosines = trial_scores(verify, e.trials)
+    # the saved threshold is a cosine: what a device computes against a voiceprint
+    eer, threshold = eer_operating_point(cosines, e.trials.target)
+    threshold_eer, scores = eer, cosines
+    if e.score_norm == "s-norm":
+        scores = trial_scores(verify, e.trials, cohort=enrolled, top=e.cohort_top)
+        eer = eer_operating_point(scores, e.trials.target)[0]
     return {
         "accuracy": accuracy(logits, labels),
+        "voiceprint_accuracy": accuracy(F.normalize(test, dim=1) @ prints.T, labels),
         "loss": float(F.cross_entropy(logits, labels)),
-        "eer": verification_eer(embed(model, verify_feats, max_frames), verify_speakers),
+        "eer": eer,
+        "min_dcf": min_dcf(scores, e.trials.target),
+        "threshold": threshold,
+        "threshold_eer": threshold_eer,
+        "trials": float(len(e.trials)),
     }

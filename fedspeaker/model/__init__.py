@@ -1,5 +1,34 @@
-"""Speaker models: the network, how it is built, and the saved global model (bundle)."""
+"""Speaker models: the pretrained GE2E encoder fine-tuned at the top (the default), or a
+TDNN trained from scratch; how they are built; the saved global model (bundle).
 
-from fedspeaker.model.tdnn import SpeakerNet, build_model
+A speaker model maps (batch, channels, frames) inputs to logits over the training
+speakers and has ``embed`` (unit or raw embeddings, for verification), ``head``,
+``loss(logits, labels)``, ``train_frames`` (a training crop) and ``eval_frames`` (what
+scoring reads of an utterance). Its state dict is what trains and what travels: GE2E's
+frozen LSTM is not part of it (its output is cached as features), so it never leaves
+the machine it runs on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedspeaker.config import RunSettings
+from fedspeaker.model.tdnn import SpeakerNet
 
 __all__ = ["SpeakerNet", "build_model"]
+
+
+def build_model(settings: RunSettings, n_speakers: int) -> nn.Module:
+    """The run's model over ``n_speakers`` training speakers. The same seed gives the
+    same initial weights on the server, in every client and in `central`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        if settings.model == "ge2e":
+            from fedspeaker.model.ge2e import GE2ESpeakerNet
+
+            return GE2ESpeakerNet.pretrained(n_speakers, margin=settings.margin, scale=settings.scale)
+        return SpeakerNet(settings.n_mels, n_speakers, settings.channels, settings.embedding_dim,
+                          settings.crop_frames)
+

@@ -9,33 +9,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from fedspeaker.data.audio import load_audio
-from fedspeaker.config import RunSettings
+from fedspeaker.config import RunSettings, saved_run_config
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.files import file_sha256
-from fedspeaker.data.features import FeatureSpec, compute_features
-from fedspeaker.data.speakers import SpeakerData
-from fedspeaker.evaluation.metrics import eer_operating_point, verification_trials
-from fedspeaker.evaluation.scoring import embed
-from fedspeaker.model import SpeakerNet, build_model
+from fedspeaker.data.features import compute_features
+from fedspeaker.evaluation.scoring import EvaluationSet, embed
+from fedspeaker.model import build_model
 
 
-def model_bundle(settings: RunSettings, data: SpeakerData, model: torch.nn.Module) -> dict[str, Any]:
+def model_bundle(settings: RunSettings, speakers: Sequence[str], model: torch.nn.Module,
+                 scores: dict[str, float], evaluation: EvaluationSet) -> dict[str, Any]:
     """Everything `identify`, `export`, `enroll` and `verify` need: the model, its
     speakers and settings, and the verification threshold at the EER operating point
-    measured on the unseen speakers."""
-    feats, speakers = data.verification_examples()
-    scores, same = verification_trials(embed(model, feats, settings.eval_frames), speakers)
-    eer, threshold = eer_operating_point(scores, same)
-    return {"state_dict": model.state_dict(), "speakers": list(data.split.speakers),
+    that ``scores`` (``evaluate``'s, of this model) measured on unseen speakers."""
+    return {"state_dict": model.state_dict(), "speakers": list(speakers),
             "settings": settings.to_run_config(),
-            "verification": {"threshold": threshold, "eer": eer, "unseen_speakers": len(set(speakers)),
-                             "trials": len(scores)}}
+            "verification": {"threshold": scores["threshold"], "eer": scores["threshold_eer"],
+                             "unseen_speakers": evaluation.speakers_scored,
+                             "trials": int(scores["trials"]), "source": evaluation.trials.source}}
 
 
 def save_bundle(bundle: dict[str, Any], path: Path) -> None:
@@ -44,7 +41,7 @@ def save_bundle(bundle: dict[str, Any], path: Path) -> None:
 
 @dataclass
 class SpeakerModel:
-    model: SpeakerNet
+    model: torch.nn.Module
     speakers: list[str]
     settings: RunSettings
     model_id: str  # the bundle file's sha256: enrolments name the model they were made with
@@ -54,9 +51,8 @@ class SpeakerModel:
     def load(cls, path: Path) -> "SpeakerModel":
         try:
             bundle = torch.load(path, map_location="cpu", weights_only=True)
-            settings = RunSettings.from_run_config(bundle["settings"])
-            model = build_model(settings.n_mels, len(bundle["speakers"]), settings.channels,
-                                settings.embedding_dim, settings.seed)
+            settings = RunSettings.from_run_config(saved_run_config(bundle["settings"]))
+            model = build_model(settings, len(bundle["speakers"]))
             model.load_state_dict(bundle["state_dict"])
         except FileNotFoundError:
             raise FedSpeakerError(f"{path}: no such model file") from None
@@ -67,18 +63,18 @@ class SpeakerModel:
                    bundle.get("verification"))
 
     def features(self, path: Path) -> torch.Tensor:
-        spec = FeatureSpec(self.settings.features, self.settings.n_mels)
+        spec = self.settings.feature_spec
         return compute_features(load_audio(path, spec.sample_rate), spec)
 
     @torch.no_grad()
     def embed_file(self, path: Path) -> torch.Tensor:
         """Unit-length embedding of one file, as the server embeds utterances."""
-        emb = embed(self.model, [self.features(path)], self.settings.eval_frames)
+        emb = embed(self.model, [self.features(path)])
         return F.normalize(emb, dim=1)[0]
 
     @torch.no_grad()
     def identify(self, path: Path, top: int = 3) -> list[tuple[str, float]]:
         """The ``top`` most likely training speakers with their probabilities."""
-        probs = self.model(self.features(path).unsqueeze(0)).softmax(dim=1)[0]
+        probs = self.model.head(embed(self.model, [self.features(path)])).softmax(dim=1)[0]
         best = probs.topk(min(top, len(self.speakers)))
         return [(self.speakers[i], float(p)) for p, i in zip(best.values, best.indices)]

@@ -8,6 +8,7 @@ and a classification head over the training speakers used for identification.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,8 +21,15 @@ def _tdnn_block(c_in: int, c_out: int, kernel: int, dilation: int) -> nn.Sequent
 
 
 class SpeakerNet(nn.Module):
-    def __init__(self, n_mels: int, n_speakers: int, channels: int = 128, embedding_dim: int = 128):
+    """TDNN over (batch, n_mels, frames) features. Trains on random ``crop_frames``-frame
+    crops; scores the centre of an utterance, up to four crops long."""
+
+    def __init__(self, n_mels: int, n_speakers: int, channels: int = 128, embedding_dim: int = 128,
+                 crop_frames: int = 200):
         super().__init__()
+        self.input_channels = n_mels
+        self.train_frames = crop_frames
+        self.eval_frames = 4 * crop_frames
         self.frames = nn.Sequential(
             _tdnn_block(n_mels, channels, 5, 1),
             _tdnn_block(channels, channels, 3, 2),
@@ -37,12 +45,12 @@ class SpeakerNet(nn.Module):
         stats = torch.cat([h.mean(dim=2), (h.var(dim=2, unbiased=False) + 1e-5).sqrt()], dim=1)
         return self.embedding(stats)
 
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding.out_features
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(feats))
 
-
-def build_model(n_mels: int, n_speakers: int, channels: int, embedding_dim: int, seed: int) -> SpeakerNet:
-    """The same seed gives the same initial weights on the server and in `central`."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return SpeakerNet(n_mels, n_speakers, channels, embedding_dim)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)

@@ -26,13 +26,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from scipy.stats import mannwhitneyu
 
 from fedspeaker.data.partition import client_shards
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import embed
-from fedspeaker.model import SpeakerNet
 from fedspeaker.model.bundle import SpeakerModel
 
 
@@ -51,14 +51,13 @@ def membership_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> f
 
 
 @torch.no_grad()
-def audit_model(model: SpeakerNet, member_feats: Sequence[torch.Tensor], member_labels: Sequence[int],
-                nonmember_feats: Sequence[torch.Tensor], nonmember_labels: Sequence[int],
-                max_frames: int) -> AuditResult:
+def audit_model(model: nn.Module, *, member_feats: Sequence[torch.Tensor], member_labels: Sequence[int],
+                nonmember_feats: Sequence[torch.Tensor], nonmember_labels: Sequence[int]) -> AuditResult:
     """Run both attacks; a higher score means 'member' for each."""
     feats = list(member_feats) + list(nonmember_feats)
     labels = torch.tensor(list(member_labels) + list(nonmember_labels))
     is_member = np.r_[np.ones(len(member_feats), bool), np.zeros(len(nonmember_feats), bool)]
-    embeddings = embed(model, feats, max_frames)
+    embeddings = embed(model, feats)
     loss_score = -F.cross_entropy(model.head(embeddings), labels, reduction="none").numpy()
     enrolment_score = _leave_one_out_scores(F.normalize(embeddings, dim=1), labels).numpy()
     return AuditResult(
@@ -91,4 +90,5 @@ def audit_run(model_path: Path) -> AuditResult:
     members = sorted(i for shard in client_shards(settings) for i in shard)
     member_x, member_y = data.train_examples(members)
     other_x, other_y = data.test_examples()
-    return audit_model(loaded.model, member_x, member_y, other_x, other_y, settings.eval_frames)
+    return audit_model(loaded.model, member_feats=member_x, member_labels=member_y,
+                       nonmember_feats=other_x, nonmember_labels=other_y)

@@ -14,11 +14,12 @@ from typing import Any
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData
+from fedspeaker.evaluation.scoring import EvaluationSet
 from fedspeaker.model.bundle import save_bundle
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.reporting.plots import plot_curves
 
-COLUMNS = ("round", "accuracy", "eer", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
+COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
            "clients", "sat_out", "upload_bytes", "client_train_seconds",
            # a client's footprint: mean start-up (process start to features loaded) and
@@ -64,8 +65,15 @@ def progress_line(row: dict[str, float]) -> str:
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
     if row.get("sat_out", 0) > 0:  # NaN > 0 is False
         replies += f" (+{int(row['sat_out'])} sat out for budget)"
-    return (f"round {int(row['round']):3d}  accuracy {row['accuracy']:.3f}  EER {row['eer']:.3f}"
-            f"{eps}{replies}  {row['round_seconds']:.1f} s")
+    if int(row["round"]) == 0:
+        replies = "  (the starting model, before any round)"
+    scores = f"accuracy {row['accuracy']:.3f}"
+    if not math.isnan(row.get("voiceprint_accuracy", math.nan)):
+        scores += f" (voiceprint {row['voiceprint_accuracy']:.3f})"
+    scores += f"  EER {row['eer']:.3f}"
+    if not math.isnan(row.get("min_dcf", math.nan)):
+        scores += f"  minDCF {row['min_dcf']:.3f}"
+    return f"round {int(row['round']):3d}  {scores}{eps}{replies}  {row['round_seconds']:.1f} s"
 
 
 def read_rounds(path: Path) -> list[dict[str, float]]:
@@ -78,9 +86,11 @@ def _fmt(value: float) -> str:
 
 
 def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, float]],
-                seconds: float, mode: str) -> dict[str, Any]:
-    """summary.json: the final and best figures, the data used, and the DP guarantee."""
+                seconds: float, *, mode: str, evaluation: EvaluationSet) -> dict[str, Any]:
+    """summary.json: the starting (round 0), final and best figures, the data and trials
+    used, and the DP guarantee."""
     final = rows[-1] if rows else {}
+    start = rows[0] if rows and rows[0]["round"] == 0 else {}
     best = max(rows, key=lambda r: r["accuracy"]) if rows else {}
     eps = final.get("epsilon_max", math.nan)
     return {
@@ -88,8 +98,9 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                   f"{settings.partition}" if mode == "federated" else "central (")
         + (f", DP ε≤{settings.epsilon:g})" if settings.dp and not settings.noise_multiplier else ")"),
         "mode": mode,
-        "final": {k: final.get(k) for k in ("round", "accuracy", "eer", "epsilon_max", "epsilon_mean",
-                                            "user_epsilon")},
+        "final": {k: final.get(k) for k in ("round", "accuracy", "voiceprint_accuracy", "eer",
+                                            "min_dcf", "epsilon_max", "epsilon_mean", "user_epsilon")},
+        "start": {k: start.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
         "best_accuracy": best.get("accuracy"),
         "best_round": best.get("round"),
         "wall_seconds": round(seconds, 2),
@@ -107,5 +118,8 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
             "skipped_files": len(data.skipped),
             "skipped": data.skipped,
         },
+        "verification": {"trials": len(evaluation.trials), "chosen": evaluation.trials.source,
+                         "speakers": evaluation.speakers_scored, "score_norm": settings.score_norm,
+                         "min_dcf": "p_target 0.01, C_miss = C_fa = 1"},
         "settings": settings.to_run_config(),
     }

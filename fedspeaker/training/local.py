@@ -24,8 +24,7 @@ def round_seed(seed: int, party: int, server_round: int) -> int:
 class LocalTrainer:
     def __init__(self, settings: RunSettings, n_speakers: int) -> None:
         self.settings = settings
-        self.model = build_model(settings.n_mels, n_speakers, settings.channels,
-                                 settings.embedding_dim, settings.seed)
+        self.model = build_model(settings, n_speakers)
 
     def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger, *,
               seed: int, epochs: int | None = None, planned_epochs: int | None = None,
@@ -46,7 +45,7 @@ class LocalTrainer:
         epochs = epochs or s.local_epochs
         torch.manual_seed(seed)
         self.model.train()  # evaluation in between rounds leaves it in eval mode
-        loader = make_loader(feats, labels, s.crop_frames, s.batch_size, seed)
+        loader = make_loader(feats, labels, self.model.train_frames, s.batch_size, seed)
         if s.optimizer == "sgd":
             optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=0.9)
         else:
@@ -55,12 +54,14 @@ class LocalTrainer:
         plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction)
         max_steps = None if step_fraction >= 1 else plan.steps
         if not s.dp:
-            loss = train_epochs(self.model, loader, optimizer, epochs, after_step, max_steps)
+            loss = train_epochs(self.model, loader, optimizer, epochs, loss_fn=self.model.loss,
+                                after_step=after_step, max_steps=max_steps)
         else:
             engine, dp_model, optimizer, loader = make_private(
                 model=self.model, optimizer=optimizer, loader=loader, ledger=ledger,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm)
-            loss = train_epochs(dp_model, loader, optimizer, epochs, after_step, max_steps)
+            loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=self.model.loss,
+                                after_step=after_step, max_steps=max_steps)
             ledger.history = list(engine.accountant.history)
             dp_model.remove_hooks()  # self.model keeps the trained weights
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):

@@ -44,10 +44,14 @@ def make_loader(feats: Sequence[torch.Tensor], labels: Sequence[int], frames: in
                       shuffle=True, generator=generator)
 
 
-def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 epochs: int, after_step: Callable[[], None] | None = None,
-                 max_steps: int | None = None) -> float:
-    """Run ``epochs`` passes (or ``max_steps`` steps); return the mean training loss."""
+def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int, *,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                 after_step: Callable[[], None] | None = None, max_steps: int | None = None) -> float:
+    """Run ``epochs`` passes (or ``max_steps`` steps); return the mean training loss.
+
+    ``loss_fn(logits, labels)`` is the model's own loss (cross-entropy, or GE2E's margin
+    loss); ``after_step`` runs after each optimizer step (FedProx's proximal pull).
+    """
     model.train()
     total, count, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -59,7 +63,7 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             logits = model(x)
             # Poisson sampling can draw an empty batch: still a (noise-only) DP step,
             # taken and accounted like any other
-            loss = F.cross_entropy(logits, y) if len(y) else logits.sum()
+            loss = loss_fn(logits, y) if len(y) else logits.sum()
             loss.backward()
             optimizer.step()
             if after_step:
