@@ -113,6 +113,9 @@ class RunSettings:
     secagg: bool = False
     secagg_shares: float = 1.0  # share of the sampled clients a client's key is split among
     secagg_threshold: float = 0.67  # share of those shares needed to rebuild a dropped client's mask
+    # Deployment: the operator's ed25519 signature of the app bundle this run ships to the
+    # devices (`fedspeaker sign-app`); a device checks it before it runs any of the app's code
+    fab_signature: str = ""
     # Output
     out_dir: str = ""
     resume: bool = False  # go on from out-dir's checkpoint.pt, after the last finished round
