@@ -56,7 +56,7 @@ def main() -> None:
         devices = [Device(f"device-{i}", d)
                    for i, d in enumerate(device_folders(settings, folder / "devices"))]
         with LoopbackDeployment(folder / "deployment", devices) as deployment:
-            rows = read_rounds(deployment.run(settings) / "rounds.csv")
+            rows = [r for r in read_rounds(deployment.run(settings) / "rounds.csv") if r["round"] > 0]
 
     later = rows[1:] or rows  # round 1 also computes the device's features (cache miss)
     startup = statistics.median(r["client_startup_seconds"] for r in later)

@@ -19,8 +19,13 @@ class CellResult:
     partition: str
     scenario: str
     seed: int
+    start_accuracy: float  # round 0: the starting (pretrained) model, before any round
+    start_voiceprint_accuracy: float
+    start_eer: float
     final_accuracy: float
+    final_voiceprint_accuracy: float
     final_eer: float
+    final_min_dcf: float
     best_accuracy: float
     best_round: int
     rounds_to_90pct_central: float  # NaN: never reached, or no central baseline
@@ -54,11 +59,17 @@ def collect_results(grid: ComparisonGrid, out: Path) -> list[CellResult]:
     results = []
     for cell, (summary, rows) in finished.items():
         target = 0.9 * central_accuracy.get((cell.partition, cell.seed), math.nan)
-        reached = [r["round"] for r in rows if r["accuracy"] >= target] if cell.strategy != CENTRAL else []
+        reached = ([r["round"] for r in rows if r["round"] > 0 and r["accuracy"] >= target]
+                   if cell.strategy != CENTRAL else [])
         eps = [r["epsilon_max"] for r in rows if not math.isnan(r.get("epsilon_max", math.nan))]
         results.append(CellResult(
             strategy=cell.strategy, partition=cell.partition, scenario=cell.scenario, seed=cell.seed,
-            final_accuracy=summary["final"]["accuracy"], final_eer=summary["final"]["eer"],
+            start_accuracy=_number(summary.get("start", {}).get("accuracy")),
+            start_voiceprint_accuracy=_number(summary.get("start", {}).get("voiceprint_accuracy")),
+            start_eer=_number(summary.get("start", {}).get("eer")),
+            final_accuracy=summary["final"]["accuracy"],
+            final_voiceprint_accuracy=_number(summary["final"].get("voiceprint_accuracy")),
+            final_eer=summary["final"]["eer"], final_min_dcf=_number(summary["final"].get("min_dcf")),
             best_accuracy=summary["best_accuracy"], best_round=int(summary["best_round"]),
             rounds_to_90pct_central=reached[0] if reached else math.nan,
             upload_bytes=int(sum(r.get("upload_bytes", 0.0) for r in rows
@@ -68,3 +79,8 @@ def collect_results(grid: ComparisonGrid, out: Path) -> list[CellResult]:
             rounds=rows,
         ))
     return results
+
+
+def _number(value: float | None) -> float:
+    """A figure from summary.json; NaN where a run made before it existed has none."""
+    return math.nan if value is None else float(value)

@@ -67,17 +67,25 @@ def test_federation_writes_every_output_and_beats_chance(federation) -> None:
     for name in ("rounds.csv", "summary.json", "curves.png", "global_model.pt"):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "rounds.csv")))
-    assert [int(float(r["round"])) for r in rows] == [1, 2, 3]
+    assert [int(float(r["round"])) for r in rows] == [0, 1, 2, 3]  # 0: the pretrained encoder
     summary = json.loads((out / "summary.json").read_text())
     chance = 1 / summary["data"]["training_speakers"]
     assert summary["final"]["accuracy"] > 1.5 * chance, summary["final"]
     assert 0.0 <= summary["final"]["eer"] <= 0.6
-    assert result.stdout.count("round ") >= 3  # one progress line per round
+    assert summary["start"]["eer"] == pytest.approx(float(rows[0]["eer"]), abs=1e-5)
+    assert result.stdout.count("round ") >= 4  # one progress line per round, round 0 included
+
+
+def test_fine_tuning_the_pretrained_encoder_does_not_end_worse_than_it_started(federation) -> None:
+    out, _ = federation
+    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
+    assert float(rows[0]["voiceprint_accuracy"]) > 0.5  # pretrained: far above chance at round 0
 
 
 def test_client_epsilon_accumulates_across_rounds(federation) -> None:
     out, _ = federation
-    eps = [float(r["epsilon_max"]) for r in csv.DictReader(open(out / "rounds.csv"))]
+    eps = [float(r["epsilon_max"]) for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
     assert eps[0] > 0 and eps[0] < eps[1] < eps[2], eps  # not restarted each round
     assert eps[2] <= 30.0 + 1e-6  # within the target over the whole run
 
@@ -137,7 +145,7 @@ def test_dropouts_leave_fewer_replies_and_the_run_finishes(tiny_corpus: Path, tm
     settings = RunSettings(dropout=0.3, num_clients=3)
     expected = [sum(not drops_out(settings, c, r) for c in range(3)) for r in (1, 2, 3)]
     assert 0 < min(expected) < 3  # this seed drops some, not all: the check below means something
-    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
     got = [int(float(r["clients"])) if r["clients"] != "nan" else 0 for r in rows]
     assert got == expected
 
@@ -162,7 +170,7 @@ cache-dir = "{tmp_path / 'cache'}"
 iid = {{ partition = "iid" }}
 [scenarios]
 clean = {{}}
-silent = {{ dropout = 0.6, dropout-mode = "silent", round-timeout = 20.0 }}
+silent = {{ dropout = 0.6, dropout-mode = "silent", round-timeout = 40.0 }}
 """)
     out = tmp_path / "cmp"
     args = ("compare", str(grid), "--out", str(out), "--data-dir", str(tiny_corpus))
@@ -180,7 +188,8 @@ silent = {{ dropout = 0.6, dropout-mode = "silent", round-timeout = 20.0 }}
     settings = RunSettings(dropout=0.6, num_clients=3, seed=0)
     expected = [sum(not drops_out(settings, c, r) for c in range(3)) for r in (1, 2)]
     assert expected == [2, 2]  # one client never answers in each round
-    silent = list(csv.DictReader(open(out / "cells" / "iid__silent__fedavg__seed0" / "rounds.csv")))
+    silent = [r for r in csv.DictReader(open(out / "cells" / "iid__silent__fedavg__seed0" / "rounds.csv"))
+              if r["round"] != "0"]
     assert [int(float(r["clients"])) for r in silent] == expected
 
     # an interrupted cell: only it runs again, and to the same numbers
@@ -203,7 +212,7 @@ def test_sample_and_user_level_dp_combine_with_flowers_client_side_clipping(tiny
                      "--set", "user-dp=client-fixed", "--set", "user-noise-multiplier=0.5",
                      "--set", "channels=32", "--set", "local-epochs=1")
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
     user_eps = [float(r["user_epsilon"]) for r in rows]
     assert 0 < user_eps[0] < user_eps[1], user_eps  # Flower's accountant, round by round
     assert all(float(r["epsilon_max"]) > 0 for r in rows)  # Opacus, in each client
@@ -261,7 +270,7 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
     log = (tmp_path / "secure" / "flower.log").read_text()
     assert f"client {dropped} dropped out of round 1" in log and "in secaggplus_mod" in log
     rows = list(csv.DictReader(open(tmp_path / "secure" / "rounds.csv")))
-    assert int(float(rows[0]["clients"])) == 2
+    assert [r["round"] for r in rows] == ["0", "1"] and int(float(rows[1]["clients"])) == 2
 
     a = torch.load(tmp_path / "secure" / "global_model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "plain" / "global_model.pt", weights_only=True)["state_dict"]

@@ -59,7 +59,8 @@ def test_two_devices_train_over_tls_and_an_unregistered_device_is_refused(tmp_pa
         assert len(deployment.online_nodes()) == 2  # the two registered devices only
 
     rows = read_rounds(out / "rounds.csv")
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2]  # 0: the starting model
+    rows = rows[1:]
     assert all(r["clients"] == 2 for r in rows)
     # Each round runs in a fresh ClientApp process, yet the device's DP ledger goes on
     assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"]
@@ -109,10 +110,10 @@ def test_a_serverapp_killed_on_the_superlink_resumes_where_it_stopped(tmp_path: 
         with pytest.raises(ServerKilled):
             deployment.run(settings, on_round=kill_the_server_after_round_one, timeout=300)
         assert len(deployment.stop_runs()) == 1  # what an operator does, rather than wait
-        done = len(read_rounds(rounds_csv))
+        done = len(read_rounds(rounds_csv)) - 1  # round 0 is the starting model
         assert 1 <= done < 3
         deployment.run(settings.replace(resume=True), on_round=lambda line: None, timeout=300)
     rows = read_rounds(rounds_csv)
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    eps = [r["epsilon_max"] for r in rows]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    eps = [r["epsilon_max"] for r in rows[1:]]
     assert eps[0] < eps[1] < eps[2]  # the devices' ledgers went on across the two Flower runs
