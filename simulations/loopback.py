@@ -1,11 +1,16 @@
-"""A real deployment on one machine: a SuperLink and SuperNodes on 127.0.0.1.
+"""A real deployment on one machine: the server side and SuperNodes on 127.0.0.1.
 
-Everything a deployment across machines has, made in one folder: a development CA
-and SuperLink certificate, one authentication key per device, registration of the
-devices' public keys, each SuperNode on its own data folder and state folder, and
-`flwr run` against the SuperLink over TLS. The processes are built by the same
-functions as `fedspeaker superlink` / `supernode` and stopped by PID on exit, also
-when something fails. The integration test and the client footprint benchmark use it.
+Everything a deployment across machines has, made in one folder: the certificates
+(federation CA, the SuperLink's loopback certificate, the public endpoint's), the
+operator's app-signing key, one authentication key per device and the registration of
+its public key, the server side (the SuperLink on 127.0.0.1 and nginx, the public
+endpoint that forwards only the Fleet API), and each device's SuperNode, on its own
+data, state and Flower folders, with fedspeaker's SuperExec that runs only apps the
+operator signed. `flwr run` goes to the SuperLink's loopback port, as the operator on
+the server does, with the app's signature in its run config. The processes come from
+the same functions as `fedspeaker superlink` / `supernode` (fedspeaker/deploy/launch.py)
+and are stopped by PID on exit, also when something fails. The integration tests and
+the client footprint benchmark use it.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ from typing import Callable
 
 import tomli_w
 
-from fedspeaker.deploy.certs import make_certificates, make_node_key
 from fedspeaker.config import RunSettings
-from fedspeaker.deploy.flower import BIN, SuperLinkOptions, SuperNodeOptions, flower_env
+from fedspeaker.deploy.appsign import build_app, make_app_key, sign_fab
+from fedspeaker.deploy.certs import CertificatePaths, make_certificates, make_node_key
+from fedspeaker.deploy.flower import BIN, SuperNodeOptions, flower_env
+from fedspeaker.deploy.launch import ServerOptions, start_server, start_supernode
+from fedspeaker.deploy.processes import Child, child_process, free_port
 from fedspeaker.errors import FedSpeakerError
-from fedspeaker.deploy.processes import Child, child_process, free_port, wait_for_port
 from simulations.launch import show_new_rounds
 
 APP_DIR = Path(__file__).resolve().parent.parent
-CONNECTION = "loopback"  # the SuperLink connection's name in this deployment's FLWR_HOME
+CONNECTION = "loopback"  # the SuperLink connection's name in the operator's FLWR_HOME
 
 
 @dataclass(frozen=True)
@@ -44,10 +51,14 @@ class LoopbackDeployment(contextlib.ExitStack):
     def __init__(self, folder: Path, devices: list[Device]) -> None:
         super().__init__()
         self.folder, self.devices = folder, devices
-        self.home = folder / "flwr-home"  # FLWR_HOME of `flwr` on the "server machine"
-        self.port = free_port()
-        self.link: Child | None = None
-        self.nodes: dict[str, Child] = {}
+        self.home = folder / "flwr-home"  # FLWR_HOME of the operator's `flwr` on the server
+        self.port = free_port()  # the public endpoint (nginx): what devices dial
+        self.link_port = free_port()  # the SuperLink, on 127.0.0.1: what the operator dials
+        self.certs = CertificatePaths(folder / "certs")
+        self.app_key = folder / "keys" / "app-signing"  # the operator's; its .pub is on every device
+        self.server: dict[str, Child] = {}
+        self.nodes: dict[str, Child] = {}  # each device's SuperNode
+        self.superexecs: dict[str, Child] = {}  # each device's SuperExec
 
     def __enter__(self) -> "LoopbackDeployment":
         super().__enter__()
@@ -58,35 +69,59 @@ class LoopbackDeployment(contextlib.ExitStack):
             raise
         return self
 
+    @property
+    def link(self) -> Child | None:
+        return self.server.get("superlink")
+
+    @property
+    def children(self) -> list[Child]:
+        """Every process this deployment started."""
+        return [*self.server.values(), *self.nodes.values(), *self.superexecs.values()]
+
     def _start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        certs = make_certificates(self.folder / "certs", ["localhost", "127.0.0.1"])
+        make_certificates(self.certs.folder, ["localhost", "127.0.0.1"])
+        app_public_key = make_app_key(self.app_key)
         (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {
             "default": CONNECTION,
-            CONNECTION: {"address": f"127.0.0.1:{self.port}", "root-certificates": str(certs.ca_cert)},
+            CONNECTION: {"address": f"127.0.0.1:{self.link_port}",
+                         "root-certificates": str(self.certs.ca_cert)},
         }}))
-        link = SuperLinkOptions(certs.folder, port=self.port, database=self.home / "superlink.db")
-        self.link = self._start_process("superlink", link.command())
-        wait_for_port(self.port, self.link)
+        server = ServerOptions(certs=self.certs.folder, run_dir=self.folder / "nginx", port=self.port,
+                               link_port=self.link_port, database=self.home / "superlink.db")
+        self.server = start_server(self, server, env=flower_env(self.home), log_for=self._log)
         for device in self.devices:
             key = self.folder / "keys" / device.name
             public = make_node_key(key)
             if device.registered:
                 self.flwr("supernode", "register", str(public), CONNECTION)
-            node = SuperNodeOptions(f"127.0.0.1:{self.port}", device.data_dir, certs.ca_cert, key,
+            node = SuperNodeOptions(superlink=f"127.0.0.1:{self.port}", data_dir=device.data_dir,
+                                    ca_cert=self.certs.ca_cert, key=key, app_keys=app_public_key,
                                     state_dir=self.folder / "state" / device.name, port=free_port(),
                                     max_retries=None if device.registered else 0)
-            self.nodes[device.name] = self._start_process(device.name, node.command())
+            started = start_supernode(self, node, env=flower_env(self.device_home(device.name)),
+                                      log_for=lambda what, name=device.name: self._log(
+                                          name if what == "supernode" else f"{name}-{what}"))
+            self.nodes[device.name] = started["supernode"]
+            self.superexecs[device.name] = started["superexec"]
 
-    def _start_process(self, name: str, cmd: list[str]) -> Child:
-        log = self.enter_context(open(self.log_path(name), "w"))
-        return self.enter_context(child_process(cmd, flower_env(self.home), log))
+    def _log(self, name: str):
+        return self.enter_context(open(self.log_path(name), "w"))
 
     def log_path(self, name: str) -> Path:
         return self.folder / f"{name}.log"
 
+    def device_home(self, name: str) -> Path:
+        """The device's own Flower folder (where it installs the apps it runs)."""
+        return self.folder / "device-homes" / name
+
+    def device_log(self, name: str) -> str:
+        """What a device's SuperNode and SuperExec (and so its ClientApps) logged."""
+        return "".join(self.log_path(n).read_text(errors="replace") for n in (name, f"{name}-superexec")
+                       if self.log_path(n).exists())
+
     def flwr(self, *args: str, timeout: float = 120.0) -> str:
-        """A `flwr` CLI command against this deployment's SuperLink; its output."""
+        """A `flwr` CLI command of the operator, on the server; its output."""
         done = subprocess.run([str(BIN / "flwr"), *args], env=flower_env(self.home), text=True,
                               capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if done.returncode:
@@ -108,14 +143,23 @@ class LoopbackDeployment(contextlib.ExitStack):
             self.flwr("stop", run_id, CONNECTION)
         return running
 
+    def sign(self, app_dir: Path = APP_DIR) -> str:
+        """The operator's signature of the app bundle `flwr run app_dir` sends."""
+        return sign_fab(build_app(app_dir), self.app_key)
+
+    def submit(self, settings: RunSettings, *, app_dir: Path = APP_DIR, signature: str | None = None) -> str:
+        """`flwr run` without waiting; the run's ID. ``signature`` defaults to the operator's
+        signature of ``app_dir``."""
+        config = self._run_config(settings, self.sign(app_dir) if signature is None else signature)
+        out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(config), "--format", "json")
+        return str(json.loads(out)["run-id"])
+
     def run(self, settings: RunSettings, on_round: Callable[[str], None] = print,
             timeout: float = 600.0) -> Path:
-        """`flwr run` the app on this deployment; returns the run's output folder."""
+        """`flwr run` the signed app on this deployment; returns the run's output folder."""
         out_dir = settings.out_dir_path
-        settings = settings.replace(data_dir=str(settings.corpus_dir.resolve()), out_dir=str(out_dir))
-        overrides = self.folder / "run-config.toml"
-        overrides.write_text(tomli_w.dumps(settings.to_run_config()))
-        cmd = [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--stream"]
+        config = self._run_config(settings.replace(out_dir=str(out_dir)), self.sign())
+        cmd = [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(config), "--stream"]
         # `flwr run` lives as long as this call, however it ends
         with open(self.log_path("flwr-run"), "w") as log, \
                 child_process(cmd, flower_env(self.home), log) as run:
@@ -128,6 +172,13 @@ class LoopbackDeployment(contextlib.ExitStack):
                 shown = show_new_rounds(out_dir / "rounds.csv", shown, on_round)
             show_new_rounds(out_dir / "rounds.csv", shown, on_round)
         return out_dir
+
+    def _run_config(self, settings: RunSettings, signature: str) -> Path:
+        settings = settings.replace(data_dir=str(settings.corpus_dir.resolve()),
+                                    out_dir=str(settings.out_dir_path), fab_signature=signature)
+        path = self.folder / "run-config.toml"
+        path.write_text(tomli_w.dumps(settings.to_run_config()))
+        return path
 
 
 def device_folders(settings: RunSettings, folder: Path) -> list[Path]:

@@ -1,41 +1,103 @@
-"""Deployment pieces without a federation: certificates, node keys, the Flower commands
-`fedspeaker superlink` / `supernode` run, and a device's own data folder."""
+"""Deployment pieces without a federation: certificates and keys, the app signature and
+its check, the nginx endpoint, the Flower commands `fedspeaker superlink` / `supernode`
+run, and a device's own data folder."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import ssl
 import stat
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 
 from fedspeaker import cli
-from fedspeaker.deploy.certs import CertificatePaths, make_certificates, make_node_key
-from fedspeaker.data.speakers import load_device_examples
-from fedspeaker.deploy.flower import SuperLinkOptions, SuperNodeOptions
-from fedspeaker.errors import CorpusError, FedSpeakerError
 from fedspeaker.data.features import FeatureSpec
+from fedspeaker.data.speakers import load_device_examples
+from fedspeaker.deploy import apprunner
+from fedspeaker.deploy.appsign import (AppVerificationError, build_app, fab_digest, load_public_keys,
+                                       make_app_key, sign_fab, verify_fab)
+from fedspeaker.deploy.certs import CertificatePaths, make_certificates, make_node_key, write_file
+from fedspeaker.deploy.flower import SuperLinkOptions, SuperNodeOptions
+from fedspeaker.deploy.proxy import FLEET_ROUTES, PublicEndpoint, find_nginx
+from fedspeaker.errors import CorpusError, FedSpeakerError
 from tests.conftest import write_tone
+
+
+def nginx_or_skip() -> None:
+    """Tests that need nginx skip without it, except in CI, where .ci/run installs it."""
+    try:
+        find_nginx()
+    except FedSpeakerError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            raise
+        pytest.skip("nginx is not installed (Debian/Ubuntu: apt-get install nginx-light)")
+
+
+def tiny_app(folder: Path, reply: str = "42") -> Path:
+    """The smallest Flower app: enough for Flower to build its bundle."""
+    (folder / "tiny").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "tiny"\nversion = "1.0.0"\nlicense = "Apache-2.0"\n'
+        'dependencies = ["flwr"]\n[tool.flwr.app]\npublisher = "fedspeaker"\n'
+        '[tool.flwr.app.components]\nserverapp = "tiny.server:app"\nclientapp = "tiny.client:app"\n'
+        '[tool.flwr.app.config]\nfab-signature = ""\n')
+    (folder / "tiny" / "__init__.py").write_text("")
+    (folder / "tiny" / "client.py").write_text(f"REPLY = {reply}\n")
+    (folder / "tiny" / "server.py").write_text("")
+    return folder
 
 
 def test_certificates_chain_to_the_ca_and_name_the_hosts(tmp_path: Path) -> None:
     paths = make_certificates(tmp_path, ["link.example.org", "10.0.0.7", "localhost"])
-    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
-    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    public = x509.load_pem_x509_certificate(paths.public_cert.read_bytes())
+    link = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    for cert in (public, link):
+        cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    names = public.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "link.example.org" in names.get_values_for_type(x509.DNSName)
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
-    for private in (paths.ca_key, paths.server_key):
+    assert "10.0.0.7" in [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    # the SuperLink listens on loopback only, and its certificate says so
+    link_names = link.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert link_names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert all(ip.is_loopback for ip in link_names.get_values_for_type(x509.IPAddress))
+    for private in (paths.ca_key, paths.server_key, paths.public_key):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    # what Python's TLS stack (and gRPC/httpx on a device) will accept
+    assert not paths.operator_cert.exists()  # only with operator=True
+    # what Python's TLS stack (and httpx on a device) will accept
     context = ssl.create_default_context(cafile=str(paths.ca_cert))
-    context.load_cert_chain(str(paths.server_cert), str(paths.server_key))
+    context.load_cert_chain(str(paths.public_cert), str(paths.public_key))
+
+
+def test_the_operator_certificate_comes_from_its_own_ca(tmp_path: Path) -> None:
+    paths = make_certificates(tmp_path, [], operator=True)
+    operator = x509.load_pem_x509_certificate(paths.operator_cert.read_bytes())
+    operator.verify_directly_issued_by(x509.load_pem_x509_certificate(paths.operator_ca_cert.read_bytes()))
+    with pytest.raises((ValueError, Exception)):  # not by the CA every device holds
+        operator.verify_directly_issued_by(x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()))
+    usage = operator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    for private in (paths.operator_key, paths.operator_ca_key):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+def test_a_private_file_is_owner_only_even_if_it_existed(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_file(path, b"new", private=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == b"new"
 
 
 def test_node_keys_are_what_flower_loads_and_are_never_overwritten(tmp_path: Path) -> None:
@@ -47,33 +109,167 @@ def test_node_keys_are_what_flower_loads_and_are_never_overwritten(tmp_path: Pat
         make_node_key(tmp_path / "phone")
 
 
-def test_superlink_has_tls_and_node_authentication_unless_insecure(tmp_path: Path) -> None:
+def test_a_signature_covers_every_byte_of_the_app(tmp_path: Path) -> None:
+    public = make_app_key(tmp_path / "keys" / "app")
+    assert stat.S_IMODE((tmp_path / "keys" / "app").stat().st_mode) == 0o600
+    keys = load_public_keys(public)
+    fab = build_app(tiny_app(tmp_path / "app"))
+    assert build_app(tmp_path / "app") == fab  # what `flwr run` rebuilds is what was signed
+    signature = sign_fab(fab, tmp_path / "keys" / "app")
+    ok = dict(claimed_hash=fab_digest(fab), fab_id="fedspeaker/tiny", fab_version="1.0.0")
+    assert verify_fab(fab, signature, keys, **ok) == fab_digest(fab)
+
+    other = build_app(tiny_app(tmp_path / "other", reply="43"))  # one byte differs
+    with pytest.raises(AppVerificationError, match="not the operator's"):
+        verify_fab(other, signature, keys, **{**ok, "claimed_hash": fab_digest(other)})
+    with pytest.raises(AppVerificationError, match="claims"):  # a hash that is not the content's
+        verify_fab(other, signature, keys, **ok)
+    with pytest.raises(AppVerificationError, match="no `fab-signature`"):
+        verify_fab(fab, "", keys, **ok)
+    with pytest.raises(AppVerificationError):
+        verify_fab(fab, "not base64 !", keys, **ok)
+    with pytest.raises(AppVerificationError, match="signed bundle is fedspeaker/tiny"):
+        verify_fab(fab, signature, keys, **{**ok, "fab_id": "fedspeaker/other"})
+    # another key's signature is refused; a device that trusts both (a key being
+    # replaced) accepts either
+    second = make_app_key(tmp_path / "keys" / "next")
+    with pytest.raises(AppVerificationError):
+        verify_fab(fab, sign_fab(fab, tmp_path / "keys" / "next"), keys, **ok)
+    both = tmp_path / "both.pub"
+    both.write_text(public.read_text() + second.read_text())
+    verify_fab(fab, sign_fab(fab, tmp_path / "keys" / "next"), load_public_keys(both), **ok)
+    (tmp_path / "bad.pub").write_text(Path(make_node_key(tmp_path / "node")).read_text())
+    with pytest.raises(FedSpeakerError, match="not an ed25519"):
+        load_public_keys(tmp_path / "bad.pub")  # a P-384 node key is not an app key
+
+
+def fake_task(fab: bytes, signature: str, fab_id: str = "fedspeaker/tiny") -> tuple:
+    run = SimpleNamespace(fab_id=fab_id, fab_version="1.0.0", fab_hash=fab_digest(fab), run_id=7)
+    return (object(), SimpleNamespace(run_config={"fab-signature": signature}), run,
+            SimpleNamespace(content=fab, hash_str=fab_digest(fab)))
+
+
+def test_the_runner_refuses_an_unsigned_app_before_installing_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    forgotten: list[bool] = []  # in the runner's process it unloads fedspeaker; not in this one
+    monkeypatch.setattr(apprunner, "_forget_own_modules", lambda: forgotten.append(True))
+    keys = load_public_keys(make_app_key(tmp_path / "app.key"))
+    signed = build_app(tiny_app(tmp_path / "app"))
+    signature = sign_fab(signed, tmp_path / "app.key")
+    tampered = build_app(tiny_app(tmp_path / "tampered", reply="43"))
+    installed: list[bytes] = []
+    for fab, sig, accepted in ((tampered, signature, False), (signed, "", False), (signed, signature, True)):
+        task = fake_task(fab, sig)
+        check = apprunner.AppCheck(keys, lambda: task, lambda content, **kw: installed.append(content))
+        _, _, _, pulled = check.pull_task_input()
+        if accepted:
+            check.install_from_fab(pulled.content, skip_prompt=True)
+        else:
+            with pytest.raises(AppVerificationError):
+                check.install_from_fab(pulled.content, skip_prompt=True)
+    assert installed == [signed] and forgotten == [True]
+    # a copy already installed under the signed bundle's name must hold its files
+    folder = tmp_path / "home" / "apps" / f"fedspeaker.tiny.1.0.0.{fab_digest(signed)[:8]}"
+    (folder / "tiny").mkdir(parents=True)
+    (folder / "tiny" / "client.py").write_text("REPLY = 43\n")
+    task = fake_task(signed, signature)
+    check = apprunner.AppCheck(keys, lambda: task, lambda content, **kw: installed.append(content))
+    check.pull_task_input()
+    with pytest.raises(AppVerificationError, match="installed copy"):
+        check.install_from_fab(signed)
+
+
+def test_the_runner_refuses_everything_if_flower_changed_its_runner(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    from flwr.supernode.runtime import run_clientapp as runner
+
+    monkeypatch.setattr(runner, "run_clientapp", lambda **kw: None)  # calls neither wrapped function
+    with pytest.raises(FedSpeakerError, match="no longer calls"):
+        apprunner.install([])
+    keys = tmp_path / "none.pub"
+    keys.write_text("")
+    assert apprunner.main(["--app-keys", str(keys)]) == 1  # no key: fail closed
+
+
+def test_the_launcher_runs_the_checking_runner_with_the_operators_keys(tmp_path: Path) -> None:
+    keys = make_app_key(tmp_path / "app key")
+    launcher = apprunner.write_launcher(tmp_path / "state" / "fedspeaker-clientapp", app_keys=keys)
+    assert stat.S_IMODE(launcher.stat().st_mode) == 0o700
+    text = launcher.read_text()
+    assert "-m fedspeaker.deploy.apprunner" in text and str(keys.resolve()) in text
+    done = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=60)
+    assert "runtime-api-address" in done.stdout  # Flower's flwr-clientapp behind the check
+
+
+def test_superlink_listens_on_loopback_with_tls_and_node_authentication(tmp_path: Path) -> None:
     paths = make_certificates(tmp_path / "certs", ["localhost"])
-    cmd = SuperLinkOptions(paths.folder, port=9999).command()
+    cmd = SuperLinkOptions(certs=paths.folder, port=9999).command()
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--ssl-certfile") + 1] == str(paths.server_cert)
-    insecure = SuperLinkOptions(None, insecure=True).command()
+    with pytest.raises(FedSpeakerError, match="loopback only"):
+        SuperLinkOptions(certs=paths.folder, host="0.0.0.0").command()
+    insecure = SuperLinkOptions(certs=None, insecure=True, host="0.0.0.0").command()
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     with pytest.raises(FedSpeakerError, match="needs --certs"):
-        SuperLinkOptions(None).command()
+        SuperLinkOptions(certs=None).command()
     with pytest.raises(FedSpeakerError, match="fedspeaker certs"):
-        SuperLinkOptions(tmp_path / "nowhere").command()
+        SuperLinkOptions(certs=tmp_path / "nowhere").command()
 
 
-def test_supernode_gets_its_own_data_and_state_folders(tmp_path: Path) -> None:
+def test_the_public_endpoint_forwards_only_the_fleet_api(tmp_path: Path) -> None:
+    from flwr.superlink.routers.fleet.router import router
+
+    # the routes a SuperNode calls, as Flower's own router lists them
+    assert sorted(FLEET_ROUTES) == sorted(r.path.removeprefix("/v1/fleet/") for r in router.routes)
+    paths = make_certificates(tmp_path / "certs", ["link.example.org"], operator=True)
+    endpoint = PublicEndpoint(certs=paths, run_dir=tmp_path / "nginx", host="0.0.0.0", port=9093,
+                              link_port=9092, operator_port=9095)
+    config = endpoint.config()
+    assert "proxy_pass https://flower_superlink/v1/fleet/$1;" in config
+    assert "server 127.0.0.1:9092;" in config and "listen 0.0.0.0:9093 ssl;" in config
+    assert "proxy_ssl_verify on;" in config and "ssl_verify_client on;" in config
+    assert config.count("location / { return 404; }") == 2  # nothing else, on either server
+    assert "runtime" not in config
+    nginx_or_skip()
+    endpoint.write()  # `nginx -t` accepts it
+
+
+def test_supernode_checks_apps_in_process_isolation_on_its_own_folders(tmp_path: Path) -> None:
     paths = make_certificates(tmp_path / "certs", ["localhost"])
     make_node_key(tmp_path / "key")
+    app_keys = make_app_key(tmp_path / "app")
     (tmp_path / "my data").mkdir()
-    cmd = SuperNodeOptions("link:9093", tmp_path / "my data", paths.ca_cert, tmp_path / "key",
-                           port=9200).command()
+    base = dict(superlink="link:9093", data_dir=tmp_path / "my data", ca_cert=paths.ca_cert,
+                key=tmp_path / "key", port=9200)
+    options = SuperNodeOptions(**base, app_keys=app_keys, state_dir=tmp_path / "state")
+    cmd = options.command()
     node_config = cmd[cmd.index("--node-config") + 1]
     assert f'data-dir="{tmp_path / "my data"}"' in node_config
-    assert "supernode-9200" in node_config  # two nodes on one machine never share state
+    assert cmd[cmd.index("--isolation") + 1] == "process"
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "key")
+    options.prepare()
+    secret = Path(cmd[cmd.index("--superexec-auth-secret-file") + 1])
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 32
+    superexec = options.superexec_command(1234)
+    assert superexec[:5] == [sys.executable, "-P", "-m", "fedspeaker.deploy.superexec", "--clientapp"]
+    assert str(secret) in superexec and "127.0.0.1:9200" in superexec
+    assert "supernode-9200" in str(SuperNodeOptions(**base, app_keys=app_keys).state)  # one per port
+    with pytest.raises(FedSpeakerError, match="--app-key"):  # the check cannot be left out
+        SuperNodeOptions(**base).command()
     with pytest.raises(FedSpeakerError, match="--key"):
-        SuperNodeOptions("link:9093", tmp_path / "my data", paths.ca_cert, None).command()
+        SuperNodeOptions(**{**base, "key": None}, app_keys=app_keys).command()
     with pytest.raises(FedSpeakerError, match="no such folder"):
-        SuperNodeOptions("link:9093", tmp_path / "elsewhere", paths.ca_cert, tmp_path / "key").command()
+        SuperNodeOptions(**{**base, "data_dir": tmp_path / "elsewhere"}, app_keys=app_keys).command()
+    insecure = SuperNodeOptions(**{**base, "ca_cert": None, "key": None}, insecure=True).command()
+    assert "--insecure" in insecure and insecure[insecure.index("--isolation") + 1] == "subprocess"
+
+
+def test_the_superexec_starts_nothing_without_an_executable_runner(tmp_path: Path) -> None:
+    from fedspeaker.deploy import superexec
+
+    assert superexec.main(["--clientapp", str(tmp_path / "missing"), "--runtime-api-address", "x"]) == 1
 
 
 def test_insecure_mode_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -85,13 +281,29 @@ def test_insecure_mode_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "--insecure" in ran[0]
     assert cli.main(["superlink", "--certs", str(tmp_path)]) == 2  # no certificates there
     assert "fedspeaker certs" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    assert cli.main(["supernode", "--superlink", "x:1", "--data-dir", str(tmp_path / "data"),
+                     "--insecure"]) == 0
+    assert "runs any app" in capsys.readouterr().err
 
 
-def test_certs_and_node_key_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["certs", "--out", str(tmp_path / "c"), "--host", "link.example.org"]) == 0
+def test_deployment_key_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["certs", "--out", str(tmp_path / "c"), "--host", "link.example.org", "--operator"]) == 0
     CertificatePaths(tmp_path / "c").require_server_files()
+    CertificatePaths(tmp_path / "c").require_operator_client()
     assert cli.main(["node-key", str(tmp_path / "k" / "car")]) == 0
     assert "flwr supernode register car.pub" in capsys.readouterr().out
+    assert cli.main(["app-key", str(tmp_path / "k" / "app")]) == 0
+    assert "app.pub" in capsys.readouterr().out
+    app = tiny_app(tmp_path / "app")
+    assert cli.main(["sign-app", str(app), "--key", str(tmp_path / "k" / "app")]) == 0
+    out, err = capsys.readouterr()
+    fab = build_app(app)
+    verify_fab(fab, out.strip(), load_public_keys(tmp_path / "k" / "app.pub"),
+               claimed_hash=fab_digest(fab), fab_id="fedspeaker/tiny", fab_version="1.0.0")
+    assert f"fab-signature='{out.strip()}'" in err
+    private = (tmp_path / "k" / "app").read_text()
+    assert private.strip().splitlines()[1] not in out + err  # the key itself is never printed
 
 
 def test_a_device_trains_on_its_own_folder_labelled_by_the_servers_speakers(

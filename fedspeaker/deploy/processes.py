@@ -100,12 +100,23 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, child: Child, name: str = "the Flower SuperLink",
-                  timeout: float = 60.0) -> None:
+                  timeout: float = 60.0, host: str = "127.0.0.1") -> None:
+    """Until ``child`` listens on host:port (a wildcard host is reached on 127.0.0.1)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.poll() is not None:
             raise FedSpeakerError(f"{name} exited at start (code {child.proc.returncode})")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
             return
         time.sleep(0.2)
-    raise FedSpeakerError(f"{name} did not listen on 127.0.0.1:{port} in {timeout:.0f} s")
+    raise FedSpeakerError(f"{name} did not listen on {host}:{port} in {timeout:.0f} s")
+
+
+def wait_for_any(children: dict[str, Child], poll: float = 0.5) -> str:
+    """Block until one of ``children`` exits; its name. A supervisor stops the rest."""
+    while True:
+        for name, child in children.items():
+            if child.poll() is not None:
+                return name
+        time.sleep(poll)
