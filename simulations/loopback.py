@@ -140,7 +140,11 @@ class LoopbackDeployment(contextlib.ExitStack):
         running = [str(r["run-id"]) for r in listing.get("runs", [])
                    if str(r.get("status", "")).startswith("running")]
         for run_id in running:
-            self.flwr("stop", run_id, CONNECTION)
+            try:
+                self.flwr("stop", run_id, CONNECTION)
+            except FedSpeakerError as exc:
+                if "already finished" not in str(exc):  # it ended in the meantime
+                    raise
         return running
 
     def sign(self, app_dir: Path = APP_DIR) -> str:

@@ -1,23 +1,40 @@
-"""A real deployment on loopback: SuperLink + SuperNodes with TLS and authentication."""
+"""A real deployment on loopback, as `fedspeaker superlink` / `supernode` set it up: the
+SuperLink on 127.0.0.1 behind nginx (the public endpoint), SuperNodes with TLS and
+authentication that run only apps the operator signed."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import io
+import json
 import os
 import signal
 import socket
 import ssl
+import subprocess
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from fedspeaker.config import RunSettings
+from fedspeaker.deploy.appsign import build_app, fab_digest, load_public_keys, sign_fab, verify_fab
+from fedspeaker.deploy.certs import make_certificates, make_node_key
+from fedspeaker.deploy.flower import BIN, flower_env
 from fedspeaker.deploy.processes import Child, _process_table
 from fedspeaker.reporting.run_report import read_rounds
-from simulations.loopback import Device, LoopbackDeployment, device_folders
+from simulations.loopback import APP_DIR, CONNECTION, Device, LoopbackDeployment, device_folders
+from tests.test_deploy import nginx_or_skip
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("nginx")]
+
+
+@pytest.fixture
+def nginx() -> None:
+    nginx_or_skip()
 
 
 def alive(children: list[Child]) -> list[int]:
@@ -40,23 +57,16 @@ def test_two_devices_train_over_tls_and_an_unregistered_device_is_refused(tmp_pa
     devices = [Device("phone", own), Device("doorlock", other),
                Device("intruder", own, registered=False)]
     with LoopbackDeployment(tmp_path / "deployment", devices) as deployment:
-        children = [deployment.link, *deployment.nodes.values()]
-        ca = str(tmp_path / "deployment" / "certs" / "ca.crt")
-        # the SuperLink speaks TLS only, with a certificate our CA signed for 127.0.0.1
-        with socket.create_connection(("127.0.0.1", deployment.port)) as raw, \
-                ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            assert tls.version() is not None
-        plain = http.client.HTTPConnection("127.0.0.1", deployment.port, timeout=10)
-        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
-            plain.request("GET", "/")
-            plain.getresponse()
-
+        children = deployment.children
+        ports = (deployment.port, deployment.link_port)
         out = deployment.run(settings, on_round=lambda line: None, timeout=300)
 
         intruder = deployment.nodes["intruder"]
         assert intruder.proc.wait(timeout=60) != 0
         assert "Failed to activate SuperNode" in deployment.log_path("intruder").read_text()
         assert len(deployment.online_nodes()) == 2  # the two registered devices only
+        for name in ("phone", "doorlock"):  # each checked the app before running it
+            assert "is signed by the operator" in deployment.device_log(name)
 
     rows = read_rounds(out / "rounds.csv")
     assert [r["round"] for r in rows] == [0, 1, 2]  # 0: the starting model
@@ -71,7 +81,7 @@ def test_two_devices_train_over_tls_and_an_unregistered_device_is_refused(tmp_pa
         cached = list((tmp_path / "deployment" / "state" / name).rglob("*.npy"))
         assert len(cached) == sum(1 for _ in folder.rglob("*.flac"))
     assert alive(children) == []
-    assert not listening(deployment.port)
+    assert not any(listening(port) for port in ports)
 
 
 def test_every_process_is_stopped_when_the_body_fails(tmp_path: Path) -> None:
@@ -79,10 +89,117 @@ def test_every_process_is_stopped_when_the_body_fails(tmp_path: Path) -> None:
     (folder,) = device_folders(settings, tmp_path / "devices")
     with pytest.raises(RuntimeError, match="test failure"):
         with LoopbackDeployment(tmp_path / "deployment", [Device("phone", folder)]) as deployment:
-            children = [deployment.link, *deployment.nodes.values()]
+            children = deployment.children
+            assert len(children) == 4  # SuperLink, nginx, the device's SuperNode and SuperExec
             raise RuntimeError("test failure")
     assert alive(children) == []
-    assert not listening(deployment.port)
+    assert not listening(deployment.port) and not listening(deployment.link_port)
+
+
+def outsider(home: Path, address: str, **connection: object):
+    """`flwr` as someone who can reach ``address`` and holds what the connection names."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": "there", "there": {"address": address, **connection}}}))
+
+    def flwr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=flower_env(home), text=True,
+                              capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    return flwr
+
+
+def post(port: int, path: str, context: ssl.SSLContext | None) -> tuple[int, str]:
+    """A bodiless protobuf POST to 127.0.0.1:port; (status, body)."""
+    conn = (http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30) if context
+            else http.client.HTTPConnection("127.0.0.1", port, timeout=30))
+    try:
+        conn.request("POST", path, body=b"", headers={"content-type": "application/protobuf"})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def time_limit(seconds: float):
+    """A poll: sleeps a little, and says False once ``seconds`` have passed."""
+    end = time.monotonic() + seconds
+
+    def poll() -> bool:
+        time.sleep(0.5)
+        return time.monotonic() < end
+    return poll
+
+
+def one_byte_apart(folder: Path, marker: Path) -> tuple[Path, Path]:
+    """Two copies of this app, one byte apart: in the second, importing its ClientApp
+    would create ``marker``."""
+    with zipfile.ZipFile(io.BytesIO(build_app(APP_DIR))) as bundle:
+        files = {n: bundle.read(n) for n in bundle.namelist() if not n.startswith(".info/")}
+    copies = []
+    for flag in (b"0", b"1"):
+        root = folder / f"app-{flag.decode()}"
+        for name, content in files.items():
+            if name == "client/app.py":
+                content = content.replace(b"from __future__ import annotations\n",
+                                          b"from __future__ import annotations\n\nif " + flag
+                                          + b": open(%r, 'w')\n" % str(marker).encode(), 1)
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(content)
+        copies.append(root)
+    return copies[0], copies[1]
+
+
+def test_only_the_operator_controls_the_server_and_devices_run_only_the_signed_app(tmp_path: Path) -> None:
+    settings = RunSettings(num_clients=1, rounds=1, local_epochs=1, dp=False, out_dir=str(tmp_path / "run"))
+    (folder,) = device_folders(settings, tmp_path / "devices")
+    marker = tmp_path / "TAMPERED-APP-RAN"
+    signed, tampered = one_byte_apart(tmp_path / "apps", marker)
+    rogue = make_certificates(tmp_path / "rogue", ["localhost", "127.0.0.1"])  # a CA that is not ours
+    with LoopbackDeployment(tmp_path / "deployment", [Device("phone", folder)]) as deployment:
+        ca = deployment.certs.ca_cert
+        public = f"127.0.0.1:{deployment.port}"
+        # Someone with only ca.crt (every device has it), at the public endpoint: no
+        # registering, listing or launching
+        stranger = outsider(tmp_path / "stranger", public, **{"root-certificates": str(ca)})
+        intruder_key = make_node_key(tmp_path / "keys" / "intruder")
+        for args in (["supernode", "register", str(intruder_key)], ["supernode", "ls"], ["ls"],
+                     ["run", str(APP_DIR)]):
+            done = stranger(*args, "there")
+            assert done.returncode != 0 and "404" in done.stdout + done.stderr, (args, done.stdout)
+        context = ssl.create_default_context(cafile=str(ca))
+        for path in ("/v1/control/list-runs", "/v1/runtime/acquire-task", "/docs",
+                     "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/runtime/acquire-task"):
+            status, body = post(deployment.port, path, context)
+            assert status == 404 and "nginx" in body, (path, status)  # answered by nginx itself
+        assert post(deployment.port, "/v1/fleet/get-run", context)[0] == 401  # Flower: node auth
+        # plain HTTP and a client that trusts another CA get nothing from Flower
+        status, body = post(deployment.port, "/v1/fleet/get-run", None)
+        assert status == 400 and "plain HTTP" in body
+        with pytest.raises(ssl.SSLCertVerificationError):
+            post(deployment.port, "/v1/fleet/get-run", ssl.create_default_context(cafile=str(rogue.ca_cert)))
+        done = outsider(tmp_path / "insecure", public, insecure=True)("ls", "there")
+        assert done.returncode != 0
+
+        # The operator, on the server: all of it
+        nodes = json.loads(deployment.flwr("supernode", "ls", CONNECTION, "--format", "json"))["nodes"]
+        assert len(nodes) == 1  # the stranger registered nothing
+        deployment.flwr("supernode", "register", str(intruder_key), CONNECTION)
+        assert len(json.loads(deployment.flwr("supernode", "ls", CONNECTION, "--format", "json"))["nodes"]) == 2
+        deployment.flwr("ls", CONNECTION)
+
+        # A run of an app one byte away from the signed one: refused on the device
+        signature = sign_fab(build_app(signed), deployment.app_key)
+        verify_fab(build_app(signed), signature, load_public_keys(deployment.app_key.with_suffix(".pub")),
+                   claimed_hash=fab_digest(build_app(signed)), fab_id="fedspeaker/fedspeaker",
+                   fab_version="0.1.0")  # the signature is good for the app it was made for
+        deployment.submit(settings, app_dir=tampered, signature=signature)
+        deadline = time_limit(180)
+        while "APP REFUSED" not in deployment.device_log("phone"):
+            assert deadline(), "the device never refused the tampered app:\n" + deployment.device_log("phone")[-3000:]
+        deployment.stop_runs()  # if its ServerApp still waits for replies
+        apps = deployment.device_home("phone") / "apps"
+        assert not any(apps.glob(f"*.{fab_digest(build_app(tampered))[:8]}"))  # never installed
+    assert not marker.exists()  # and none of its code ran
 
 
 def test_a_serverapp_killed_on_the_superlink_resumes_where_it_stopped(tmp_path: Path) -> None:
@@ -97,9 +214,12 @@ def test_a_serverapp_killed_on_the_superlink_resumes_where_it_stopped(tmp_path: 
     def kill_the_server_after_round_one(line: str) -> None:
         if line.startswith("round   1"):
             killed = []
-            for pid in _process_table():
+            link = deployment.link  # only this deployment's ServerApp, by PID
+            link.remember_descendants()
+            for pid, started in link.seen.items():
                 with contextlib.suppress(OSError):
-                    if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    if (_process_table().get(pid, (0, ""))[1] == started
+                            and b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()):
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
             assert killed, "no flwr-serverapp process"
