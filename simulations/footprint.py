@@ -2,8 +2,10 @@
 
 A SuperNode starts a fresh ClientApp process for every round, so each round pays the
 process's start-up (Python, Flower, torch, Opacus, reading the device's features)
-before it trains. This runs a SuperLink and SuperNodes on 127.0.0.1 with TLS and
-authentication and reads what each client reported: start-up and training seconds,
+before it trains. This runs the secure loopback deployment (simulations/loopback.py:
+the SuperLink behind nginx, SuperNodes with TLS and authentication whose ClientApps
+start through the runner that checks the operator's signature) and reads what each
+client reported: start-up and training seconds,
 peak memory, bytes uploaded. As a baseline it times, in the same run, a bare
 `import torch` and the imports a ClientApp process needs.
 
@@ -62,7 +64,7 @@ def main() -> None:
     startup = statistics.median(r["client_startup_seconds"] for r in later)
     fit = statistics.median(r["client_fit_seconds"] for r in later)
     print(f"\nclient footprint: {args.devices} SuperNode(s), {args.rounds} rounds, "
-          f"{'no DP' if args.no_dp else 'DP-SGD (Opacus)'}, loopback TLS + authentication")
+          f"{'no DP' if args.no_dp else 'DP-SGD (Opacus)'}, loopback TLS + authentication + app check")
     print(f"{'round':>5} {'start-up s':>10} {'training s':>10} {'peak RSS MB':>11} "
           f"{'upload MB/client':>16} {'round s':>8}")
     for r in rows:
