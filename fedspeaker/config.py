@@ -65,7 +65,7 @@ class RunSettings:
     # Federation
     strategy: str = "fedavg"
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
-    rounds: int = 40
+    rounds: int = 10
     fraction_train: float = 1.0  # share of the clients sampled each round
     min_train_nodes: int = 1  # sample at least this many, whatever fraction-train says
     # Strategy hyperparameters (server/strategies.py says which strategy reads which)
@@ -93,10 +93,11 @@ class RunSettings:
     speakers_per_client: int = 2
     size_exponent: float = 1.0  # power-law partition: client k of n holds a share ~ k^-exponent
     # Local training
-    local_epochs: int = 2
-    batch_size: int = 16
+    local_epochs: int = 1
+    batch_size: int = 64
     optimizer: str = "sgd"  # momentum 0.9; under DP noise it learns where Adam stalls
     lr: float = 0.02
+    head_lr: float = 1.0  # the classifier head's learning rate; 0: the same as lr
     # Differential privacy (sample level, Opacus DP-SGD)
     dp: bool = True
     epsilon: float = 8.0  # target over the whole run; used when noise_multiplier is 0
@@ -214,6 +215,7 @@ class RunSettings:
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         _positive("lr", self.lr)
+        _at_least("head-lr", self.head_lr, 0.0)
         _positive("max-grad-norm", self.max_grad_norm)
         _at_least("noise-multiplier", self.noise_multiplier, 0.0)
         _at_least("epsilon-budget", self.epsilon_budget, 0.0)
@@ -257,8 +259,8 @@ class RunSettings:
 
 
 # Options added after runs were saved whose older behaviour is not the new default:
-# before the pretrained GE2E encoder, every run trained the TDNN.
-_OLDER_BEHAVIOUR = {"model": "tdnn"}
+# before the pretrained GE2E encoder, every run trained the TDNN, head and body at one lr.
+_OLDER_BEHAVIOUR = {"model": "tdnn", "head-lr": 0.0}
 
 
 def saved_run_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_auc_of_separated_equal_and_tied_scores() -> None:
 def test_a_model_that_saw_neither_set_gives_auc_near_one_half() -> None:
     members, member_labels = utterances(40, seed=1)
     others, other_labels = utterances(40, seed=2)
-    model = build_model(RunSettings(model="tdnn", n_mels=N_MELS, channels=16, embedding_dim=16), SPEAKERS)
+    model = build_model(RunSettings(model="tdnn", head_lr=0.0, n_mels=N_MELS, channels=16, embedding_dim=16), SPEAKERS)
     result = audit_model(model, member_feats=members, member_labels=member_labels, nonmember_feats=others,
                          nonmember_labels=other_labels)
     assert result.members == result.nonmembers == 160
@@ -52,7 +52,7 @@ def test_a_model_that_saw_neither_set_gives_auc_near_one_half() -> None:
 def test_a_model_that_memorised_its_training_utterances_is_caught() -> None:
     members, member_labels = utterances(12, seed=1)
     others, other_labels = utterances(12, seed=2)
-    settings = RunSettings(model="tdnn", dp=False, channels=32, embedding_dim=16, n_mels=N_MELS, crop_frames=60,
+    settings = RunSettings(model="tdnn", head_lr=0.0, dp=False, channels=32, embedding_dim=16, n_mels=N_MELS, crop_frames=60,
                            batch_size=8, optimizer="adam", lr=0.003, local_epochs=100)
     trainer = LocalTrainer(settings, SPEAKERS)
     trainer.train(members, member_labels, PrivacyLedger(), seed=0)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
 
 
 def settings_for(corpus_root, cache_dir, budget: float) -> RunSettings:
-    return RunSettings(model="tdnn", data_dir=str(corpus_root), cache_dir=str(cache_dir), num_clients=1,
+    return RunSettings(model="tdnn", head_lr=0.0, data_dir=str(corpus_root), cache_dir=str(cache_dir), num_clients=1,
                        partition="iid", noise_multiplier=1.0, rounds=6, local_epochs=1,
                        channels=16, embedding_dim=16, crop_frames=40, batch_size=8,
                        epsilon_budget=budget)
@@ -69,7 +69,7 @@ def test_client_sits_out_exactly_when_its_next_round_would_exceed_the_budget(syn
 
 
 def test_plan_matches_the_steps_training_takes() -> None:
-    settings = RunSettings(model="tdnn", noise_multiplier=1.3, local_epochs=2, channels=16, embedding_dim=16,
+    settings = RunSettings(model="tdnn", head_lr=0.0, noise_multiplier=1.3, local_epochs=2, channels=16, embedding_dim=16,
                            crop_frames=40, batch_size=8)
     feats = [torch.randn(40, 50) for _ in range(21)]
     labels = [i % 3 for i in range(21)]

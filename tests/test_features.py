@@ -182,7 +182,7 @@ def test_missing_file_raises_audio_error(tmp_path, cache_dir):
 
 
 def _settings(corpus_root, cache_dir, **kw) -> RunSettings:
-    return RunSettings(model="tdnn", data_dir=str(corpus_root), cache_dir=str(cache_dir), **kw)
+    return RunSettings(model="tdnn", head_lr=0.0, data_dir=str(corpus_root), cache_dir=str(cache_dir), **kw)
 
 
 def test_load_speaker_data_skips_corrupt_file_and_loads_the_rest(synthetic_corpus, cache_dir):

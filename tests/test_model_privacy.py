@@ -34,7 +34,7 @@ pytestmark = [
 
 
 def tdnn(*, n_mels: int, n_speakers: int, channels: int, embedding_dim: int, seed: int) -> SpeakerNet:
-    return build_model(RunSettings(model="tdnn", n_mels=n_mels, channels=channels,
+    return build_model(RunSettings(model="tdnn", head_lr=0.0, n_mels=n_mels, channels=channels,
                                    embedding_dim=embedding_dim, seed=seed), n_speakers)
 
 
@@ -238,7 +238,7 @@ def test_make_private_continues_the_ledger():
 
 # ------------------------------------------------------------------ LocalTrainer under DP
 
-SMALL = dict(model="tdnn", channels=16, embedding_dim=16, n_mels=40, crop_frames=100, batch_size=8,
+SMALL = dict(model="tdnn", head_lr=0.0, channels=16, embedding_dim=16, n_mels=40, crop_frames=100, batch_size=8,
              rounds=3, local_epochs=1, dp=True)
 
 

@@ -61,7 +61,7 @@ def test_unknown_strategy_is_a_config_error() -> None:
 @pytest.mark.parametrize("dp", [False, True])
 def test_proximal_term_pulls_the_update_towards_the_global_model(dp: bool) -> None:
     torch.set_num_threads(1)
-    settings = RunSettings(model="tdnn", dp=dp, epsilon=50.0, rounds=1, local_epochs=2, channels=16,
+    settings = RunSettings(model="tdnn", head_lr=0.0, dp=dp, epsilon=50.0, rounds=1, local_epochs=2, channels=16,
                            embedding_dim=16, crop_frames=60, batch_size=8, lr=0.05)
     gen = torch.Generator().manual_seed(0)
     feats = [torch.randn(40, 80, generator=gen) for _ in range(24)]

@@ -46,10 +46,11 @@ class LocalTrainer:
         torch.manual_seed(seed)
         self.model.train()  # evaluation in between rounds leaves it in eval mode
         loader = make_loader(feats, labels, self.model.train_frames, s.batch_size, seed)
+        groups = self._parameter_groups()
         if s.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=0.9)
+            optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=0.9)
         else:
-            optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
+            optimizer = torch.optim.Adam(groups, lr=s.lr)
         after_step = self._proximal_step(proximal_mu) if proximal_mu > 0 else None
         plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction)
         max_steps = None if step_fraction >= 1 else plan.steps
@@ -68,6 +69,15 @@ class LocalTrainer:
             raise FedSpeakerError("local training diverged (NaN or infinite weights); lower the "
                                   "learning rate (--set lr=...)")
         return loss
+
+    def _parameter_groups(self) -> list[dict]:
+        """The classifier head at ``head-lr`` (when set), everything else at ``lr``: a
+        pretrained embedding wants gentle steps, a new head larger ones."""
+        head = [p for name, p in self.model.named_parameters() if name.startswith("head.")]
+        rest = [p for name, p in self.model.named_parameters() if not name.startswith("head.")]
+        if not self.settings.head_lr:
+            return [{"params": head + rest}]
+        return [{"params": rest}, {"params": head, "lr": self.settings.head_lr}]
 
     def dp_plan(self, n_examples: int, epochs: int | None = None, planned_epochs: int | None = None,
                 step_fraction: float = 1.0) -> DPSteps:
