@@ -7,7 +7,10 @@ its public key, the server side (the SuperLink on 127.0.0.1 and nginx, the publi
 endpoint that forwards only the Fleet API), and each device's SuperNode, on its own
 data, state and Flower folders, with fedspeaker's SuperExec that runs only apps the
 operator signed. `flwr run` goes to the SuperLink's loopback port, as the operator on
-the server does, with the app's signature in its run config. The processes come from
+the server does, with the app's signature in its run config. The app is a snapshot of
+this checkout taken at start (the files of the bundle `flwr run .` would send), so every
+run of one deployment, a run and its resume included, ships the same signed bytes even
+if the checkout changes meanwhile. The processes come from
 the same functions as `fedspeaker superlink` / `supernode` (fedspeaker/deploy/launch.py)
 and are stopped by PID on exit, also when something fails. The integration tests and
 the client footprint benchmark use it.
@@ -16,9 +19,11 @@ the client footprint benchmark use it.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,6 +61,7 @@ class LoopbackDeployment(contextlib.ExitStack):
         self.link_port = free_port()  # the SuperLink, on 127.0.0.1: what the operator dials
         self.certs = CertificatePaths(folder / "certs")
         self.app_key = folder / "keys" / "app-signing"  # the operator's; its .pub is on every device
+        self.app_dir = folder / "app"  # the app this deployment runs: a snapshot of APP_DIR
         self.server: dict[str, Child] = {}
         self.nodes: dict[str, Child] = {}  # each device's SuperNode
         self.superexecs: dict[str, Child] = {}  # each device's SuperExec
@@ -80,6 +86,7 @@ class LoopbackDeployment(contextlib.ExitStack):
 
     def _start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        snapshot_app(APP_DIR, self.app_dir)
         make_certificates(self.certs.folder, ["localhost", "127.0.0.1"])
         app_public_key = make_app_key(self.app_key)
         (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {
@@ -147,13 +154,15 @@ class LoopbackDeployment(contextlib.ExitStack):
                     raise
         return running
 
-    def sign(self, app_dir: Path = APP_DIR) -> str:
+    def sign(self, app_dir: Path | None = None) -> str:
         """The operator's signature of the app bundle `flwr run app_dir` sends."""
-        return sign_fab(build_app(app_dir), self.app_key)
+        return sign_fab(build_app(app_dir or self.app_dir), self.app_key)
 
-    def submit(self, settings: RunSettings, *, app_dir: Path = APP_DIR, signature: str | None = None) -> str:
-        """`flwr run` without waiting; the run's ID. ``signature`` defaults to the operator's
-        signature of ``app_dir``."""
+    def submit(self, settings: RunSettings, *, app_dir: Path | None = None,
+               signature: str | None = None) -> str:
+        """`flwr run` without waiting; the run's ID. ``app_dir`` defaults to this
+        deployment's app, ``signature`` to the operator's signature of ``app_dir``."""
+        app_dir = app_dir or self.app_dir
         config = self._run_config(settings, self.sign(app_dir) if signature is None else signature)
         out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(config), "--format", "json")
         return str(json.loads(out)["run-id"])
@@ -163,7 +172,7 @@ class LoopbackDeployment(contextlib.ExitStack):
         """`flwr run` the signed app on this deployment; returns the run's output folder."""
         out_dir = settings.out_dir_path
         config = self._run_config(settings.replace(out_dir=str(out_dir)), self.sign())
-        cmd = [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(config), "--stream"]
+        cmd = [str(BIN / "flwr"), "run", str(self.app_dir), CONNECTION, "--run-config", str(config), "--stream"]
         # `flwr run` lives as long as this call, however it ends
         with open(self.log_path("flwr-run"), "w") as log, \
                 child_process(cmd, flower_env(self.home), log) as run:
@@ -183,6 +192,16 @@ class LoopbackDeployment(contextlib.ExitStack):
         path = self.folder / "run-config.toml"
         path.write_text(tomli_w.dumps(settings.to_run_config()))
         return path
+
+
+def snapshot_app(app_dir: Path, folder: Path) -> Path:
+    """The files of the bundle `flwr run app_dir` would send, written to ``folder``."""
+    with zipfile.ZipFile(io.BytesIO(build_app(app_dir))) as bundle:
+        for name in bundle.namelist():
+            if not name.startswith(".info/") and not name.endswith("/"):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(bundle.read(name))
+    return folder
 
 
 def device_folders(settings: RunSettings, folder: Path) -> list[Path]:

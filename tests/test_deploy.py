@@ -322,3 +322,40 @@ def test_a_device_trains_on_its_own_folder_labelled_by_the_servers_speakers(
     assert "stranger" in caplog.text and "broken.wav" in caplog.text
     with pytest.raises(CorpusError, match="no usable recordings"):
         load_device_examples(device, tmp_path / "state", FeatureSpec(), ["dave"])
+
+
+def test_the_superlink_command_starts_the_server_side_and_stops_all_of_it(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from fedspeaker.deploy.flower import flower_env
+    from fedspeaker.deploy.processes import child_process, free_port
+
+    nginx_or_skip()
+    make_certificates(tmp_path / "certs", [])
+    public, link = free_port(), free_port()
+    cmd = [sys.executable, "-m", "fedspeaker.cli", "superlink", "--certs", str(tmp_path / "certs"),
+           "--port", str(public), "--link-port", str(link), "--run-dir", str(tmp_path / "nginx")]
+    with open(tmp_path / "out.log", "w") as log, child_process(cmd, flower_env(tmp_path), log) as server:
+        deadline = time.monotonic() + 60
+        while "server side up" not in (tmp_path / "out.log").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "out.log").read_text()
+            time.sleep(0.2)
+        server.remember_descendants()
+        started = dict(server.seen)
+        assert len(started) >= 3  # the SuperLink, nginx's master and worker (and Flower's SuperExec)
+        context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.crt"))
+        with socket_to(public, context) as tls:  # the public endpoint speaks TLS with our certificate
+            assert tls.version()
+        server.proc.send_signal(signal.SIGTERM)  # as `kill` or Ctrl-C
+        assert server.proc.wait(timeout=60) == 130
+        # the command itself stopped everything it started (before this test's own cleanup)
+        assert not [pid for pid in started if server._alive(pid)]
+    assert "every process this run started has been stopped" in (tmp_path / "out.log").read_text()
+
+
+def socket_to(port: int, context: ssl.SSLContext):
+    import socket
+
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                               server_hostname="127.0.0.1")

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import io
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,24 @@ from fedspeaker.reporting.run_report import read_rounds
 from simulations.loopback import APP_DIR, CONNECTION, Device, LoopbackDeployment, device_folders
 from tests.test_deploy import nginx_or_skip
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("nginx")]
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("nginx", "shared_feature_cache")]
 
 
 @pytest.fixture
 def nginx() -> None:
     nginx_or_skip()
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture
+def shared_feature_cache(module_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One feature cache (still not ~/.cache) for this module's deployments: the bundled
+    corpus's features are computed once, not once per test."""
+    monkeypatch.setenv("FEDSPEAKER_CACHE", str(module_cache))
 
 
 def alive(children: list[Child]) -> list[int]:
@@ -130,22 +141,17 @@ def time_limit(seconds: float):
     return poll
 
 
-def one_byte_apart(folder: Path, marker: Path) -> tuple[Path, Path]:
-    """Two copies of this app, one byte apart: in the second, importing its ClientApp
+def one_byte_apart(app: Path, folder: Path, marker: Path) -> tuple[Path, Path]:
+    """Two copies of ``app``, one byte apart: in the second, importing its ClientApp
     would create ``marker``."""
-    with zipfile.ZipFile(io.BytesIO(build_app(APP_DIR))) as bundle:
-        files = {n: bundle.read(n) for n in bundle.namelist() if not n.startswith(".info/")}
     copies = []
     for flag in (b"0", b"1"):
-        root = folder / f"app-{flag.decode()}"
-        for name, content in files.items():
-            if name == "client/app.py":
-                content = content.replace(b"from __future__ import annotations\n",
-                                          b"from __future__ import annotations\n\nif " + flag
-                                          + b": open(%r, 'w')\n" % str(marker).encode(), 1)
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes(content)
-        copies.append(root)
+        copy = shutil.copytree(app, folder / f"app-{flag.decode()}")
+        client = copy / "client" / "app.py"
+        client.write_bytes(client.read_bytes().replace(
+            b"from __future__ import annotations\n",
+            b"from __future__ import annotations\n\nif " + flag + b": open(%r, 'w')\n" % str(marker).encode(), 1))
+        copies.append(copy)
     return copies[0], copies[1]
 
 
@@ -153,7 +159,6 @@ def test_only_the_operator_controls_the_server_and_devices_run_only_the_signed_a
     settings = RunSettings(num_clients=1, rounds=1, local_epochs=1, dp=False, out_dir=str(tmp_path / "run"))
     (folder,) = device_folders(settings, tmp_path / "devices")
     marker = tmp_path / "TAMPERED-APP-RAN"
-    signed, tampered = one_byte_apart(tmp_path / "apps", marker)
     rogue = make_certificates(tmp_path / "rogue", ["localhost", "127.0.0.1"])  # a CA that is not ours
     with LoopbackDeployment(tmp_path / "deployment", [Device("phone", folder)]) as deployment:
         ca = deployment.certs.ca_cert
@@ -188,6 +193,7 @@ def test_only_the_operator_controls_the_server_and_devices_run_only_the_signed_a
         deployment.flwr("ls", CONNECTION)
 
         # A run of an app one byte away from the signed one: refused on the device
+        signed, tampered = one_byte_apart(deployment.app_dir, tmp_path / "apps", marker)
         signature = sign_fab(build_app(signed), deployment.app_key)
         verify_fab(build_app(signed), signature, load_public_keys(deployment.app_key.with_suffix(".pub")),
                    claimed_hash=fab_digest(build_app(signed)), fab_id="fedspeaker/fedspeaker",

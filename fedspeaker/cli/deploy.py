@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -95,8 +96,9 @@ def superlink(args: argparse.Namespace) -> int:
         operator_port=args.operator_port, database=database,
         run_dir=Path(args.run_dir or f"~/.cache/fedspeaker/superlink-{args.port}").expanduser())
     certs_dir = options.certs.resolve()
+    where = "this machine's name" if args.host in ("0.0.0.0", "::") else args.host
     lines = [f"server side up: SuperLink on 127.0.0.1:{options.link_port}, nginx ({options.run_dir})",
-             f"  devices connect to {args.host}:{args.port} (Fleet API only; trust {certs_dir}/ca.crt)",
+             f"  devices connect to {where}:{args.port} (Fleet API only; trust {certs_dir}/ca.crt)",
              f"  the operator's flwr, on this machine: address = \"127.0.0.1:{options.link_port}\", "
              f"root-certificates = \"{certs_dir}/ca.crt\""]
     if options.operator_port is not None:
@@ -167,7 +169,8 @@ def device_data(args: argparse.Namespace) -> int:
 
 def _supervise(start: Callable[[contextlib.ExitStack], dict[str, Child]], banner: list[str]) -> int:
     """Start children, say so, and wait; when one exits, stop the rest (by PID) and return
-    its status. Ctrl-C or `kill` stop them all the same way."""
+    its status. Ctrl-C, `kill` or a closed terminal stop them all the same way."""
+    signal.signal(signal.SIGHUP, _hang_up)  # the children run in sessions of their own
     with contextlib.ExitStack() as stack:
         children = start(stack)
         print("\n".join(f"fedspeaker: {line}" if i == 0 else line for i, line in enumerate(banner)), flush=True)
@@ -175,6 +178,10 @@ def _supervise(start: Callable[[contextlib.ExitStack], dict[str, Child]], banner
         code = children[name].proc.returncode
         print(f"fedspeaker: {name} exited (status {code}); stopping the rest", file=sys.stderr, flush=True)
     return code or 1
+
+
+def _hang_up(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _exec(cmd: list[str], *, warnings: list[str]) -> int:
