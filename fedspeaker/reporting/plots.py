@@ -19,25 +19,32 @@ def pyplot() -> Any:
 
 def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "",
                 chance: float | None = None) -> None:
+    """Accuracy (head and voiceprint), EER and minDCF, and epsilon against rounds; round 0
+    is the starting model, drawn as a dotted line across each panel."""
     plt = pyplot()
-    panels = [("accuracy", "identification accuracy", (0, 1)), ("eer", "verification EER", (0, 0.5))]
+    panels = [(("accuracy", "voiceprint_accuracy"), "identification accuracy", (0, 1)),
+              (("eer", "min_dcf"), "verification EER, minDCF", (0, 1))]
     if any(not math.isnan(r.get("epsilon_max", math.nan)) for r in rows):
-        panels.append(("epsilon_max", "client ε spent (max, mean)", None))
+        panels.append((("epsilon_max", "epsilon_mean"), "client ε spent (max, mean)", None))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    x = [r["round"] for r in rows]
-    for ax, (key, label, limits) in zip(axes, panels):
-        ax.plot(x, [r[key] for r in rows], marker="o", ms=3, label=key.replace("_", " "))
-        if key == "accuracy" and chance:
+    start = rows[0] if rows and rows[0]["round"] == 0 else None
+    for ax, (keys, label, limits) in zip(axes, panels):
+        for key in keys:
+            values = [r.get(key, math.nan) for r in rows]
+            if all(math.isnan(v) for v in values):
+                continue
+            line, = ax.plot([r["round"] for r in rows], values, marker="o", ms=3,
+                            label=key.replace("_", " "))
+            if start is not None and not math.isnan(start.get(key, math.nan)):
+                ax.axhline(start[key], ls=":", c=line.get_color(), lw=1.2, label=f"{key.replace('_', ' ')}, round 0")
+        if keys[0] == "accuracy" and chance:
             ax.axhline(chance, ls="--", c="gray", lw=1, label="chance")
-            ax.legend()
-        if key == "epsilon_max":
-            ax.plot(x, [r["epsilon_mean"] for r in rows], marker="o", ms=3, label="epsilon mean")
-            ax.legend()
         if limits:
             ax.set_ylim(*limits)
         ax.set_xlabel("round")
         ax.set_title(label)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
