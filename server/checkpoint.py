@@ -65,7 +65,9 @@ class Checkpoint:
 
     def check(self, settings: RunSettings) -> "Checkpoint":
         """Itself, if ``settings`` are the checkpointed run's and rounds are left to run."""
-        ignore = {"resume", "out-dir"}  # read from out-dir itself, wherever it is now
+        # read from out-dir itself, wherever it is now; the app's signature changes with any
+        # edit of the app, which a resume may need (a fix), and is checked by the devices
+        ignore = {"resume", "out-dir", "fab-signature"}
         saved, now = saved_run_config(self.run_config), settings.to_run_config()
         changed = sorted(k for k in saved.keys() | now.keys()
                          if k not in ignore and saved.get(k) != now.get(k))
