@@ -35,6 +35,8 @@ OPTIMIZERS = ("adam", "sgd")
 USER_DP = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 ATTACKS = ("sign-flip", "scale", "noise", "label-flip")
 DROPOUT_MODES = ("raise", "silent")
+DP_UNITS = ("utterance", "speaker")
+CLIENT_SAMPLINGS = ("fixed", "poisson")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class RunSettings:
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
     rounds: int = 10
     fraction_train: float = 1.0  # share of the clients sampled each round
+    client_sampling: str = "fixed"  # fixed: that share, drawn without replacement (Flower's);
+    # poisson: each client independently with probability fraction-train
     min_train_nodes: int = 1  # sample at least this many, whatever fraction-train says
     # Strategy hyperparameters (server/strategies.py says which strategy reads which)
     server_lr: float = 0.0  # 0: the strategy's own default
@@ -106,6 +110,7 @@ class RunSettings:
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    dp_unit: str = "utterance"  # what DP-SGD protects: one utterance, or one speaker's utterances
     # Differential privacy (user level: a client's whole data; Flower's DP wrappers)
     user_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
     user_noise_multiplier: float = 1.0
@@ -153,6 +158,8 @@ class RunSettings:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         _choice("model", self.model, MODELS)
+        _choice("dp-unit", self.dp_unit, DP_UNITS)
+        _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
         _choice("score-norm", self.score_norm, SCORE_NORMS)
         _at_least("margin", self.margin, 0.0)
         if self.margin >= math.pi / 2:
