@@ -95,6 +95,7 @@ class RunSettings:
     partition: str = "dirichlet"
     alpha: float = 0.5
     speakers_per_client: int = 2
+    household_size: int = 1  # natural partition: speakers per device (1: one owner each)
     size_exponent: float = 1.0  # power-law partition: client k of n holds a share ~ k^-exponent
     # Local training
     local_epochs: int = 1
@@ -211,6 +212,7 @@ class RunSettings:
         _at_least("channels", self.channels, 4)
         _at_least("embedding-dim", self.embedding_dim, 2)
         _at_least("speakers-per-client", self.speakers_per_client, 1)
+        _at_least("household-size", self.household_size, 1)
         _at_least("unseen-speakers", self.unseen_speakers, 0)
         _positive("alpha", self.alpha)
         for key in ("server-lr", "server-momentum", "tau", "proximal-mu", "num-malicious", "q"):

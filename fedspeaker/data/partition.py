@@ -1,4 +1,10 @@
-"""Split training utterances across simulated clients with flwr-datasets partitioners."""
+"""Split training utterances across simulated clients with flwr-datasets partitioners.
+
+``natural`` is a device population: every device holds the recordings of one owner (or
+of a household of ``household-size`` speakers), and there may be many more devices than
+speakers: a speaker's utterances are then spread over several devices, a few each, as
+a voice-unlock enrolment would be.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import random
 from functools import lru_cache
 
 from datasets import Dataset
+from datasets.utils.logging import disable_progress_bar
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -19,6 +26,8 @@ from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.errors import CorpusError
 
+disable_progress_bar()  # flwr-datasets' partitioners would draw one per partitioning
+
 
 @lru_cache(maxsize=4)
 def client_shards(settings: RunSettings) -> list[list[int]]:
@@ -29,12 +38,13 @@ def client_shards(settings: RunSettings) -> list[list[int]]:
     speakers = [u.speaker for u in load_speaker_data(settings).split.train]
     return partition_indices(speakers, settings.num_clients, settings.partition, seed=settings.seed,
                              alpha=settings.alpha, speakers_per_client=settings.speakers_per_client,
-                             size_exponent=settings.size_exponent)
+                             size_exponent=settings.size_exponent,
+                             household_size=settings.household_size)
 
 
 def partition_indices(speakers: list[str], num_clients: int, scheme: str, *, seed: int,
                       alpha: float = 0.5, speakers_per_client: int = 2,
-                      size_exponent: float = 1.0) -> list[list[int]]:
+                      size_exponent: float = 1.0, household_size: int = 1) -> list[list[int]]:
     """Indices into ``speakers`` (one entry per training utterance) for each client.
 
     Disjoint, covering (except where a scheme drops speakers by design), and the same
@@ -48,6 +58,7 @@ def partition_indices(speakers: list[str], num_clients: int, scheme: str, *, see
         alpha: Dirichlet concentration over speakers (``dirichlet``; smaller is more skewed).
         speakers_per_client: speakers each client draws (``pathological``).
         size_exponent: shard sizes ~ rank^-exponent (``power-law``).
+        household_size: speakers per device (``natural``): 1, one owner each.
     """
     if num_clients > len(speakers):
         raise CorpusError(f"{num_clients} clients but only {len(speakers)} training utterances: "
@@ -55,6 +66,9 @@ def partition_indices(speakers: list[str], num_clients: int, scheme: str, *, see
     order = list(range(len(speakers)))
     random.Random(seed).shuffle(order)  # IidPartitioner shards in row order
     table = Dataset.from_dict({"index": order, "speaker": [speakers[i] for i in order]})
+    if scheme == "natural":
+        devices = device_ids(speakers, num_clients, household_size, seed)
+        table = table.add_column("device", [devices[i] for i in order])
     if scheme == "power-law":
         partitioner: Partitioner = SizePartitioner(power_law_sizes(len(speakers), num_clients,
                                                                    size_exponent, seed))
@@ -108,8 +122,54 @@ def _partitioner(scheme: str, num_clients: int, num_speakers: int, seed: int, al
         return PathologicalPartitioner(num_clients, "speaker", speakers_per_client,
                                        class_assignment_mode="random", seed=seed)
     if scheme == "natural":
-        if num_clients != num_speakers:
-            raise CorpusError(f"--partition natural gives one client per training speaker: "
-                              f"use --clients {num_speakers} (got {num_clients})")
-        return NaturalIdPartitioner("speaker")
+        return NaturalIdPartitioner("device")
     raise CorpusError(f"unknown partition {scheme!r}")
+
+
+def device_ids(speakers: list[str], num_devices: int, household_size: int, seed: int) -> list[str]:
+    """The device each training utterance lives on, in a population of ``num_devices``.
+
+    Speakers are grouped into households of ``household_size`` (drawn by seed); each
+    household gets devices in proportion to its utterances (at least one, and no more
+    than its smallest member has utterances), and each member's utterances, shuffled by
+    seed, are dealt out over the household's devices, so every device holds a few
+    recordings of every member and no recording is on two devices.
+    """
+    by_speaker: dict[str, list[int]] = {}
+    for i, speaker in enumerate(speakers):
+        by_speaker.setdefault(speaker, []).append(i)
+    names = sorted(by_speaker)
+    rng = random.Random(f"{seed}-households")
+    rng.shuffle(names)
+    households = [names[i:i + household_size] for i in range(0, len(names), household_size)]
+    if num_devices < len(households):
+        raise CorpusError(f"--partition natural needs at least one client per "
+                          f"{'speaker' if household_size == 1 else 'household'}: use --clients "
+                          f"{len(households)} or more (got {num_devices})")
+    sizes = [sum(len(by_speaker[m]) for m in h) for h in households]
+    caps = [min(len(by_speaker[m]) for m in h) for h in households]
+    counts = _apportion(num_devices, sizes, caps)
+    device = [""] * len(speakers)
+    for h, (members, count) in enumerate(zip(households, counts)):
+        for member in members:
+            utterances = list(by_speaker[member])
+            random.Random(f"{seed}-deal-{member}").shuffle(utterances)
+            for k, i in enumerate(utterances):
+                device[i] = f"h{h:05d}-d{k % count:05d}"
+    return device
+
+
+def _apportion(total: int, sizes: list[int], caps: list[int]) -> list[int]:
+    """``total`` split in proportion to ``sizes`` (largest remainder), each share in
+    [1, cap]; a CorpusError if the caps cannot hold it."""
+    if total > sum(caps):
+        raise CorpusError(f"--partition natural: {total} clients need more utterances than the "
+                          f"corpus has ({sum(caps)} devices at most, one utterance of every member "
+                          "each); use fewer --clients")
+    counts = [1] * len(sizes)
+    while sum(counts) < total:
+        # the share furthest below its due, among those with room
+        due = [total * size / sum(sizes) - count if count < cap else float("-inf")
+               for size, count, cap in zip(sizes, counts, caps)]
+        counts[due.index(max(due))] += 1
+    return counts
