@@ -21,7 +21,7 @@ from client.messages import TrainRequest
 from client.mods import secure_aggregation, simulated_scenarios, user_dp_clipping
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
-from fedspeaker.data.speakers import load_speaker_data
+from fedspeaker.data.speakers import load_split
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.training.local import LocalTrainer, round_seed
 
@@ -35,7 +35,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     request = TrainRequest.of(msg)
     feats, labels = training_examples(settings, context, request.speakers)
-    n_speakers = len(request.speakers) or load_speaker_data(settings).n_speakers
+    n_speakers = len(request.speakers) or len(load_split(settings).speakers)
     if settings.dp:  # Opacus is imported lazily; its ~1 s belongs to start-up, not training
         importlib.import_module("opacus")
     data_ready = time.monotonic()

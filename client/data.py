@@ -8,7 +8,7 @@ import torch
 from flwr.app import Context
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data.speakers import load_device_examples, load_speaker_data
+from fedspeaker.data.speakers import load_device_examples, load_examples, load_split
 from fedspeaker.errors import CorpusError
 
 
@@ -32,7 +32,8 @@ def training_examples(settings: RunSettings, context: Context,
 
 
 def simulated_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
-    """A simulated client's shard, with wrong labels if the scenario makes it a label flipper."""
+    """A simulated client's shard (only its features are loaded), with wrong labels if the
+    scenario makes it a label flipper."""
     from fedspeaker.data.partition import client_shards  # flwr-datasets: simulation only
 
     partition_id = int(context.node_config.get("partition-id", 0))
@@ -40,11 +41,12 @@ def simulated_examples(settings: RunSettings, context: Context) -> tuple[list[to
     if num_partitions != settings.num_clients:
         raise CorpusError(f"the federation has {num_partitions} nodes but num-clients is "
                           f"{settings.num_clients}; make them equal")
-    data = load_speaker_data(settings)
-    feats, labels = data.train_examples(client_shards(settings)[partition_id])
+    split = load_split(settings)
+    mine = [split.train[i] for i in client_shards(settings)[partition_id]]
+    feats, labels = load_examples(settings, mine), [split.labels[u.speaker] for u in mine]
     if settings.byzantine_fraction and settings.attack == "label-flip":
         from client.scenarios import client_role, flip_labels
 
         if client_role(settings, partition_id).byzantine:
-            labels = flip_labels(labels, data.n_speakers)
+            labels = flip_labels(labels, len(split.speakers))
     return feats, labels

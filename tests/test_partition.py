@@ -216,3 +216,22 @@ def test_power_law_partition_is_disjoint_and_covering() -> None:
     assert flat == list(range(300))
     sizes = sorted(len(s) for s in shards)
     assert sizes[-1] > 5 * sizes[0]
+
+
+def test_a_simulated_client_loads_only_its_own_features(synthetic_corpus, cache_dir):
+    from flwr.app import Context, RecordDict
+
+    import fedspeaker.data.speakers as speakers_module
+    from client.data import simulated_examples
+    from fedspeaker.config import RunSettings
+    from fedspeaker.data.partition import client_shards
+
+    settings = RunSettings(model="tdnn", data_dir=str(synthetic_corpus.root), cache_dir=str(cache_dir),
+                           num_clients=3, partition="iid")
+    speakers_module.load_speaker_data(settings)  # the server (or `simulate`) warms the cache
+    speakers_module._load.cache_clear()
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3},
+                      state=RecordDict(), run_config=settings.to_run_config())
+    feats, labels = simulated_examples(settings, context)
+    assert speakers_module._load.cache_info().currsize == 0  # the whole corpus was never loaded
+    assert len(feats) == len(labels) == len(client_shards(settings)[1])

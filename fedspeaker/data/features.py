@@ -69,6 +69,22 @@ class FeatureCache:
         self.dir = root / "features" / spec.id
         self.decoded = 0  # files decoded by this instance (cache misses)
 
+    def usable(self, path: Path) -> bool:
+        """Whether ``path`` gives features, from the cache where it knows (else computed now)."""
+        try:
+            key = hashlib.sha256(path.read_bytes()).hexdigest()[:40]
+        except OSError:
+            return False
+        if (self.dir / f"{key}.npy").exists():
+            return True
+        if (self.dir / f"{key}.err").exists():
+            return False
+        try:
+            self.get(path)
+        except AudioError:
+            return False
+        return True
+
     def get(self, path: Path) -> torch.Tensor:
         """Features of one file; raises AudioError (also from cache) if it is unusable."""
         try:

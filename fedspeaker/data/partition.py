@@ -23,7 +23,7 @@ from flwr_datasets.partitioner import (
 )
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data.speakers import load_speaker_data
+from fedspeaker.data.speakers import load_split
 from fedspeaker.errors import CorpusError
 
 disable_progress_bar()  # flwr-datasets' partitioners would draw one per partitioning
@@ -35,7 +35,7 @@ def client_shards(settings: RunSettings) -> list[list[int]]:
 
     Cached: a Ray actor serving many clients and rounds partitions once.
     """
-    speakers = [u.speaker for u in load_speaker_data(settings).split.train]
+    speakers = [u.speaker for u in load_split(settings).train]
     return partition_indices(speakers, settings.num_clients, settings.partition, seed=settings.seed,
                              alpha=settings.alpha, speakers_per_client=settings.speakers_per_client,
                              size_exponent=settings.size_exponent,

@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data.corpus import CorpusSplit, scan_corpus, split_corpus
+from fedspeaker.data.corpus import CorpusSplit, Utterance, scan_corpus, split_corpus
 from fedspeaker.errors import AudioError, CorpusError
 from fedspeaker.data.features import FeatureCache, FeatureSpec
 
@@ -42,10 +43,36 @@ class SpeakerData:
                 [u.speaker for u in self.split.verification])
 
 
-def load_speaker_data(settings: RunSettings) -> SpeakerData:
-    """Features for the whole corpus, from the cache where possible, then the split.
+def load_split(settings: RunSettings) -> CorpusSplit:
+    """The run's split of the corpus, without holding any features: what a simulated
+    client needs to find its own shard. Which files are usable is read from the feature
+    cache (a file that was never seen is decoded once to find out).
 
-    Kept in memory per process, so a Ray actor that serves many rounds loads once.
+    Kept in memory per process: a Ray actor serving many clients splits once.
+    """
+    return _split(settings.corpus_dir.resolve(), settings.feature_cache_dir, settings.feature_spec,
+                  settings.seed, settings.unseen_speakers, settings.test_fraction)
+
+
+@lru_cache(maxsize=2)
+def _split(root: Path, cache_dir: Path, spec: FeatureSpec, seed: int, unseen: int,
+           test_fraction: float) -> CorpusSplit:
+    utterances, _ = scan_corpus(root)
+    cache = FeatureCache(cache_dir, spec)
+    return split_corpus([u for u in utterances if cache.usable(u.path)], seed, unseen, test_fraction)
+
+
+def load_examples(settings: RunSettings, utterances: Sequence[Utterance]) -> list[torch.Tensor]:
+    """The features of just these utterances (from the cache), held by nobody else."""
+    cache = FeatureCache(settings.feature_cache_dir, settings.feature_spec)
+    return [cache.get(u.path) for u in utterances]
+
+
+def load_speaker_data(settings: RunSettings) -> SpeakerData:
+    """Features for the whole corpus, from the cache where possible, then the split: what
+    the server scores with and `central` trains on.
+
+    Kept in memory per process.
     """
     return _load(settings.corpus_dir.resolve(), settings.feature_cache_dir,
                  settings.feature_spec, settings.seed,
