@@ -64,6 +64,9 @@ class RunSettings:
     trial_list: str = ""  # a VoxCeleb-format list (label enrol test), paths under data-dir
     score_norm: str = "none"  # "s-norm": adaptive s-norm against training-speaker embeddings
     cohort_top: int = 100  # s-norm: the closest cohort scores each side is normalised by
+    # Evaluation on the devices, without central data (Flower's evaluate messages)
+    fraction_evaluate: float = 0.0  # share of clients that score the model each round; 0: none
+    cohort_size: int = 200  # impostor embeddings the server sends them (from its public cohort)
     # Federation
     strategy: str = "fedavg"
     num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
@@ -168,6 +171,9 @@ class RunSettings:
         _positive("scale", self.scale)
         _at_least("max-trials", self.max_trials, 0)
         _at_least("cohort-top", self.cohort_top, 2)
+        _at_least("cohort-size", self.cohort_size, 1)
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _choice("partition", self.partition, PARTITIONS)
         _choice("features", self.features, FEATURES)
         _choice("accountant", self.accountant, ACCOUNTANTS)

@@ -49,7 +49,7 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
     s = settings
     common: dict[str, Any] = dict(
         fraction_train=s.fraction_train,
-        fraction_evaluate=0.0,  # the server scores the global model centrally
+        fraction_evaluate=s.fraction_evaluate,  # devices scoring it on their own held-out audio
         min_train_nodes=s.min_train_nodes,
         min_available_nodes=s.num_clients,
         # under user-level DP every client counts the same, as its analysis assumes
