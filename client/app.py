@@ -12,16 +12,18 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import training_examples
+from client.data import held_out_examples, training_examples
+from client.evaluate import score_on_device
 from client.footprint import footprint
 from client.messages import TrainRequest
 from client.mods import secure_aggregation, simulated_scenarios, user_dp_clipping
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_split
+from fedspeaker.model import build_model
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.training.local import LocalTrainer, round_seed
 
@@ -65,6 +67,23 @@ def train(msg: Message, context: Context) -> Message:
     if settings.dp:
         metrics[wire.EPSILON] = ledger.epsilon(settings.delta)
     return request.reply(trainer.model.state_dict(), len(feats), metrics)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model on this node's held-out recordings; only counts travel."""
+    torch.set_num_threads(1)
+    settings = RunSettings.from_run_config(context.run_config)
+    config = msg.content[wire.CONFIG]
+    speakers = wire.speakers_from_config(config)
+    model = build_model(settings, len(speakers))
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    counts = score_on_device(
+        model, enrol=training_examples(settings, context, speakers),
+        held_out=held_out_examples(settings, context, speakers),
+        cohort=torch.from_numpy(msg.content[wire.COHORT][wire.COHORT_EMBEDDINGS].numpy().copy()),
+        threshold=float(config[wire.THRESHOLD]))
+    return Message(content=RecordDict({wire.METRICS: MetricRecord(counts)}), reply_to=msg)
 
 
 def ledger_path(settings: RunSettings, context: Context, federation_id: str) -> Path:

@@ -22,13 +22,33 @@ def training_examples(settings: RunSettings, context: Context,
     """This node's training utterances and labels: a device's own folder (node-config
     ``data-dir``), or in simulation its shard of the corpus (by partition-id)."""
     if not is_simulated(context):
-        if not speakers:
-            raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
-        state_dir = context.node_config.get("state-dir")
-        return load_device_examples(Path(str(context.node_config["data-dir"])).expanduser(),
-                                    Path(str(state_dir)) if state_dir else settings.feature_cache_dir,
-                                    settings.feature_spec, speakers)
+        part = "train" if settings.fraction_evaluate else "all"  # held-out ones score models
+        return _device(settings, context, speakers, part)
     return simulated_examples(settings, context)
+
+
+def held_out_examples(settings: RunSettings, context: Context,
+                      speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """This node's recordings kept out of training, to score models with: on a device one
+    in five of its own (by content); in simulation its share of its speakers' test
+    utterances."""
+    if not is_simulated(context):
+        return _device(settings, context, speakers, "held-out")
+    from fedspeaker.data.partition import client_test_shards
+
+    split = load_split(settings)
+    mine = [split.test[i] for i in client_test_shards(settings)[int(context.node_config["partition-id"])]]
+    return load_examples(settings, mine), [split.labels[u.speaker] for u in mine]
+
+
+def _device(settings: RunSettings, context: Context, speakers: list[str],
+            part: str) -> tuple[list[torch.Tensor], list[int]]:
+    if not speakers:
+        raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
+    state_dir = context.node_config.get("state-dir")
+    return load_device_examples(Path(str(context.node_config["data-dir"])).expanduser(),
+                                Path(str(state_dir)) if state_dir else settings.feature_cache_dir,
+                                settings.feature_spec, speakers, part=part)
 
 
 def simulated_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:

@@ -21,6 +21,28 @@ key                   type    meaning
                               set by the straggler scenario in simulation)
 ====================  ======  ===================================================
 
+Server -> client, evaluate message (``arrays``: the global model; ``config``; ``cohort``:
+an ArrayRecord whose ``embeddings`` are impostor embeddings from the server's public
+cohort under this model):
+
+====================  ======  ===================================================
+``threshold``         float   the model's accept threshold (cosine), set on the cohort
+``speakers``          list    as in a train message
+====================  ======  ===================================================
+
+Client -> server, evaluate reply (``metrics``): counts, so the server sums them exactly:
+
+====================  ======  ===================================================
+``num-examples``      int     held-out recordings scored (0: none on this device)
+``id-correct``        int     of those, named right by the model's head
+``target-trials``     int     held-out recordings scored against their owner's
+                              voiceprint (enrolled on the device from its training
+                              recordings)
+``false-rejects``     int     of those, scored below the threshold
+``impostor-trials``   int     voiceprints scored against cohort embeddings
+``false-accepts``     int     of those, scored at or above the threshold
+====================  ======  ===================================================
+
 Client -> server, train reply (``arrays`` record: the trained weights, absent when the
 client sat out; ``metrics`` record):
 
@@ -65,6 +87,18 @@ FIT_SECONDS = "fit-seconds"
 PEAK_RSS_MB = "peak-rss-mb"
 EPSILON = "epsilon"
 SAT_OUT = "sat-out-for-budget"
+
+# server -> client (evaluate) and back
+THRESHOLD = "threshold"
+COHORT = "cohort"
+COHORT_EMBEDDINGS = "embeddings"
+ID_CORRECT = "id-correct"
+TARGET_TRIALS = "target-trials"
+FALSE_REJECTS = "false-rejects"
+IMPOSTOR_TRIALS = "impostor-trials"
+FALSE_ACCEPTS = "false-accepts"
+EVALUATION_COUNTS = (NUM_EXAMPLES, ID_CORRECT, TARGET_TRIALS, FALSE_REJECTS, IMPOSTOR_TRIALS,
+                     FALSE_ACCEPTS)
 
 
 def speakers_from_config(config: Mapping[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from functools import cached_property
@@ -18,7 +19,7 @@ from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
-from fedspeaker.evaluation.scoring import EvaluationSet, evaluate
+from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
@@ -30,6 +31,7 @@ from server.checkpoint import (
     restore_strategy_state,
     strategy_state,
 )
+from server.device_eval import DeviceEvaluation
 from server.strategies import build_strategy, user_epsilon
 
 app = ServerApp()
@@ -49,11 +51,14 @@ def main(grid: Grid, context: Context) -> None:
 
         rounds.finish(run_secure_aggregation(grid, context, settings, rounds, model))
         return
-    strategy = rounds.strategy = build_strategy(settings, rounds.observe_replies)
+    screened = strategy = build_strategy(settings, rounds.observe_replies)
+    if settings.fraction_evaluate:  # devices also score the model on their own audio
+        strategy = DeviceEvaluation(screened, cohort=rounds.cohort, on_counts=rounds.observe_device_counts)
+    rounds.strategy = strategy
     if checkpoint:
         restore_strategy_state(strategy, checkpoint.strategy)
         restore_random_state(checkpoint.random_state)
-        strategy.round_offset = checkpoint.round  # Flower counts the remaining rounds from 1
+        screened.round_offset = checkpoint.round  # Flower counts the remaining rounds from 1
         flwr_log(INFO, "resuming from round %d of %d (%s)", checkpoint.round, settings.rounds,
                  settings.out_dir_path / "checkpoint.pt")
     result = strategy.start(
@@ -65,6 +70,7 @@ def main(grid: Grid, context: Context) -> None:
                                    # the label space, so a device maps its own speakers onto it
                                    wire.SPEAKERS: list(data.split.speakers),
                                    wire.FEDERATION_ID: rounds.federation_id}),
+        evaluate_config=ConfigRecord({wire.SPEAKERS: list(data.split.speakers)}),
         evaluate_fn=rounds.evaluate,
     )
     rounds.finish(result.arrays or ArrayRecord(model.state_dict()))
@@ -83,6 +89,7 @@ class RoundTracker:
         self.started = time.monotonic() - (checkpoint.seconds if checkpoint else 0.0)
         self.round_started = time.monotonic()
         self.client_metrics: dict[str, float] = {}
+        self.device_metrics: dict[str, float] = {}  # the devices' own scoring, where asked for
         self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
 
     @cached_property
@@ -130,7 +137,7 @@ class RoundTracker:
         elif server_round > 0:
             server_round += self.offset
             now = time.monotonic()
-            row = {"round": server_round, **scores, **self.client_metrics,
+            row = {"round": server_round, **scores, **self.client_metrics, **self.device_metrics,
                    "user_epsilon": user_epsilon(self.strategy) if self.strategy else math.nan,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             # checkpoint first: a round that rounds.csv shows can always be resumed from
@@ -138,9 +145,34 @@ class RoundTracker:
                 self.checkpoint(server_round, arrays, [*self.report.rows, row], now - self.started)
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it
-            self.client_metrics = {}
+            self.client_metrics, self.device_metrics = {}, {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
+
+    def cohort(self, arrays: ArrayRecord) -> tuple[float, torch.Tensor]:
+        """What devices score against: this model's accept threshold (its EER operating
+        point on the server's public cohort, the unseen speakers) and a seeded sample of
+        ``cohort-size`` of the cohort's embeddings."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        threshold = evaluate(self.model, self.evaluation)["threshold"]
+        feats = self.evaluation.verify_feats
+        chosen = random.Random(f"{self.settings.seed}-cohort").sample(
+            range(len(feats)), min(self.settings.cohort_size, len(feats)))
+        return threshold, embed(self.model, [feats[i] for i in chosen])
+
+    def observe_device_counts(self, server_round: int, totals: dict[str, int]) -> None:
+        """The devices' summed counts, as rates for this round's row."""
+        def rate(part: str, whole: str) -> float:
+            return totals[part] / totals[whole] if totals[whole] else math.nan
+
+        self.device_metrics = {
+            "device_accuracy": rate(wire.ID_CORRECT, wire.NUM_EXAMPLES),
+            "device_frr": rate(wire.FALSE_REJECTS, wire.TARGET_TRIALS),
+            "device_far": rate(wire.FALSE_ACCEPTS, wire.IMPOSTOR_TRIALS),
+            "device_target_trials": float(totals[wire.TARGET_TRIALS]),
+            "device_impostor_trials": float(totals[wire.IMPOSTOR_TRIALS]),
+            "devices_evaluated": float(totals["devices"]),
+        }
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord, rows: list[dict[str, float]],
                    seconds: float) -> None:

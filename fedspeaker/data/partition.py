@@ -42,6 +42,29 @@ def client_shards(settings: RunSettings) -> list[list[int]]:
                              household_size=settings.household_size)
 
 
+@lru_cache(maxsize=4)
+def client_test_shards(settings: RunSettings) -> list[list[int]]:
+    """Each simulated client's held-out utterances (indices into the split's test set), to
+    score models on the devices: a speaker's test utterances dealt out, in seeded order,
+    over the clients that hold that speaker's training utterances."""
+    split = load_split(settings)
+    holders: dict[str, list[int]] = {}
+    for client, shard in enumerate(client_shards(settings)):
+        for speaker in sorted({split.train[i].speaker for i in shard}):
+            holders.setdefault(speaker, []).append(client)
+    shards: list[list[int]] = [[] for _ in range(settings.num_clients)]
+    dealt: dict[str, int] = {}
+    order = list(range(len(split.test)))
+    random.Random(f"{settings.seed}-test-deal").shuffle(order)
+    for i in order:
+        speaker = split.test[i].speaker
+        if speaker in holders:
+            k = dealt.get(speaker, 0)
+            shards[holders[speaker][k % len(holders[speaker])]].append(i)
+            dealt[speaker] = k + 1
+    return [sorted(shard) for shard in shards]
+
+
 def partition_indices(speakers: list[str], num_clients: int, scheme: str, *, seed: int,
                       alpha: float = 0.5, speakers_per_client: int = 2,
                       size_exponent: float = 1.0, household_size: int = 1) -> list[list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -102,13 +103,24 @@ def _load(root: Path, cache_dir: Path, spec: FeatureSpec, seed: int, unseen: int
     return SpeakerData(split, features, skipped, cache.decoded)
 
 
-def load_device_examples(root: Path, cache_dir: Path, spec: FeatureSpec,
-                         speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
-    """All of one device's recordings of the federation's speakers, as features and labels.
+HELD_OUT_ONE_IN = 5  # a device keeps one recording in five (by content) to score models with
+
+
+def held_out(path: Path) -> bool:
+    """Whether a device keeps this recording out of training, to score models with: one in
+    five, chosen by the file's content, so the choice is stable and needs no state."""
+    return int(hashlib.sha256(path.read_bytes()).hexdigest()[:8], 16) % HELD_OUT_ONE_IN == 0
+
+
+def load_device_examples(root: Path, cache_dir: Path, spec: FeatureSpec, speakers: list[str], *,
+                         part: str = "all") -> tuple[list[torch.Tensor], list[int]]:
+    """One device's recordings of the federation's speakers, as features and labels:
+    ``all`` of them, or (when the federation scores models on the devices) the ``train``
+    part or the ``held-out`` part (:func:`held_out`).
 
     A real client holds its own folder (<root>/<speaker>/<utterance>); the server's
     speaker list is the label space. Recordings of other speakers and unreadable
-    files are logged and left out; a device with nothing usable says so.
+    files are logged and left out; a device with nothing usable to train on says so.
     """
     utterances, _ = scan_corpus(root)
     labels = {speaker: i for i, speaker in enumerate(speakers)}
@@ -120,14 +132,14 @@ def load_device_examples(root: Path, cache_dir: Path, spec: FeatureSpec,
     feats: list[torch.Tensor] = []
     ys: list[int] = []
     for utt in utterances:
-        if utt.speaker not in labels:
+        if utt.speaker not in labels or (part != "all" and held_out(utt.path) != (part == "held-out")):
             continue
         try:
             feats.append(cache.get(utt.path))
             ys.append(labels[utt.speaker])
         except AudioError as exc:
             log.warning("skipping %s", exc)
-    if not feats:
+    if not feats and part != "held-out":
         raise CorpusError(f"{root}: no usable recordings of the federation's speakers "
                           f"({len(utterances)} audio file(s) found; expected "
                           "<speaker>/<utterance>.wav|.flac with speaker folders named as on the server)")

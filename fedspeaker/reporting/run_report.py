@@ -25,6 +25,10 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
            # a client's footprint: mean start-up (process start to features loaded) and
            # training seconds, the largest peak memory of a client process
            "client_startup_seconds", "client_fit_seconds", "client_peak_rss_mb",
+           # the devices' own scoring of the model (fraction-evaluate > 0): their held-out
+           # recordings named by the head, owners falsely rejected, cohort impostors accepted
+           "device_accuracy", "device_frr", "device_far", "device_target_trials",
+           "device_impostor_trials", "devices_evaluated",
            "round_seconds", "seconds")
 
 
@@ -65,6 +69,9 @@ def progress_line(row: dict[str, float]) -> str:
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
     if row.get("sat_out", 0) > 0:  # NaN > 0 is False
         replies += f" (+{int(row['sat_out'])} sat out for budget)"
+    if not math.isnan(row.get("device_frr", math.nan)):
+        replies += (f"  on {int(row['devices_evaluated'])} devices: accuracy {row['device_accuracy']:.3f} "
+                    f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
     if int(row["round"]) == 0:
         replies = "  (the starting model, before any round)"
     scores = f"accuracy {row['accuracy']:.3f}"
