@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import time
 import uuid
 from functools import cached_property
@@ -139,6 +140,7 @@ class RoundTracker:
             now = time.monotonic()
             row = {"round": server_round, **scores, **self.client_metrics, **self.device_metrics,
                    "user_epsilon": user_epsilon(self.strategy) if self.strategy else math.nan,
+                   "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             # checkpoint first: a round that rounds.csv shows can always be resumed from
             if self.strategy is not None:  # the SecAgg+ workflow keeps its state inside Flower

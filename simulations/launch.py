@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import tomli_w
 
@@ -34,27 +34,45 @@ def run_federation(settings: RunSettings, on_round: Callable[[str], None] = prin
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "flower.log"
-    with tempfile.TemporaryDirectory(prefix="fedspeaker-flwr-") as home, \
-            open(log_path, "w") as log_file, \
-            _superlink(Path(home), log_file) as (env, link):
-        overrides = Path(home) / "run-config.toml"
-        overrides.write_text(tomli_w.dumps(settings.to_run_config()))
-        federation = (f"num-supernodes={settings.num_clients} client-resources-num-cpus=1 "
-                      f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
-                      "init-args-num-gpus=0")
-        cmd = [str(BIN / "flwr"), "run", str(APP_DIR), "fedspeaker", "--run-config", str(overrides),
-               "--federation-config", federation, "--stream"]
-        with child_process(cmd, env, log_file) as run:
-            shown = 0
-            while run.poll() is None and link.poll() is None:
-                time.sleep(0.5)
-                shown = show_new_rounds(out_dir / "rounds.csv", shown, on_round)
-            show_new_rounds(out_dir / "rounds.csv", shown, on_round)
+    shown = 0
+
+    def show() -> None:
+        nonlocal shown
+        shown = show_new_rounds(out_dir / "rounds.csv", shown, on_round)
+
+    run_app(APP_DIR, settings.to_run_config(), num_supernodes=settings.num_clients, log_path=log_path,
+            while_running=show)
+    show()
     if not (out_dir / "summary.json").exists():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
         hint = (f"\nits finished rounds are kept: go on with `fedspeaker simulate --resume --out {out_dir}`"
                 if (out_dir / "checkpoint.pt").exists() else "")
         raise FedSpeakerError(f"the federation did not finish; the end of {log_path}:\n{tail}{hint}")
+
+
+def run_app(app_dir: Path, run_config: dict[str, Any], *, num_supernodes: int, log_path: Path,
+            while_running: Callable[[], None] = lambda: None) -> None:
+    """Run a Flower app in the Simulation Engine on ``num_supernodes`` virtual nodes, behind
+    a SuperLink of our own on free loopback ports, and wait until it ends (calling
+    ``while_running`` every half second). Everything started is stopped on the way out."""
+    with tempfile.TemporaryDirectory(prefix="fedspeaker-flwr-") as home, \
+            open(log_path, "w") as log_file, \
+            _superlink(Path(home), log_file) as (env, link):
+        overrides = Path(home) / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(run_config))
+        cmd = [str(BIN / "flwr"), "run", str(app_dir), "fedspeaker", "--run-config", str(overrides),
+               "--federation-config", federation_config(num_supernodes), "--stream"]
+        with child_process(cmd, env, log_file) as run:
+            while run.poll() is None and link.poll() is None:
+                time.sleep(0.5)
+                while_running()
+
+
+def federation_config(num_supernodes: int) -> str:
+    """Flower's simulation settings: one CPU per client actor, as many actors as CPUs."""
+    return (f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
+            f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
+            "init-args-num-gpus=0")
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
            # recordings named by the head, owners falsely rejected, cohort impostors accepted
            "device_accuracy", "device_frr", "device_far", "device_target_trials",
            "device_impostor_trials", "devices_evaluated",
+           "server_peak_rss_mb",  # the ServerApp's process (in simulation, Flower's engine with it)
            "round_seconds", "seconds")
 
 
