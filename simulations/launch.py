@@ -4,12 +4,18 @@ The same path as ``flwr run .``: a SuperLink in simulation mode (Ray behind it) 
 the app and its run config. Here the SuperLink is our own child, on free loopback
 ports, with its own FLWR_HOME, and it is stopped (with Ray) when the run ends,
 whichever way it ends.
+
+With Ray's own ``RAY_ADDRESS`` set (``host:port`` of a cluster's head, started with
+``ray start --head``), the Simulation Engine joins that cluster instead and its clients
+run on every node of it; the cluster is left running. Without it, the engine always
+starts a Ray of its own, even where ``ray start`` has left a cluster on this machine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -54,35 +60,72 @@ def run_app(app_dir: Path, run_config: dict[str, Any], *, num_supernodes: int, l
             while_running: Callable[[], None] = lambda: None) -> None:
     """Run a Flower app in the Simulation Engine on ``num_supernodes`` virtual nodes, behind
     a SuperLink of our own on free loopback ports, and wait until it ends (calling
-    ``while_running`` every half second). Everything started is stopped on the way out."""
+    ``while_running`` every half second). Everything started is stopped on the way out;
+    a Ray cluster named by RAY_ADDRESS is joined, and left running."""
+    cluster = ray_cluster_address()
     with tempfile.TemporaryDirectory(prefix="fedspeaker-flwr-") as home, \
             open(log_path, "w") as log_file, \
-            _superlink(Path(home), log_file) as (env, link):
+            _superlink(Path(home), log_file, cluster) as (env, link):
         overrides = Path(home) / "run-config.toml"
         overrides.write_text(tomli_w.dumps(run_config))
         cmd = [str(BIN / "flwr"), "run", str(app_dir), "fedspeaker", "--run-config", str(overrides),
-               "--federation-config", federation_config(num_supernodes), "--stream"]
+               "--federation-config", federation_config(num_supernodes, cluster), "--stream"]
         with child_process(cmd, env, log_file) as run:
             while run.poll() is None and link.poll() is None:
                 time.sleep(0.5)
                 while_running()
 
 
-def federation_config(num_supernodes: int) -> str:
-    """Flower's simulation settings: one CPU per client actor, as many actors as CPUs."""
-    return (f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
-            f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
-            "init-args-num-gpus=0")
+def federation_config(num_supernodes: int, cluster: str | None = None) -> str:
+    """Flower's simulation settings: one CPU per client actor, as many actors as CPUs.
+    On a cluster, no init-args CPUs or GPUs: ray.init() refuses them when it joins one,
+    whose nodes say what they offer."""
+    config = f"num-supernodes={num_supernodes} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+    if cluster is None:  # a Ray of our own, sized to this machine
+        config += f" init-args-num-cpus={os.cpu_count() or 1} init-args-num-gpus=0"
+    return config
+
+
+def ray_cluster_address() -> str | None:
+    """The Ray cluster to run the clients on: Ray's own ``RAY_ADDRESS`` (``host:port`` of
+    the head's GCS, or ``auto``); None (unset, empty or ``local``) for a Ray of our own."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address in ("", "local"):
+        return None
+    if "://" in address:
+        raise FedSpeakerError(
+            f"RAY_ADDRESS={address}: Ray Client (ray://) is not supported; run fedspeaker on a "
+            "node of the cluster (usually the head) with RAY_ADDRESS=<head address>:<port>")
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise FedSpeakerError(f"RAY_ADDRESS={address}: expected <head address>:<port>, "
+                                  "as `ray start --head` prints it")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except OSError as exc:
+            raise FedSpeakerError(
+                f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc}); start its head "
+                "with `ray start --head`, or unset RAY_ADDRESS to run on this machine alone") from None
+    return address
 
 
 @contextlib.contextmanager
-def _superlink(home: Path, log_file) -> Iterator[tuple[dict[str, str], "Child"]]:
+def _superlink(home: Path, log_file, cluster: str | None = None) -> Iterator[tuple[dict[str, str], "Child"]]:
     port = free_port()
     env = {
         **flower_env(home),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps Ray's listeners on 127.0.0.1
+        # Ray's own switch: without it Ray replaces 127.0.0.1 by this machine's outward
+        # address, for the listeners of a Ray of our own and for a loopback RAY_ADDRESS alike
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # read by the Simulation Engine's ray.init(): join that cluster, or ("local") start a
+        # Ray of its own rather than join one that `ray start` left on this machine
+        "RAY_ADDRESS": cluster or "local",
     }
+    if cluster:
+        log_file.write(f"fedspeaker: the clients run on the Ray cluster at RAY_ADDRESS={cluster}\n")
+        log_file.flush()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedspeaker"\n\n[superlink.fedspeaker]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
