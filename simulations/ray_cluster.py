@@ -72,10 +72,11 @@ class LoopbackRayCluster:
 
 
 @contextlib.contextmanager
-def loopback_ray_cluster(nodes: int = 2, cpus_per_node: int = 1,
-                         log_dir: Path | None = None) -> Iterator[LoopbackRayCluster]:
-    """A head and ``nodes - 1`` worker nodes on 127.0.0.1, each with ``cpus_per_node``
-    CPUs for Ray to schedule on; everything stopped by PID on exit, also on failure."""
+def loopback_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, log_dir: Path | None = None,
+                         port: int | None = None) -> Iterator[LoopbackRayCluster]:
+    """A head (its GCS on 127.0.0.1:``port``, a free one by default) and ``nodes - 1``
+    worker nodes on 127.0.0.1, each with ``cpus_per_node`` CPUs for Ray to schedule on;
+    everything stopped by PID on exit, also on failure."""
     if nodes < 1 or cpus_per_node < 1:
         raise FedSpeakerError("a Ray cluster needs at least one node with at least one CPU")
     # short: Ray's Unix sockets live under it, and their paths are limited to 107 bytes
@@ -85,7 +86,7 @@ def loopback_ray_cluster(nodes: int = 2, cpus_per_node: int = 1,
     marker = uuid.uuid4().hex
     env = {**_ray_env(), MARKER: marker, "RAY_TMPDIR": str(temp_dir)}
     env.pop("RAY_ADDRESS", None)  # a node is told its cluster on the command line
-    port = free_port()
+    port = port or free_port()
     cluster = LoopbackRayCluster(address=f"{HOST}:{port}", marker=marker, log_dir=log_dir)
     common = ["--block", "--node-ip-address", HOST, "--num-cpus", str(cpus_per_node),
               "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE_BYTES),
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2, help="the head and the worker nodes (2)")
     parser.add_argument("--cpus-per-node", type=int, default=1,
                         help="CPUs each node offers Ray: one simulated client each (1)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="the head's GCS port, what RAY_ADDRESS names (a free one)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="where each node's `ray start` writes its output (a temporary folder)")
     args = parser.parse_args(argv)
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     started = time.monotonic()
     try:
-        with loopback_ray_cluster(args.nodes, args.cpus_per_node, args.log_dir) as cluster:
+        with loopback_ray_cluster(args.nodes, args.cpus_per_node, args.log_dir, args.port) as cluster:
             described = cluster.describe()
             alive = [n for n in described["nodes"] if n["alive"]]
             print(f"Ray cluster on {HOST}: {len(alive)} nodes, "
