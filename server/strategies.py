@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from logging import WARNING
-from typing import Any, Callable, Iterable
+import time
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from flwr.serverapp.strategy import (
     Bulyan,
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -35,6 +35,8 @@ from flwr.serverapp.strategy import (
 
 from fedspeaker.config import RunSettings
 from fedspeaker import wire
+from fedspeaker.errors import ConfigError
+from fedspeaker.privacy.accounting import device_epsilon
 
 ReplyObserver = Callable[[int, list[RecordDict]], None]
 
@@ -47,11 +49,17 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
     0.1, FedYogi 0.01).
     """
     s = settings
+    if s.client_sampling == "poisson" and s.min_train_nodes > 1:
+        raise ConfigError(f"min-train-nodes ({s.min_train_nodes}) cannot hold under "
+                          "client-sampling=poisson, which draws each client independently "
+                          "(and may draw none); leave it at 1")
     common: dict[str, Any] = dict(
-        fraction_train=s.fraction_train,
+        # ScreenedStrategy draws each round's training clients (seeded, fixed or Poisson)
+        # and shows the strategy only those, so the strategy takes every one it is shown
+        fraction_train=1.0,
         fraction_evaluate=s.fraction_evaluate,  # devices scoring it on their own held-out audio
-        min_train_nodes=s.min_train_nodes,
-        min_available_nodes=s.num_clients,
+        min_train_nodes=1,
+        min_available_nodes=1,  # ScreenedStrategy waits for num-clients before it draws
         # under user-level DP every client counts the same, as its analysis assumes
         weighted_by_key=wire.NUM_EXAMPLES if s.user_dp == "off" else wire.UNIT_WEIGHT,
     )
@@ -75,29 +83,25 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         "qfedavg": lambda: QFedAvg(client_learning_rate=s.lr, q=s.q, train_loss_key=wire.TRAIN_LOSS,
                                    **common),
     }
-    return ScreenedStrategy(with_user_dp(strategies[s.strategy](), s), on_replies,
-                            drop_unchanged=s.user_dp.startswith("server"))
+    wrapped = with_user_dp(strategies[s.strategy](), s)
+    return ScreenedStrategy(wrapped, on_replies, drop_unchanged=s.user_dp.startswith("server"),
+                            sampling=ClientSampling.of(s), device_dp=DeviceDP.of(s, wrapped))
 
 
 def with_user_dp(strategy: Strategy, s: RunSettings) -> Strategy:
     """Wrap in Flower's user-level DP strategy the run asks for (or none).
 
-    Fixed clipping around plain FedAvg also gets Flower's own RDP accountant (no
-    sampling amplification is claimed); Flower has no accountant for the other cases.
+    Flower's wrappers clip and add the noise. The epsilon is fedspeaker's (DeviceDP, for
+    fixed clipping around FedAvg, crediting the sampling done), not Flower's accountant,
+    which claims no amplification by sampling. Adaptive clipping is accounted by no one.
     """
     if s.user_dp == "off":
         return strategy
-    noise, clients = s.user_noise_multiplier, s.clients_per_round
+    noise, clients = s.user_noise_multiplier, expected_clients(s)
     if s.user_dp in ("server-fixed", "client-fixed"):
         wrapper = (DifferentialPrivacyServerSideFixedClipping if s.user_dp == "server-fixed"
                    else DifferentialPrivacyClientSideFixedClipping)
-        try:
-            return wrapper(strategy, noise, s.user_clip_norm, clients, accountant=RdpAccountant(
-                PrivacyConfig(target_delta=s.delta, population_size=s.num_clients,
-                              neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                              sampling_method=SamplingMethod.NO_AMPLIFICATION)))
-        except ValueError:  # Flower accounts for FedAvg only
-            return wrapper(strategy, noise, s.user_clip_norm, clients)
+        return wrapper(strategy, noise, s.user_clip_norm, clients)
     wrapper = (DifferentialPrivacyServerSideAdaptiveClipping if s.user_dp == "server-adaptive"
                else DifferentialPrivacyClientSideAdaptiveClipping)
     # Flower's default noise on the clipped count (clients / 20) must exceed half the
@@ -106,14 +110,147 @@ def with_user_dp(strategy: Strategy, s: RunSettings) -> Strategy:
                    clipped_count_stddev=max(clients / 20, noise))
 
 
+def expected_clients(s: RunSettings) -> int:
+    """Clients a round trains: Flower's rule for a fixed number, the expected number (at
+    least 1) under Poisson sampling. Flower's DP wrappers divide their noise by it."""
+    if s.client_sampling == "poisson":
+        return max(1, round(s.num_clients * s.fraction_train))
+    return s.clients_per_round
+
+
 def user_epsilon(strategy: Strategy) -> float:
-    """Client-level epsilon from Flower's accountant so far; NaN where there is none."""
-    while strategy is not None:
+    """Device-level epsilon so far, for the sampling done; NaN where nothing is accounted."""
+    if isinstance(strategy, ScreenedStrategy):
+        if strategy.device_dp is None:
+            return math.nan
+        return strategy.device_dp.epsilon(strategy.device_releases)
+    while strategy is not None:  # a bare Flower wrapper given its own accountant
         if hasattr(strategy, "privacy_spent"):
             spent = strategy.privacy_spent()
             return float(spent.epsilon) if spent is not None else math.nan
         strategy = getattr(strategy, "strategy", None)
     return math.nan
+
+
+@dataclass(frozen=True)
+class ClientSampling:
+    """Which clients train in a round: a fixed number drawn uniformly without replacement
+    (Flower's rule for how many) or each client independently with probability
+    ``fraction`` (Poisson). Seeded: the run's seed, the round and the sorted node ids
+    decide the draw, so a resumed run draws what the first would have."""
+
+    how: str  # "fixed" or "poisson"
+    fraction: float
+    min_nodes: int
+    population: int  # clients to wait for before drawing
+    seed: int
+
+    @classmethod
+    def of(cls, s: RunSettings) -> "ClientSampling":
+        return cls(how=s.client_sampling, fraction=s.fraction_train, min_nodes=s.min_train_nodes,
+                   population=s.num_clients, seed=s.seed)
+
+    def draw(self, grid: Grid, server_round: int) -> tuple[list[int], int]:
+        """The round's clients and how many were connected, once ``population`` are."""
+        while len(nodes := list(grid.get_node_ids())) < self.population:
+            flwr_log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
+                     len(nodes), self.population)
+            time.sleep(1)
+        chosen = sample_clients(nodes, how=self.how, fraction=self.fraction, min_nodes=self.min_nodes,
+                                seed=self.seed, server_round=server_round)
+        flwr_log(INFO, "configure_train: sampled %d of %d nodes (%s sampling)", len(chosen),
+                 len(nodes), self.how)
+        return chosen, len(nodes)
+
+
+_SAMPLING_STREAM = 0x5A3B1E  # keeps the draw apart from other uses of the run's seed
+
+
+def sample_clients(nodes: Sequence[int], *, how: str, fraction: float, min_nodes: int = 1,
+                   seed: int, server_round: int) -> list[int]:
+    """A round's clients from ``nodes``, the same for the same seed, round and nodes.
+
+    ``fixed``: max(int(len(nodes) * fraction), min_nodes) of them, uniformly without
+    replacement (the number Flower's strategies sample). ``poisson``: each independently
+    with probability ``fraction``, so the number varies and may be 0.
+    """
+    nodes = sorted(nodes)
+    rng = np.random.default_rng([seed, server_round, _SAMPLING_STREAM])
+    if how == "poisson":
+        return [n for n, u in zip(nodes, rng.random(len(nodes))) if u < fraction]
+    if how != "fixed":
+        raise ConfigError(f"client-sampling must be fixed or poisson; got {how!r}")
+    size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
+    return [nodes[i] for i in sorted(rng.choice(len(nodes), size=size, replace=False))]
+
+
+@dataclass(frozen=True)
+class DeviceDP:
+    """Device-level DP-FedAvg as the server runs it (Flower's fixed-clipping wrapper around
+    FedAvg): how it releases a round and accounts for it. What it has released lives in
+    ScreenedStrategy.device_releases, a plain list that a checkpoint keeps.
+
+    The analysis is of the *sum* of the sampled devices' clipped updates plus Gaussian
+    noise of std noise * clip, divided by a denominator fixed in advance: the sample size,
+    or under Poisson sampling its expectation (McMahan et al. 2018, "Learning
+    differentially private recurrent language models", the fixed-denominator estimator).
+    Flower's wrapper instead averages the replies it gets and adds noise of std
+    noise * clip / ``wrapper_clients``; where fewer replies come (a Poisson draw,
+    dropouts, clients sitting out) ``release`` rescales that average to the fixed
+    denominator and tops the noise up, so the noise on the sum is never below what is
+    accounted. Every round that runs is accounted, whether or not it released a model.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    wrapper_clients: int  # what Flower's wrapper divides its noise by
+    sampling: str
+    fraction: float
+    delta: float
+    accountant: str
+
+    @classmethod
+    def of(cls, s: RunSettings, wrapped: Strategy) -> "DeviceDP | None":
+        """The run's accounting, where its analysis holds (fixed clipping around FedAvg's
+        own, linear, aggregation); None elsewhere."""
+        inner = getattr(wrapped, "strategy", None)
+        if s.user_dp not in ("server-fixed", "client-fixed") or not isinstance(inner, FedAvg) \
+                or type(inner).aggregate_train is not FedAvg.aggregate_train:
+            return None
+        return cls(noise_multiplier=s.user_noise_multiplier, clip_norm=s.user_clip_norm,
+                   wrapper_clients=expected_clients(s), sampling=s.client_sampling,
+                   fraction=s.fraction_train, delta=s.delta, accountant=s.accountant)
+
+    def epsilon(self, releases: Sequence[Sequence[float]]) -> float:
+        return device_epsilon(sampling=self.sampling, releases=releases, delta=self.delta,
+                              accountant=self.accountant)
+
+    def round_release(self, sampled: int, population: int) -> tuple[float, int, int, float]:
+        """One round as the accountant takes it: (noise, sampled, population, rate)."""
+        rate = self.fraction if self.sampling == "poisson" else sampled / population
+        return (self.noise_multiplier, sampled, population, rate)
+
+    def denominator(self, sampled: int, population: int) -> float:
+        """What the round's sum is divided by, fixed before anyone replies."""
+        return self.fraction * population if self.sampling == "poisson" else float(sampled)
+
+    def release(self, averaged: ArrayRecord | None, sent: ArrayRecord, *, replies: int,
+                denominator: float) -> ArrayRecord:
+        """sent + (sum of the clipped updates + N(0, (noise * clip)^2)) / denominator, from
+        Flower's noisy average of ``replies`` updates (None when there were none)."""
+        if averaged is not None and replies == denominator == self.wrapper_clients:
+            return averaged  # exactly what Flower released
+        std = self.noise_multiplier * self.clip_norm / denominator
+        top_up = std * math.sqrt(max(0.0, 1.0 - (replies / self.wrapper_clients) ** 2))
+        out = {}
+        for key, start in sent.items():
+            g = start.numpy().astype(np.float64)
+            r = averaged[key].numpy().astype(np.float64) if averaged is not None else g
+            new = g + (replies / denominator) * (r - g)
+            if top_up > 0:  # numpy's generator, like Flower's noise: a checkpoint keeps its state
+                new = new + np.random.normal(0.0, top_up, new.shape)
+            out[key] = Array(new.astype(start.numpy().dtype))
+        return ArrayRecord(out)
 
 
 class ScreenedStrategy(Strategy):
@@ -125,15 +262,23 @@ class ScreenedStrategy(Strategy):
     broken or hostile client costs its own update, not the round. The observer sees all
     replies, where a strategy's own metrics see only those it selects (Krum, Bulyan):
     a client's privacy spend and upload count whether or not it was selected.
+
+    It also draws each round's training clients (``sampling``; the wrapped strategy sees
+    only those) and, under device-level DP, releases and accounts each round (``device_dp``).
     """
 
     def __init__(self, strategy: Strategy, on_replies: ReplyObserver | None = None,
-                 drop_unchanged: bool = False) -> None:
+                 drop_unchanged: bool = False, *, sampling: ClientSampling | None = None,
+                 device_dp: DeviceDP | None = None) -> None:
         super().__init__()
         self.strategy = strategy
         self.on_replies = on_replies
         self.drop_unchanged = drop_unchanged  # Flower's server-side clipping divides by the change
+        self.sampling = sampling  # None: the wrapped strategy samples, as Flower's do
+        self.device_dp = device_dp
+        self.device_releases: list[tuple[float, int, int, float]] = []  # what device_dp accounts
         self.sent: ArrayRecord | None = None
+        self.drawn: tuple[int, int] | None = None  # this round's (sampled, connected) clients
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
 
     def summary(self) -> None:
@@ -142,7 +287,14 @@ class ScreenedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.sent = arrays
-        return self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
+        server_round += self.round_offset
+        if self.sampling is None:
+            return self.strategy.configure_train(server_round, arrays, config, grid)
+        nodes, connected = self.sampling.draw(grid, server_round)
+        self.drawn = (len(nodes), connected)
+        if not nodes:  # a Poisson draw can be empty; under device-level DP it still releases
+            return []
+        return self.strategy.configure_train(server_round, arrays, config, _Drawn(grid, nodes))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -166,8 +318,27 @@ class ScreenedStrategy(Strategy):
                          "infinite weights", server_round, reply.metadata.src_node_id)
                 continue
             kept.append(reply)
-        self.sent = None  # needed within the round only: not worth a place in a checkpoint
-        return self.strategy.aggregate_train(server_round, kept)
+        # needed within the round only: not worth a place in a checkpoint
+        sent, drawn, self.sent, self.drawn = self.sent, self.drawn, None, None
+        if self.device_dp is None or drawn is None or sent is None:
+            if drawn is not None and drawn[0] == 0:
+                return None, None  # nobody was drawn: the model stays
+            return self.strategy.aggregate_train(server_round, kept)
+        return self._device_private(server_round, kept, sent, drawn)
+
+    def _device_private(self, server_round: int, kept: list[Message], sent: ArrayRecord,
+                        drawn: tuple[int, int]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg's release for the round, accounted whatever happens to it."""
+        self.device_releases.append(self.device_dp.round_release(*drawn))
+        denominator = self.device_dp.denominator(*drawn)
+        if any(reply.has_error() for reply in kept):
+            return self.strategy.aggregate_train(server_round, kept)  # Flower's wrapper releases nothing
+        updates = sum(1 for reply in kept if reply.has_content())
+        averaged, metrics = (self.strategy.aggregate_train(server_round, kept) if updates
+                             else (None, None))
+        if updates and averaged is None:
+            return averaged, metrics
+        return self.device_dp.release(averaged, sent, replies=updates, denominator=denominator), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -175,6 +346,19 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round + self.round_offset, replies)
+
+
+class _Drawn:
+    """The grid as the wrapped strategy sees it in a training round: only the clients drawn."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def _content_key(reply: Message) -> tuple[bytes, float]:

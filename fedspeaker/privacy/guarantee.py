@@ -1,33 +1,67 @@
-"""The privacy guarantee of a run, in plain words, for summaries and the README."""
+"""The privacy guarantee of a run, in plain words, for summaries and the README: for each
+kind of DP the run used, the unit protected (an utterance, a speaker, a device), epsilon,
+delta, the accountant and the sampling it credits."""
 
 from __future__ import annotations
 
 import math
 
 from fedspeaker.config import RunSettings
+from fedspeaker.privacy.accounting import GroupBound, accountant_words
 
 
-def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: float = math.nan) -> str:
-    """One plain sentence per kind of DP the run used."""
+def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: float = math.nan, *,
+                       group: GroupBound | None = None) -> str:
+    """One plain sentence per kind of DP the run used.
+
+    Args:
+        epsilon: the largest sample-level epsilon any client spent (DP-SGD).
+        user_epsilon: the device-level epsilon (DP-FedAvg), NaN where none is accounted.
+        group: under utterance-level DP-SGD, the bound for the speaker with the most
+            utterances in one client (None: not known).
+    """
     sentences = []
     if settings.dp:
-        sentences.append(
-            f"Each client's training utterances are protected by sample-level "
-            f"(epsilon={epsilon:.2f}, delta={settings.delta:g}) differential privacy over the "
-            f"whole run (Opacus DP-SGD, {settings.accountant.upper()} accountant, clipping norm "
-            f"{settings.max_grad_norm:g}); the bound is the largest any client spent"
-            + (f", and no client trained past its budget of epsilon={settings.epsilon_budget:g}."
-               if settings.epsilon_budget else "."))
+        sentences.append(_sample_level(settings, epsilon, group))
     if settings.user_dp != "off":
-        how = (f"Flower's {settings.user_dp.replace('-', '-side ', 1)} clipping wrapper, noise "
-               f"multiplier {settings.user_noise_multiplier:g}, clipping norm {settings.user_clip_norm:g}")
-        if math.isnan(user_epsilon):
-            sentences.append(f"Each client's whole contribution gets user-level DP noise ({how}); "
-                             "flwr 1.41 accounts epsilon only for fixed clipping around FedAvg, so "
-                             "no epsilon is claimed for this run.")
-        else:
-            sentences.append(f"Each client's whole contribution is protected by user-level "
-                             f"(epsilon={user_epsilon:.2f}, delta={settings.delta:g}) differential "
-                             f"privacy over the run ({how}; Flower's RDP accountant, no sampling "
-                             "amplification claimed).")
+        sentences.append(_device_level(settings, user_epsilon))
     return " ".join(sentences) or "no differential privacy"
+
+
+def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> str:
+    budget = (f", and no client trained past its budget of epsilon={s.epsilon_budget:g}"
+              if s.epsilon_budget else "")
+    if s.dp_unit == "speaker":
+        return (f"Each client's speakers are protected by speaker-level (epsilon={epsilon:.2f}, "
+                f"delta={s.delta:g}) differential privacy over the whole run: the unit is one "
+                f"speaker, all of that speaker's utterances in the client (Opacus DP-SGD with each "
+                f"speaker's gradient clipped to norm {s.max_grad_norm:g} per step, "
+                f"{s.accountant.upper()} accountant, Poisson sampling of the client's speakers); the "
+                f"bound is the largest any client spent{budget}.")
+    text = (f"Each client's training utterances are protected by sample-level (epsilon={epsilon:.2f}, "
+            f"delta={s.delta:g}) differential privacy over the whole run: the unit is one utterance "
+            f"(Opacus DP-SGD, {s.accountant.upper()} accountant, Poisson sampling of utterances, "
+            f"clipping norm {s.max_grad_norm:g}); the bound is the largest any client spent{budget}.")
+    if group is not None and group.size > 1:
+        text += (f" A speaker is a group of utterances: the speaker with the most utterances in one "
+                 f"client ({group.size}) is protected only at epsilon={group.epsilon:.2f} "
+                 f"(delta={group.delta:g}; group-level DP-SGD bound of Ganesh 2024, arXiv:2401.10294, "
+                 f"dp_accounting's PLD accountant for a mixture of Gaussians, as if that client "
+                 f"trained every round).")
+    return text
+
+
+def _device_level(s: RunSettings, user_epsilon: float) -> str:
+    how = (f"Flower's {s.user_dp.replace('-', '-side ', 1)} clipping wrapper, noise multiplier "
+           f"{s.user_noise_multiplier:g}, clipping norm {s.user_clip_norm:g}")
+    if math.isnan(user_epsilon):
+        return (f"Each client's whole contribution gets user-level DP noise ({how}); epsilon is "
+                "accounted only for fixed clipping around FedAvg, so no epsilon is claimed for "
+                "this run.")
+    if s.client_sampling == "poisson":
+        sampling = f"each of {s.num_clients} devices drawn independently with probability {s.fraction_train:g} a round"
+    else:
+        sampling = f"{s.clients_per_round} of {s.num_clients} devices a round, drawn without replacement"
+    return (f"Each device's whole contribution is protected by user-level (epsilon={user_epsilon:.2f}, "
+            f"delta={s.delta:g}) differential privacy over the rounds run: the unit is one device, all "
+            f"of its speakers (DP-FedAvg: {how}; {sampling}; {accountant_words(s.client_sampling, s.accountant)}).")
