@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_speaker_data
+from fedspeaker.errors import FedSpeakerError
 from fedspeaker.reporting.run_report import read_rounds
 from simulations.launch import run_app, run_federation
 
@@ -56,6 +57,8 @@ def main() -> None:
         run_app(FLOOR_APP, {"rounds": args.rounds, "fraction-train": args.fraction,
                             "num-clients": devices, "out-file": str(floor_csv)},
                 num_supernodes=devices, log_path=out / f"floor-{devices}.log")
+        if not floor_csv.exists():
+            raise FedSpeakerError(f"Flower's floor run did not finish; see {out / f'floor-{devices}.log'}")
         floor = [float(r["round_seconds"]) for r in csv.DictReader(open(floor_csv))][1:]
         # the training inside a round: its clients' fit seconds, spread over the actors
         training = statistics.median(r["client_fit_seconds"] * r["clients"] / actors for r in rows)

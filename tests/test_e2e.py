@@ -280,3 +280,20 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
     bound = len(survivors) * (16 / 2**22) / (examples / 1000)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert 0 < worst <= bound, (worst, bound)
+
+
+def test_a_population_of_one_owner_devices_does_not_end_worse_than_it_started(tiny_corpus: Path,
+                                                                              tmp_path: Path) -> None:
+    """12 devices, one speaker each (two devices per training speaker), a third sampled each
+    round, the devices also scoring the model on their own held-out recordings."""
+    out = tmp_path / "population"
+    result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--partition", "natural", "--clients", "12",
+                     "--rounds", "4", "--no-dp", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
+                     "--set", "fraction-train=0.34", "--set", "fraction-evaluate=0.5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
+    assert all(int(float(r["clients"])) == 4 for r in rows[1:])  # Flower samples 12 x 0.34 = 4
+    assert all(int(float(r["devices_evaluated"])) == 6 for r in rows[1:])
+    assert all(0.0 <= float(r["device_frr"]) <= 1.0 and float(r["device_target_trials"]) > 0 for r in rows[1:])

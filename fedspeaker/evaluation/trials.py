@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from fedspeaker.errors import ConfigError
 
 
+MATRIX_UP_TO = 8192  # utterances scored through one all-pairs matrix (256 MB at most)
+CHUNK = 65536  # trials scored at a time beyond that
+
+
 @dataclass(frozen=True)
 class Trials:
     """Pairs of utterance indices (into one list of embeddings) and whether each pair
@@ -120,7 +124,11 @@ def trial_scores(embeddings: torch.Tensor, trials: Trials, cohort: torch.Tensor 
     standardised by its ``top`` closest cohort scores, and the two are averaged."""
     e = F.normalize(embeddings.float(), dim=1)
     enrol, test = torch.from_numpy(trials.enrol), torch.from_numpy(trials.test)
-    scores = (e[enrol] * e[test]).sum(dim=1)
+    if len(e) <= MATRIX_UP_TO:  # one matrix product, then a lookup: far faster than gathering
+        scores = (e @ e.T)[enrol, test]
+    else:
+        scores = torch.cat([(e[enrol[i:i + CHUNK]] * e[test[i:i + CHUNK]]).sum(dim=1)
+                            for i in range(0, len(enrol), CHUNK)])
     if cohort is None:
         return scores.numpy()
     against = e @ F.normalize(cohort.float(), dim=1).T

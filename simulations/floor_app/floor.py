@@ -31,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = FedAvg(fraction_train=float(config["fraction-train"]), fraction_evaluate=0.0,
                       min_available_nodes=int(config["num-clients"]))
-    arrays = ArrayRecord({"weights": np.zeros(int(config["parameters"]), dtype=np.float32)})
+    arrays = ArrayRecord([np.zeros(int(config["parameters"]), dtype=np.float32)])
     strategy.start(grid=grid, initial_arrays=arrays, num_rounds=int(config["rounds"]),
                    evaluate_fn=round_ended)
     with open(str(config["out-file"]), "w") as out:
