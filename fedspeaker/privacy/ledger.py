@@ -5,6 +5,9 @@ prints covers one round only. Here a client's accountant history (noise, samplin
 rate, steps) is kept in a ledger file on the client and restored before the next
 round, so the epsilon reported is what the client has spent over the whole run so far,
 even across a resumed run or a restarted SuperNode.
+
+The ledger also says what one DP-SGD sample is (``unit``): an utterance, or under
+dp-unit=speaker a speaker, whose steps and sample rates it then counts.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ class DPSteps(NamedTuple):
 
 @dataclass
 class PrivacyLedger:
-    """What one client has spent: Opacus accountant history, with the accountant's name."""
+    """What one client has spent: Opacus accountant history, with the accountant's name
+    and the unit a DP-SGD sample is ("utterance" or "speaker")."""
 
     accountant: str = "rdp"
     history: History = field(default_factory=list)
+    unit: str = "utterance"
 
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.accountant, self.history, delta)
@@ -58,18 +63,23 @@ class PrivacyLedger:
                                   "not train until it is restored or the federation restarts "
                                   "with a new id") from None
 
-    def to_lists(self) -> dict[str, list]:
-        """Columns, one list per field."""
-        return {
+    def to_lists(self) -> dict[str, list | str]:
+        """Columns, one list per field; the unit where it is not the utterance (ledgers
+        written before there was a choice hold none)."""
+        columns: dict = {
             "noise": [float(h[0]) for h in self.history],
             "rate": [float(h[1]) for h in self.history],
             "steps": [int(h[2]) for h in self.history],
         }
+        if self.unit != "utterance":
+            columns["unit"] = self.unit
+        return columns
 
     @classmethod
     def from_lists(cls, accountant: str, columns: dict) -> "PrivacyLedger":
         rows = zip(columns.get("noise", []), columns.get("rate", []), columns.get("steps", []))
-        return cls(accountant, [(float(n), float(r), int(s)) for n, r, s in rows])
+        return cls(accountant, [(float(n), float(r), int(s)) for n, r, s in rows],
+                   str(columns.get("unit", "utterance")))
 
 
 def epsilon_of(accountant: str, history: History, delta: float) -> float:

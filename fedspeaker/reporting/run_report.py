@@ -10,12 +10,13 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.evaluation.scoring import EvaluationSet
 from fedspeaker.model.bundle import save_bundle
+from fedspeaker.privacy.accounting import GroupBound, group_epsilon, largest_speaker
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.reporting.plots import plot_curves
 
@@ -94,9 +95,16 @@ def _fmt(value: float) -> str:
 
 
 def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, float]],
-                seconds: float, *, mode: str, evaluation: EvaluationSet) -> dict[str, Any]:
+                seconds: float, *, mode: str, evaluation: EvaluationSet,
+                speaker_bound: bool = True) -> dict[str, Any]:
     """summary.json: the starting (round 0), final and best figures, the data and trials
-    used, and the DP guarantee."""
+    used, and the DP guarantee.
+
+    ``speaker_bound``: under utterance-level DP, add the group bound of the speaker with
+    the most utterances in one party, from this run's partition of its corpus (a
+    simulation, or `central`); a deployment, whose devices' data the server never sees,
+    passes False.
+    """
     final = rows[-1] if rows else {}
     start = rows[0] if rows and rows[0]["round"] == 0 else {}
     best = max(rows, key=lambda r: r["accuracy"]) if rows else {}
@@ -115,7 +123,11 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "client_train_seconds": round(sum(r.get("client_train_seconds", 0.0) for r in rows), 2),
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
-        "privacy": guarantee_sentence(settings, eps, final.get("user_epsilon", math.nan)),
+        "privacy": guarantee_sentence(
+            settings, eps, final.get("user_epsilon", math.nan),
+            group=(speaker_group_bound(settings, _party_speakers(settings, mode),
+                                       rounds=int(final.get("round", 0)))
+                   if speaker_bound and settings.dp and settings.dp_unit == "utterance" else None)),
         "data": {
             "corpus": str(settings.corpus_dir),
             "training_speakers": data.n_speakers,
@@ -131,3 +143,37 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                          "min_dcf": "p_target 0.01, C_miss = C_fa = 1"},
         "settings": settings.to_run_config(),
     }
+
+
+def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]], *, rounds: int
+                        ) -> GroupBound | None:
+    """Under utterance-level DP-SGD, the privacy of the speaker with the most utterances in
+    one party, over ``rounds`` rounds.
+
+    ``parties``: each party's training utterances, by speaker. The party's DP-SGD is
+    rebuilt from the settings as every ``train`` call plans it (dp_plan), as if it trained
+    in every round: an upper bound, since rounds it sat out or stopped early only remove
+    steps. Where several parties hold a speaker with that many utterances, the largest
+    epsilon among them. None where no group is larger than one utterance.
+    """
+    from fedspeaker.training.local import dp_plan
+
+    size = max((largest_speaker(p) for p in parties), default=0)
+    if rounds < 1 or size < 2:
+        return None
+    epsilons = [group_epsilon(history=[tuple(dp_plan(settings, n))] * rounds, size=size, delta=settings.delta)
+                for n in sorted({len(p) for p in parties if largest_speaker(p) == size})]
+    return GroupBound(size, max(epsilons), settings.delta)
+
+
+def _party_speakers(settings: RunSettings, mode: str) -> list[list[str]]:
+    """Each party's training utterances by speaker: the simulated clients' shards, or
+    `central`'s one party holding them all."""
+    from fedspeaker.data.partition import client_shards  # flwr-datasets: not for a deployed client
+    from fedspeaker.data.speakers import load_split
+
+    train = load_split(settings).train  # what client_shards indexes
+    shards = client_shards(settings)
+    if mode == "central":
+        return [[train[i].speaker for shard in shards for i in shard]]
+    return [[train[i].speaker for i in shard] for shard in shards]

@@ -1,4 +1,9 @@
-"""One party's training: plain or DP-SGD, used by each client and by `central`."""
+"""One party's training: plain or DP-SGD, used by each client and by `central`.
+
+Under DP-SGD the unit protected is one utterance (dp-unit=utterance: one Opacus sample
+is one utterance crop) or one speaker (dp-unit=speaker: one Opacus sample is one speaker,
+a fixed number of random windows of it, its loss averaged over them, its gradient
+clipped as a whole; the ledger then counts speakers)."""
 
 from __future__ import annotations
 
@@ -8,11 +13,54 @@ from typing import Callable
 import torch
 
 from fedspeaker.config import RunSettings
-from fedspeaker.errors import FedSpeakerError
+from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.model import build_model
 from fedspeaker.privacy.dpsgd import calibrate_noise, make_private
 from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
-from fedspeaker.training.loops import make_loader, train_epochs
+from fedspeaker.training.loops import (
+    PerSpeaker,
+    fold_per_speaker,
+    make_loader,
+    per_speaker_loss,
+    train_epochs,
+    windows_per_speaker,
+)
+
+
+def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None,
+            planned_epochs: int | None = None, step_fraction: float = 1.0,
+            speakers: int | None = None) -> DPSteps:
+    """One party's DP-SGD for one ``train`` call on ``n_examples`` utterances (of
+    ``speakers`` speakers): noise multiplier, Poisson sample rate and steps, over the unit
+    the run protects (utterances, or under dp-unit=speaker, speakers).
+
+    Args:
+        epochs: passes over the data (default: the run's local epochs).
+        planned_epochs: the noise keeps this many epochs within the target epsilon
+            (default: every round of the run).
+        step_fraction: < 1 stops after that share of the steps, as a slow device would.
+        speakers: the party's speakers; needed under dp-unit=speaker, whose steps and
+            sample rate count speakers.
+    """
+    s = settings
+    epochs = epochs or s.local_epochs
+    units = n_examples
+    if s.dp and s.dp_unit == "speaker":
+        if speakers is None:
+            raise ConfigError("dp-unit=speaker: the DP-SGD plan counts speakers, and this caller gave "
+                              "only the number of utterances (pass speakers=...); the privacy budget "
+                              "check (epsilon-budget) needs it")
+        units = speakers
+    batches = math.ceil(units / min(s.batch_size, units))
+    steps = epochs * batches
+    if step_fraction < 1:
+        steps = min(steps, max(1, math.ceil(step_fraction * steps)))
+    sample_rate = 1 / batches  # what Opacus's Poisson loader uses
+    noise = 0.0
+    if s.dp:
+        noise = s.noise_multiplier or calibrate_noise(
+            s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs, s.accountant)
+    return DPSteps(noise, sample_rate, steps)
 
 
 def round_seed(seed: int, party: int, server_round: int) -> int:
@@ -45,24 +93,36 @@ class LocalTrainer:
         epochs = epochs or s.local_epochs
         torch.manual_seed(seed)
         self.model.train()  # evaluation in between rounds leaves it in eval mode
-        loader = make_loader(feats, labels, self.model.train_frames, s.batch_size, seed)
+        per_speaker = s.dp and s.dp_unit == "speaker"
+        speakers = len(set(labels))
+        windows = windows_per_speaker(speakers, s.batch_size) if per_speaker else 0
+        loader = make_loader(feats, labels, self.model.train_frames, s.batch_size, seed, windows=windows)
         groups = self._parameter_groups()
         if s.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=0.9)
         else:
             optimizer = torch.optim.Adam(groups, lr=s.lr)
         after_step = self._proximal_step(proximal_mu) if proximal_mu > 0 else None
-        plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction)
+        plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction, speakers=speakers)
         max_steps = None if step_fraction >= 1 else plan.steps
         if not s.dp:
             loss = train_epochs(self.model, loader, optimizer, epochs, loss_fn=self.model.loss,
                                 after_step=after_step, max_steps=max_steps)
         else:
+            if ledger.history and ledger.unit != s.dp_unit:
+                raise FedSpeakerError(f"this client's privacy ledger counts {ledger.unit}s, but the run "
+                                      f"protects {s.dp_unit}s (dp-unit); one ledger cannot mix the two")
+            ledger.unit = s.dp_unit
+            model, loss_fn, after_backward = self.model, self.model.loss, None
+            if per_speaker:  # one Opacus sample = one speaker's windows, clipped together
+                model, loss_fn = PerSpeaker(self.model, windows), per_speaker_loss(self.model.loss, windows)
+                after_backward = fold_per_speaker([p for p in self.model.parameters() if p.requires_grad],
+                                                  windows)
             engine, dp_model, optimizer, loader = make_private(
-                model=self.model, optimizer=optimizer, loader=loader, ledger=ledger,
+                model=model, optimizer=optimizer, loader=loader, ledger=ledger,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm)
-            loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=self.model.loss,
-                                after_step=after_step, max_steps=max_steps)
+            loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=loss_fn,
+                                after_step=after_step, max_steps=max_steps, after_backward=after_backward)
             ledger.history = list(engine.accountant.history)
             dp_model.remove_hooks()  # self.model keeps the trained weights
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
@@ -80,22 +140,11 @@ class LocalTrainer:
         return [{"params": rest}, {"params": head, "lr": self.settings.head_lr}]
 
     def dp_plan(self, n_examples: int, epochs: int | None = None, planned_epochs: int | None = None,
-                step_fraction: float = 1.0) -> DPSteps:
-        """The DP-SGD steps a ``train`` call on ``n_examples`` will take, before it takes them:
-        what the privacy budget check asks about."""
-        s = self.settings
-        epochs = epochs or s.local_epochs
-        batches = math.ceil(n_examples / min(s.batch_size, n_examples))
-        steps = epochs * batches
-        if step_fraction < 1:
-            steps = min(steps, max(1, math.ceil(step_fraction * steps)))
-        sample_rate = 1 / batches  # what Opacus's Poisson loader uses
-        noise = 0.0
-        if s.dp:
-            noise = s.noise_multiplier or calibrate_noise(
-                s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs,
-                s.accountant)
-        return DPSteps(noise, sample_rate, steps)
+                step_fraction: float = 1.0, *, speakers: int | None = None) -> DPSteps:
+        """The DP-SGD steps a ``train`` call on ``n_examples`` utterances of ``speakers``
+        speakers will take, before it takes them: what the privacy budget check asks about."""
+        return dp_plan(self.settings, n_examples, epochs=epochs, planned_epochs=planned_epochs,
+                       step_fraction=step_fraction, speakers=speakers)
 
     def _proximal_step(self, mu: float) -> Callable[[], None]:
         """FedProx's term (mu/2)||w - w_global||^2, applied as its own gradient step.
