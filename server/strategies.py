@@ -194,16 +194,15 @@ class DeviceDP:
     noise of std noise * clip, divided by a denominator fixed in advance: the sample size,
     or under Poisson sampling its expectation (McMahan et al. 2018, "Learning
     differentially private recurrent language models", the fixed-denominator estimator).
-    Flower's wrapper instead averages the replies it gets and adds noise of std
-    noise * clip / ``wrapper_clients``; where fewer replies come (a Poisson draw,
-    dropouts, clients sitting out) ``release`` rescales that average to the fixed
-    denominator and tops the noise up, so the noise on the sum is never below what is
-    accounted. Every round that runs is accounted, whether or not it released a model.
+    Flower's wrapper averages the k updates it gets and adds noise of std
+    noise * clip / num_sampled_clients; told k, that is noise * clip on their sum, and
+    ``rescaled`` turns the average into the sum over the fixed denominator, which differs
+    from k under Poisson sampling, dropouts and clients sitting out. Every round that
+    runs is accounted, whether or not it released a model.
     """
 
     noise_multiplier: float
     clip_norm: float
-    wrapper_clients: int  # what Flower's wrapper divides its noise by
     sampling: str
     fraction: float
     delta: float
@@ -218,7 +217,7 @@ class DeviceDP:
                 or type(inner).aggregate_train is not FedAvg.aggregate_train:
             return None
         return cls(noise_multiplier=s.user_noise_multiplier, clip_norm=s.user_clip_norm,
-                   wrapper_clients=expected_clients(s), sampling=s.client_sampling,
+                   sampling=s.client_sampling,
                    fraction=s.fraction_train, delta=s.delta, accountant=s.accountant)
 
     def epsilon(self, releases: Sequence[Sequence[float]]) -> float:
@@ -234,23 +233,26 @@ class DeviceDP:
         """What the round's sum is divided by, fixed before anyone replies."""
         return self.fraction * population if self.sampling == "poisson" else float(sampled)
 
-    def release(self, averaged: ArrayRecord | None, sent: ArrayRecord, *, replies: int,
-                denominator: float) -> ArrayRecord:
-        """sent + (sum of the clipped updates + N(0, (noise * clip)^2)) / denominator, from
-        Flower's noisy average of ``replies`` updates (None when there were none)."""
-        if averaged is not None and replies == denominator == self.wrapper_clients:
+    def rescaled(self, averaged: ArrayRecord, sent: ArrayRecord, *, replies: int, denominator: float
+                 ) -> ArrayRecord:
+        """sent + (sum of the clipped updates + noise) / denominator, from Flower's noisy
+        average of ``replies`` updates: sent + replies / denominator * (average - sent)."""
+        if replies == denominator:
             return averaged  # exactly what Flower released
+        return _arrays_like(sent, lambda g, key: g + replies / denominator
+                            * (averaged[key].numpy().astype(np.float64) - g))
+
+    def noise_only(self, sent: ArrayRecord, denominator: float) -> ArrayRecord:
+        """The release of a round without updates (an empty Poisson draw): noise alone."""
         std = self.noise_multiplier * self.clip_norm / denominator
-        top_up = std * math.sqrt(max(0.0, 1.0 - (replies / self.wrapper_clients) ** 2))
-        out = {}
-        for key, start in sent.items():
-            g = start.numpy().astype(np.float64)
-            r = averaged[key].numpy().astype(np.float64) if averaged is not None else g
-            new = g + (replies / denominator) * (r - g)
-            if top_up > 0:  # numpy's generator, like Flower's noise: a checkpoint keeps its state
-                new = new + np.random.normal(0.0, top_up, new.shape)
-            out[key] = Array(new.astype(start.numpy().dtype))
-        return ArrayRecord(out)
+        # numpy's generator, like Flower's noise: a checkpoint keeps its state
+        return _arrays_like(sent, lambda g, key: g + np.random.normal(0.0, std, g.shape))
+
+
+def _arrays_like(sent: ArrayRecord, new: Callable[[np.ndarray, str], np.ndarray]) -> ArrayRecord:
+    """``new(array as float64, key)`` for each of ``sent``'s arrays, in its dtype."""
+    return ArrayRecord({key: Array(new(a.numpy().astype(np.float64), key).astype(a.numpy().dtype))
+                        for key, a in sent.items()})
 
 
 class ScreenedStrategy(Strategy):
@@ -334,11 +336,15 @@ class ScreenedStrategy(Strategy):
         if any(reply.has_error() for reply in kept):
             return self.strategy.aggregate_train(server_round, kept)  # Flower's wrapper releases nothing
         updates = sum(1 for reply in kept if reply.has_content())
-        averaged, metrics = (self.strategy.aggregate_train(server_round, kept) if updates
-                             else (None, None))
-        if updates and averaged is None:
+        if not updates:
+            return self.device_dp.noise_only(sent, denominator), None
+        # Flower's wrapper adds noise * clip / num_sampled_clients to the average of the
+        # updates: told how many it averages, that is noise * clip on their sum
+        self.strategy.num_sampled_clients = updates
+        averaged, metrics = self.strategy.aggregate_train(server_round, kept)
+        if averaged is None:
             return averaged, metrics
-        return self.device_dp.release(averaged, sent, replies=updates, denominator=denominator), metrics
+        return self.device_dp.rescaled(averaged, sent, replies=updates, denominator=denominator), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -26,7 +26,7 @@ from fedspeaker.errors import ConfigError
 SAMPLINGS = ("fixed", "poisson", "none")
 # PLD grid of the group bound: coarser than dp_accounting's default (1e-4), which takes
 # minutes for large groups; the discretisation is pessimistic, so it only rounds up
-GROUP_DISCRETIZATION = 1e-2
+GROUP_DISCRETIZATION = 2e-2
 
 
 class Release(NamedTuple):
