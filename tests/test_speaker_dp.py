@@ -177,7 +177,7 @@ def test_the_summary_bounds_the_speaker_with_the_most_utterances_in_one_client()
     assert bound == GroupBound(12, pytest.approx(group_epsilon(history=[plan] * 3, size=12, delta=1e-5)), 1e-5)
     assert speaker_group_bound(settings, [["a", "b"], ["c"]], rounds=3) is None  # nobody has two
     text = guarantee_sentence(settings, 4.0, group=bound)
-    assert "the unit is one utterance" in text and "(12) is protected only at epsilon=" in text
+    assert "the unit is one utterance" in text and "(12 utterances) is protected only at epsilon=" in text
     assert "arXiv:2401.10294" in text
     speaker = guarantee_sentence(settings.replace(dp_unit="speaker"), 4.0)
     assert "speaker-level (epsilon=4.00, delta=1e-05)" in speaker and "the unit is one speaker" in speaker

@@ -44,7 +44,7 @@ def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> s
             f"clipping norm {s.max_grad_norm:g}); the bound is the largest any client spent{budget}.")
     if group is not None and group.size > 1:
         text += (f" A speaker is a group of utterances: the speaker with the most utterances in one "
-                 f"client ({group.size}) is protected only at epsilon={group.epsilon:.2f} "
+                 f"client ({group.size} utterances) is protected only at epsilon={group.epsilon:.2f} "
                  f"(delta={group.delta:g}; group-level DP-SGD bound of Ganesh 2024, arXiv:2401.10294, "
                  f"dp_accounting's PLD accountant for a mixture of Gaussians, as if that client "
                  f"trained every round).")
