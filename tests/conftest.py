@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Every process this test session starts inherits this, so a test can tell its own
+# leftovers from whatever else runs on the machine.
+TEST_MARKER = f"FEDSPEAKER_TEST_SESSION={os.getpid()}"
+os.environ["FEDSPEAKER_TEST_SESSION"] = str(os.getpid())
 BUNDLED_CORPUS = REPO / "data" / "dspspeech20-mini"
 
 N_SPEAKERS = 6

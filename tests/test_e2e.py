@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_MARKER
+
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "dspspeech20-mini"
 FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
 
@@ -37,14 +39,18 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def flower_processes() -> list[str]:
+    """Flower and Ray processes this test session started (they carry its marker) that are
+    still running."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                ours = TEST_MARKER.encode() in (entry / "environ").read_bytes()
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except (OSError, IndexError):
                 continue
-            if any(name in cmd for name in FLOWER_PROCESSES):
+            if ours and not zombie and any(name in cmd for name in FLOWER_PROCESSES):
                 found.append(f"{entry.name}: {cmd[:120]}")
     return found
 
