@@ -181,3 +181,11 @@ def test_the_summary_bounds_the_speaker_with_the_most_utterances_in_one_client()
     assert "arXiv:2401.10294" in text
     speaker = guarantee_sentence(settings.replace(dp_unit="speaker"), 4.0)
     assert "speaker-level (epsilon=4.00, delta=1e-05)" in speaker and "the unit is one speaker" in speaker
+
+
+def test_a_budget_the_client_cannot_yet_check_per_speaker_is_refused_at_the_start() -> None:
+    from server.strategies import build_strategy
+
+    with pytest.raises(ConfigError, match="^epsilon-budget with dp-unit=speaker"):
+        build_strategy(RunSettings(dp_unit="speaker", epsilon_budget=5.0))
+    build_strategy(RunSettings(dp_unit="speaker"))
