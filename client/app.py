@@ -46,7 +46,8 @@ def train(msg: Message, context: Context) -> Message:
     ledger = PrivacyLedger.load(ledger_file, settings.accountant)
     trainer = LocalTrainer(settings, n_speakers)
     if settings.dp and settings.epsilon_budget > 0:
-        planned = trainer.dp_plan(len(feats), step_fraction=request.step_fraction)
+        planned = trainer.dp_plan(len(feats), step_fraction=request.step_fraction,
+                                  speakers=len(set(labels)))
         if ledger.epsilon_after(planned, settings.delta) > settings.epsilon_budget:
             return request.reply_without_weights({
                 wire.NUM_EXAMPLES: 0, wire.SAT_OUT: 1, wire.EPSILON: ledger.epsilon(settings.delta),

@@ -190,6 +190,10 @@ class RunSettings:
         if self.secagg and (self.strategy != "fedavg" or self.user_dp != "off" or self.epsilon_budget):
             raise ConfigError("secagg (Flower's SecAgg+) gives the server only the sum of the updates: "
                               "use it with strategy fedavg, without user-dp and epsilon-budget")
+        if self.client_sampling == "poisson" and (self.secagg or self.min_train_nodes > 1):
+            raise ConfigError("client-sampling=poisson draws each client independently (and may "
+                              "draw none): it cannot hold min-train-nodes above 1, and the secagg "
+                              "workflow samples in its own way")
         if self.resume and self.secagg:
             raise ConfigError("resume is not available with secagg: Flower's SecAgg+ workflow "
                               "keeps its round state inside Flower")

@@ -49,13 +49,6 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
     0.1, FedYogi 0.01).
     """
     s = settings
-    if s.client_sampling == "poisson" and s.min_train_nodes > 1:
-        raise ConfigError(f"min-train-nodes ({s.min_train_nodes}) cannot hold under "
-                          "client-sampling=poisson, which draws each client independently "
-                          "(and may draw none); leave it at 1")
-    if s.dp and s.dp_unit == "speaker" and s.epsilon_budget:
-        raise ConfigError("epsilon-budget with dp-unit=speaker: a client's budget check plans its "
-                          "DP-SGD by utterances, not yet by speakers; leave epsilon-budget at 0")
     common: dict[str, Any] = dict(
         # ScreenedStrategy draws each round's training clients (seeded, fixed or Poisson)
         # and shows the strategy only those, so the strategy takes every one it is shown

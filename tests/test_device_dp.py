@@ -118,9 +118,11 @@ def test_the_server_asks_exactly_the_clients_drawn() -> None:
                                                    server_round=r)
 
 
-def test_poisson_sampling_refuses_a_minimum_it_cannot_keep() -> None:
-    with pytest.raises(ConfigError, match="^min-train-nodes"):
-        build_strategy(RunSettings(num_clients=10, client_sampling="poisson", min_train_nodes=2))
+def test_poisson_sampling_refuses_a_minimum_it_cannot_keep_and_secagg() -> None:
+    with pytest.raises(ConfigError, match="^client-sampling=poisson .* min-train-nodes"):
+        RunSettings(num_clients=10, client_sampling="poisson", min_train_nodes=2).validate()
+    with pytest.raises(ConfigError, match="secagg"):
+        RunSettings(client_sampling="poisson", secagg=True).validate()
 
 
 # ------------------------------------------------------------------ the epsilon claimed

@@ -183,9 +183,18 @@ def test_the_summary_bounds_the_speaker_with_the_most_utterances_in_one_client()
     assert "speaker-level (epsilon=4.00, delta=1e-05)" in speaker and "the unit is one speaker" in speaker
 
 
-def test_a_budget_the_client_cannot_yet_check_per_speaker_is_refused_at_the_start() -> None:
-    from server.strategies import build_strategy
+def test_the_budget_check_plans_by_speakers_as_training_takes_them() -> None:
+    from fedspeaker.privacy.ledger import PrivacyLedger
+    from fedspeaker.training.local import LocalTrainer
 
-    with pytest.raises(ConfigError, match="^epsilon-budget with dp-unit=speaker"):
-        build_strategy(RunSettings(dp_unit="speaker", epsilon_budget=5.0))
-    build_strategy(RunSettings(dp_unit="speaker"))
+    settings = RunSettings(model="tdnn", head_lr=0.0, dp_unit="speaker", epsilon_budget=5.0, rounds=2,
+                           local_epochs=2, batch_size=4, channels=8, embedding_dim=8, crop_frames=20,
+                           noise_multiplier=1.0)
+    feats = [torch.randn(40, 30) for _ in range(24)]
+    labels = [i % 6 for i in range(24)]  # 6 speakers
+    trainer = LocalTrainer(settings, 6)
+    planned = trainer.dp_plan(len(feats), speakers=len(set(labels)))  # what client/app.py asks
+    ledger = PrivacyLedger()
+    trainer.train(feats, labels, ledger, seed=0)
+    assert [tuple(h) for h in ledger.history] == [tuple(planned)]
+    assert planned.sample_rate == pytest.approx(1 / 2)  # 6 speakers in batches of 4 speakers' windows
