@@ -198,3 +198,17 @@ def test_the_budget_check_plans_by_speakers_as_training_takes_them() -> None:
     trainer.train(feats, labels, ledger, seed=0)
     assert [tuple(h) for h in ledger.history] == [tuple(planned)]
     assert planned.sample_rate == pytest.approx(1 / 2)  # 6 speakers in batches of 4 speakers' windows
+
+
+def test_a_group_sampled_whole_every_step_is_a_gaussian_of_its_size() -> None:
+    """With sampling rate 1 (a device holding fewer utterances than a batch) the group's k
+    utterances are in every step together: a Gaussian mechanism of sensitivity k."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    from fedspeaker.privacy.accounting import group_epsilon
+
+    acct = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acct.compose(dp_accounting.GaussianDpEvent(1.1 / 21), 3)
+    got = group_epsilon(history=[(1.1, 1.0, 1)] * 3, size=21, delta=1e-5)
+    assert got == pytest.approx(acct.get_epsilon(1e-5), rel=1e-3)

@@ -117,10 +117,17 @@ def group_epsilon(*, history: Sequence[Sequence[float]], size: int, delta: float
     acct = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
                          value_discretization_interval=GROUP_DISCRETIZATION)
     for noise, rate, steps in history:
-        weights = binom.pmf(range(size + 1), size, rate)
-        acct.compose(dp_accounting.dp_event.MixtureOfGaussiansDpEvent(
-            standard_deviation=float(noise), sensitivities=[float(j) for j in range(size + 1)],
-            sampling_probs=[float(w) for w in weights]), int(steps))
+        # components that cannot happen are left out (dp_accounting fails on them): with
+        # rate 1 the whole group is in every step, a Gaussian of sensitivity ``size``
+        mixture = [(float(j), float(w)) for j, w in enumerate(binom.pmf(range(size + 1), size, rate))
+                   if w > 0]
+        if len(mixture) == 1:
+            event = dp_accounting.GaussianDpEvent(float(noise) / mixture[0][0])
+        else:
+            event = dp_accounting.dp_event.MixtureOfGaussiansDpEvent(
+                standard_deviation=float(noise), sensitivities=[j for j, _ in mixture],
+                sampling_probs=[w / sum(w for _, w in mixture) for _, w in mixture])
+        acct.compose(event, int(steps))
     return float(acct.get_epsilon(delta))
 
 
