@@ -37,6 +37,7 @@ ATTACKS = ("sign-flip", "scale", "noise", "label-flip")
 DROPOUT_MODES = ("raise", "silent")
 DP_UNITS = ("utterance", "speaker")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
+CLASS_VECTORS = ("shared", "own")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class RunSettings:
     model: str = "ge2e"
     margin: float = 0.2  # GE2E: additive angular margin of the AAM-softmax loss (radians)
     scale: float = 30.0  # GE2E: scale of the cosine logits
+    # GE2E: which class vectors a device trains against. shared: every training speaker's
+    # (AAM-softmax, the others as negatives); own: only its own speakers' (FedAwS: a
+    # positive-only loss on the device, the server spreading the class vectors apart)
+    class_vectors: str = "shared"
+    spreadout_cosine: float = 0.0  # own: the server pushes apart class vectors above this cosine
     # TDNN only: its features and size
     features: str = "fbank"
     n_mels: int = 40
@@ -169,6 +175,14 @@ class RunSettings:
         if self.margin >= math.pi / 2:
             raise ConfigError(f"margin must be below pi/2 radians, got {self.margin}")
         _positive("scale", self.scale)
+        _choice("class-vectors", self.class_vectors, CLASS_VECTORS)
+        if not -1.0 <= self.spreadout_cosine <= 1.0:
+            raise ConfigError(f"spreadout-cosine must be in [-1, 1], got {self.spreadout_cosine}")
+        if self.class_vectors == "own" and (self.model != "ge2e" or self.user_dp != "off" or self.secagg
+                                            or (self.dp and self.dp_unit == "speaker")):
+            raise ConfigError("class-vectors=own (FedAwS) needs model=ge2e; the server sees which "
+                              "speakers' class vectors each client trained, so not with user-dp, "
+                              "secagg or dp-unit=speaker, whose guarantees would hide that")
         _at_least("max-trials", self.max_trials, 0)
         _at_least("cohort-top", self.cohort_top, 2)
         _at_least("cohort-size", self.cohort_size, 1)

@@ -37,6 +37,7 @@ from fedspeaker.config import RunSettings
 from fedspeaker import wire
 from fedspeaker.errors import ConfigError
 from fedspeaker.privacy.accounting import device_epsilon
+from server.fedaws import OwnClassVectors
 
 ReplyObserver = Callable[[int, list[RecordDict]], None]
 
@@ -80,6 +81,8 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
                                    **common),
     }
     wrapped = with_user_dp(strategies[s.strategy](), s)
+    if s.class_vectors == "own":
+        wrapped = OwnClassVectors(wrapped, ceiling=s.spreadout_cosine)
     return ScreenedStrategy(wrapped, on_replies, drop_unchanged=s.user_dp.startswith("server"),
                             sampling=ClientSampling.of(s), device_dp=DeviceDP.of(s, wrapped))
 

@@ -288,14 +288,17 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
     assert 0 < worst <= bound, (worst, bound)
 
 
-def test_a_population_of_one_owner_devices_does_not_end_worse_than_it_started(tiny_corpus: Path,
-                                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize("class_vectors", ["shared", "own"])
+def test_a_population_of_one_owner_devices_does_not_end_worse_than_it_started(
+        tiny_corpus: Path, tmp_path: Path, class_vectors: str) -> None:
     """12 devices, one speaker each (two devices per training speaker), a third sampled each
-    round, the devices also scoring the model on their own held-out recordings."""
+    round, the devices also scoring the model on their own held-out recordings; training
+    against every speaker's class vector, or (FedAwS) only against their own."""
     out = tmp_path / "population"
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--partition", "natural", "--clients", "12",
                      "--rounds", "4", "--no-dp", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
-                     "--set", "fraction-train=0.34", "--set", "fraction-evaluate=0.5")
+                     "--set", "fraction-train=0.34", "--set", "fraction-evaluate=0.5",
+                     "--set", f"class-vectors={class_vectors}")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = list(csv.DictReader(open(out / "rounds.csv")))
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]

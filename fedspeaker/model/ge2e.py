@@ -241,6 +241,9 @@ def frozen_states(wave: Tensor) -> Tensor:
     return hidden[-1].T.contiguous()
 
 
+POSITIVE_COSINE = 0.9  # FedAwS's positive margin (Yu et al. 2020, "Federated learning with only positive labels")
+
+
 class CosineHead(nn.Module):
     """Scaled cosine of the embedding with one learned vector per training speaker."""
 
@@ -296,6 +299,14 @@ class GE2ESpeakerNet(nn.Module):
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """AAM-softmax: the target's angle widened by ``margin`` before the softmax."""
         return aam_softmax(logits / self.head.scale, labels, margin=self.margin, scale=self.head.scale)
+
+    def positive_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """FedAwS's loss for a device that holds only its own speakers' class vectors: pull
+        each embedding to its speaker's vector until their cosine reaches POSITIVE_COSINE;
+        no negatives (the server's spreadout keeps the vectors apart). Times the head's
+        scale, so that its gradients are of the size AAM-softmax's are."""
+        target = (logits / self.head.scale).gather(1, labels[:, None])
+        return self.head.scale * torch.relu(POSITIVE_COSINE - target).square().mean()
 
 
 def aam_softmax(cosines: Tensor, labels: Tensor, *, margin: float, scale: float) -> Tensor:

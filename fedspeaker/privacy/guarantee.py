@@ -42,6 +42,10 @@ def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> s
             f"delta={s.delta:g}) differential privacy over the whole run: the unit is one utterance "
             f"(Opacus DP-SGD, {s.accountant.upper()} accountant, Poisson sampling of utterances, "
             f"clipping norm {s.max_grad_norm:g}); the bound is the largest any client spent{budget}.")
+    if s.class_vectors == "own":
+        text += (" With class-vectors=own the server also sees which speakers' class vectors each "
+                 "client trained (its speakers, as FedAwS assumes the server knows); the guarantee "
+                 "is for utterances given that set.")
     if group is not None and group.size > 1:
         text += (f" A speaker is a group of utterances: the speaker with the most utterances in one "
                  f"client ({group.size} utterances) is protected only at epsilon={group.epsilon:.2f} "

@@ -94,6 +94,8 @@ class LocalTrainer:
         torch.manual_seed(seed)
         self.model.train()  # evaluation in between rounds leaves it in eval mode
         per_speaker = s.dp and s.dp_unit == "speaker"
+        own = s.class_vectors == "own"
+        model_loss = self.model.positive_loss if own else self.model.loss
         speakers = len(set(labels))
         windows = windows_per_speaker(speakers, s.batch_size) if per_speaker else 0
         loader = make_loader(feats, labels, self.model.train_frames, s.batch_size, seed, windows=windows)
@@ -102,20 +104,21 @@ class LocalTrainer:
             optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=0.9)
         else:
             optimizer = torch.optim.Adam(groups, lr=s.lr)
-        after_step = self._proximal_step(proximal_mu) if proximal_mu > 0 else None
+        after_step = _in_turn(self._proximal_step(proximal_mu) if proximal_mu > 0 else None,
+                              self._keep_others_class_vectors(labels) if own else None)
         plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction, speakers=speakers)
         max_steps = None if step_fraction >= 1 else plan.steps
         if not s.dp:
-            loss = train_epochs(self.model, loader, optimizer, epochs, loss_fn=self.model.loss,
+            loss = train_epochs(self.model, loader, optimizer, epochs, loss_fn=model_loss,
                                 after_step=after_step, max_steps=max_steps)
         else:
             if ledger.history and ledger.unit != s.dp_unit:
                 raise FedSpeakerError(f"this client's privacy ledger counts {ledger.unit}s, but the run "
                                       f"protects {s.dp_unit}s (dp-unit); one ledger cannot mix the two")
             ledger.unit = s.dp_unit
-            model, loss_fn, after_backward = self.model, self.model.loss, None
+            model, loss_fn, after_backward = self.model, model_loss, None
             if per_speaker:  # one Opacus sample = one speaker's windows, clipped together
-                model, loss_fn = PerSpeaker(self.model, windows), per_speaker_loss(self.model.loss, windows)
+                model, loss_fn = PerSpeaker(self.model, windows), per_speaker_loss(model_loss, windows)
                 after_backward = fold_per_speaker([p for p in self.model.parameters() if p.requires_grad],
                                                   windows)
             engine, dp_model, optimizer, loader = make_private(
@@ -146,6 +149,22 @@ class LocalTrainer:
         return dp_plan(self.settings, n_examples, epochs=epochs, planned_epochs=planned_epochs,
                        step_fraction=step_fraction, speakers=speakers)
 
+    def _keep_others_class_vectors(self, labels: list[int]) -> Callable[[], None]:
+        """class-vectors=own: after each step, every class vector but this party's own
+        speakers' goes back to what the server sent. Their gradient is zero under the
+        positive-only loss; under DP-SGD this drops the noise Opacus added to them (what is
+        released is then a function of the noisy step, so the guarantee holds)."""
+        weight = self.model.head.weight
+        others = torch.ones(weight.shape[0], dtype=torch.bool)
+        others[sorted(set(labels))] = False
+        sent = weight.detach()[others].clone()
+
+        @torch.no_grad()
+        def step() -> None:
+            weight[others] = sent
+
+        return step
+
     def _proximal_step(self, mu: float) -> Callable[[], None]:
         """FedProx's term (mu/2)||w - w_global||^2, applied as its own gradient step.
 
@@ -163,3 +182,16 @@ class LocalTrainer:
                 p.sub_(lr * mu * (p - a))
 
         return step
+
+
+def _in_turn(*steps: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One callback running the given ones in order; None when none is given."""
+    given = [step for step in steps if step is not None]
+    if not given:
+        return None
+
+    def run() -> None:
+        for step in given:
+            step()
+
+    return run
