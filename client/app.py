@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import held_out_examples, training_examples
+from client.data import held_out_examples, training_examples, training_labels
 from client.evaluate import score_on_device
 from client.footprint import footprint
 from client.messages import TrainRequest
@@ -67,7 +67,8 @@ def train(msg: Message, context: Context) -> Message:
                **footprint(started, data_ready, fit_seconds)}
     if settings.dp:
         metrics[wire.EPSILON] = ledger.epsilon(settings.delta)
-    return request.reply(trainer.model.state_dict(), len(feats), metrics)
+    own_classes = sorted(set(labels)) if settings.class_vectors == "own" else None
+    return request.reply(trainer.model.state_dict(), len(feats), metrics, own_classes=own_classes)
 
 
 @app.evaluate()
@@ -85,6 +86,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         cohort=torch.from_numpy(msg.content[wire.COHORT][wire.COHORT_EMBEDDINGS].numpy().copy()),
         threshold=float(config[wire.THRESHOLD]))
     return Message(content=RecordDict({wire.METRICS: MetricRecord(counts)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """class-vectors=own: tell the server which speakers' class vectors this node trains
+    (their rows), so that it sends this node those and no others."""
+    settings = RunSettings.from_run_config(context.run_config)
+    speakers = wire.speakers_from_config(msg.content[wire.CONFIG])
+    own = sorted(set(training_labels(settings, context, speakers)))
+    return Message(content=RecordDict({wire.FEDAWS: ConfigRecord({wire.OWN_CLASSES: own})}), reply_to=msg)
 
 
 def ledger_path(settings: RunSettings, context: Context, federation_id: str) -> Path:

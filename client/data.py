@@ -8,6 +8,7 @@ import torch
 from flwr.app import Context
 
 from fedspeaker.config import RunSettings
+from fedspeaker.data.corpus import Utterance
 from fedspeaker.data.speakers import load_device_examples, load_examples, load_split
 from fedspeaker.errors import CorpusError
 
@@ -51,9 +52,22 @@ def _device(settings: RunSettings, context: Context, speakers: list[str],
                                 settings.feature_spec, speakers, part=part)
 
 
+def training_labels(settings: RunSettings, context: Context, speakers: list[str]) -> list[int]:
+    """The labels of this node's training utterances, without their features where that
+    is possible (in simulation): which speakers it holds."""
+    if not is_simulated(context):
+        return training_examples(settings, context, speakers)[1]
+    return _simulated_shard(settings, context)[1]
+
+
 def simulated_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
     """A simulated client's shard (only its features are loaded), with wrong labels if the
     scenario makes it a label flipper."""
+    mine, labels = _simulated_shard(settings, context)
+    return load_examples(settings, mine), labels
+
+
+def _simulated_shard(settings: RunSettings, context: Context) -> tuple[list[Utterance], list[int]]:
     from fedspeaker.data.partition import client_shards  # flwr-datasets: simulation only
 
     partition_id = int(context.node_config.get("partition-id", 0))
@@ -63,10 +77,10 @@ def simulated_examples(settings: RunSettings, context: Context) -> tuple[list[to
                           f"{settings.num_clients}; make them equal")
     split = load_split(settings)
     mine = [split.train[i] for i in client_shards(settings)[partition_id]]
-    feats, labels = load_examples(settings, mine), [split.labels[u.speaker] for u in mine]
+    labels = [split.labels[u.speaker] for u in mine]
     if settings.byzantine_fraction and settings.attack == "label-flip":
         from client.scenarios import client_role, flip_labels
 
         if client_role(settings, partition_id).byzantine:
             labels = flip_labels(labels, len(split.speakers))
-    return feats, labels
+    return mine, labels

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
@@ -66,14 +66,17 @@ class TrainRequest:
                            zip(model.state_dict(), parameters_to_ndarrays(self.fitins.parameters)))
 
     def reply(self, state: Mapping[str, torch.Tensor], num_examples: int,
-              metrics: dict[str, float]) -> Message:
-        """The trained weights and this round's metrics, in the request's format."""
+              metrics: dict[str, float], *, own_classes: list[int] | None = None) -> Message:
+        """The trained weights and this round's metrics, in the request's format; under
+        class-vectors=own, the head rows this client trained (``own_classes``)."""
         if self.fitins:
             fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([t.numpy() for t in state.values()]),
                             num_examples, metrics)
             return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=self.msg)
         content = RecordDict({wire.ARRAYS: ArrayRecord(OrderedDict(state)),
                               wire.METRICS: MetricRecord(metrics)})
+        if own_classes is not None:
+            content[wire.FEDAWS] = ConfigRecord({wire.OWN_CLASSES: own_classes})
         return Message(content=content, reply_to=self.msg)
 
     def reply_without_weights(self, metrics: dict[str, float]) -> Message:

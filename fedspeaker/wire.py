@@ -60,6 +60,13 @@ key                         type   meaning
 ``sat-out-for-budget``      int    1: the next round would pass its epsilon budget,
                                    so it sent no weights
 ==========================  =====  ==============================================
+
+Under class-vectors=own (FedAwS) a train reply also has a ``fedaws`` record (a
+ConfigRecord) with ``own-classes`` (list of int): the rows of the head, i.e. the
+speakers, this client trained. The server asks a client it has not heard from yet with a
+``query`` message (``config``: ``speakers``), answered with the same record, and sends
+each client only its own rows of the head (the others zero, in train and evaluate
+messages). A row a client was not sent starts there from the run's seeded initial head.
 """
 
 from __future__ import annotations
@@ -87,6 +94,8 @@ FIT_SECONDS = "fit-seconds"
 PEAK_RSS_MB = "peak-rss-mb"
 EPSILON = "epsilon"
 SAT_OUT = "sat-out-for-budget"
+FEDAWS = "fedaws"
+OWN_CLASSES = "own-classes"
 
 # server -> client (evaluate) and back
 THRESHOLD = "threshold"

@@ -82,7 +82,7 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
     }
     wrapped = with_user_dp(strategies[s.strategy](), s)
     if s.class_vectors == "own":
-        wrapped = OwnClassVectors(wrapped, ceiling=s.spreadout_cosine)
+        wrapped = OwnClassVectors(wrapped, ceiling=s.spreadout_cosine, timeout=s.round_timeout)
     return ScreenedStrategy(wrapped, on_replies, drop_unchanged=s.user_dp.startswith("server"),
                             sampling=ClientSampling.of(s), device_dp=DeviceDP.of(s, wrapped))
 

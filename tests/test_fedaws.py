@@ -50,10 +50,11 @@ def test_spreadout_leaves_vectors_already_apart_alone() -> None:
 def test_a_class_vector_is_the_mean_of_its_owners_only() -> None:
     start = np.zeros((4, 3), np.float32)
     a, b, c = start.copy(), start.copy(), start.copy()
-    a[0], b[0], c[2] = 1.0, 3.0, 5.0  # rows 0 (two owners, weighted 1:3) and 2 trained
-    mean = owners_mean(start, [(a, 1.0), (b, 3.0), (c, 2.0)])
-    np.testing.assert_allclose(mean[0], 2.5)
-    np.testing.assert_allclose(mean[2], 5.0)  # not diluted by the two devices that left it alone
+    a[0], b[0], c[2] = 1.0, 3.0, 5.0
+    b[2] = 7.0  # b's copy of a row it did not train is not counted
+    mean = owners_mean(start, [(a, [0], 1.0), (b, [0], 3.0), (c, [2], 2.0)])
+    np.testing.assert_allclose(mean[0], 2.5)  # two owners, weighted 1:3
+    np.testing.assert_allclose(mean[2], 5.0)  # not diluted by the devices that did not train it
     np.testing.assert_array_equal(mean[[1, 3]], start[[1, 3]])
 
 
@@ -73,7 +74,8 @@ def test_a_device_changes_only_its_own_speakers_class_vectors(dp: bool) -> None:
     assert not torch.equal(after["projection.weight"], before["projection.weight"])
 
 
-def test_the_server_averages_class_vectors_by_owner_and_spreads_them() -> None:
+def test_the_server_sends_each_device_only_its_own_class_vectors_averages_them_by_owner_and_spreads_them(
+        ) -> None:
     settings = RunSettings(class_vectors="own", num_clients=2, dp=False)
     strategy = build_strategy(settings)
     assert isinstance(strategy.strategy, OwnClassVectors)
@@ -81,25 +83,64 @@ def test_the_server_averages_class_vectors_by_owner_and_spreads_them() -> None:
     sent = ArrayRecord({CLASS_VECTORS: Array(start), "projection.weight": Array(np.zeros(2, np.float32))})
 
     class TwoNodes:
+        """Node 1 holds speaker 0, node 2 speaker 1; they answer the server's query so."""
+
+        queries: list[Message] = []
+
         def get_node_ids(self) -> list[int]:
             return [1, 2]
 
-    list(strategy.configure_train(1, sent, ConfigRecord(), TwoNodes()))
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            self.queries += messages
+            return [Message(RecordDict({"fedaws": ConfigRecord({"own-classes": [m.metadata.dst_node_id - 1]})}),
+                            reply_to=m) for m in messages]
+
+    grid = TwoNodes()
+
+    def train_round() -> list[Message]:
+        return list(strategy.configure_train(1, sent, ConfigRecord({"speakers": ["a", "b", "c"]}), grid))
+
+    requests = train_round()
+    assert [q.metadata.message_type for q in grid.queries] == ["query", "query"]  # asked first
+    for request in requests:  # then sent its own row, and none of the others
+        received = request.content["arrays"][CLASS_VECTORS].numpy()
+        row = request.metadata.dst_node_id - 1
+        np.testing.assert_array_equal(received[row], start[row])
+        assert not np.delete(received, row, axis=0).any()
     replies = []
-    for node, row in ((1, 0), (2, 1)):
-        mine = start.copy()
+    for request in requests:
+        node = request.metadata.dst_node_id
+        row = node - 1
+        mine = np.zeros_like(start)
         mine[row] = -start[row]  # each device turned its own speaker's vector around
         replies.append(Message(content=RecordDict({
             "arrays": ArrayRecord({CLASS_VECTORS: Array(mine),
                                    "projection.weight": Array(np.full(2, float(node), np.float32))}),
-            "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0})}),
-            dst_node_id=node, message_type="train"))
+            "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0}),
+            "fedaws": ConfigRecord({"own-classes": [row]})}), reply_to=request))
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["projection.weight"].numpy(), 1.5)  # FedAvg's, as ever
     vectors = arrays[CLASS_VECTORS].numpy()
     units = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     assert units[0] @ (-start[0]) / np.linalg.norm(start[0]) > 0.5  # the owner's version, undiluted
     assert _cosines(vectors).max() <= settings.spreadout_cosine + 0.02
+    train_round()
+    assert len(grid.queries) == 2  # nodes heard from are not asked again
+
+
+def test_a_device_not_sent_its_class_vector_starts_from_the_seeded_initial_one() -> None:
+    settings = RunSettings(class_vectors="own", dp=False, batch_size=8, lr=1e-9, head_lr=1e-9)
+    trainer = LocalTrainer(settings, n_speakers=4)
+    initial = trainer.model.head.weight.detach().clone()
+    assert torch.equal(initial, LocalTrainer(settings, n_speakers=4).model.head.weight)  # seeded
+    with torch.no_grad():
+        trainer.model.head.weight.zero_()  # as sent: nothing known about this device yet
+    gen = torch.Generator().manual_seed(0)
+    trainer.train([torch.rand(256, 3, generator=gen) for _ in range(4)], [1] * 4, PrivacyLedger(), seed=0)
+    after = trainer.model.head.weight.detach()
+    torch.testing.assert_close(after[1], initial[1])  # a tiny step from the seeded start
+    assert not after[[0, 2, 3]].any()
 
 
 @pytest.mark.parametrize("changes", [{"model": "tdnn"}, {"user_dp": "server-fixed"}, {"secagg": True},

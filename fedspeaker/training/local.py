@@ -73,6 +73,10 @@ class LocalTrainer:
     def __init__(self, settings: RunSettings, n_speakers: int) -> None:
         self.settings = settings
         self.model = build_model(settings, n_speakers)
+        # class-vectors=own: where a client is not sent one of its own rows, it starts from
+        # the run's seeded initial head (the same on every party), never from its data
+        self.initial_class_vectors = (self.model.head.weight.detach().clone()
+                                      if settings.class_vectors == "own" else None)
 
     def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger, *,
               seed: int, epochs: int | None = None, planned_epochs: int | None = None,
@@ -150,13 +154,17 @@ class LocalTrainer:
                        step_fraction=step_fraction, speakers=speakers)
 
     def _keep_others_class_vectors(self, labels: list[int]) -> Callable[[], None]:
-        """class-vectors=own: after each step, every class vector but this party's own
+        """class-vectors=own: own rows the server did not send (zero) start from the
+        seeded initial head; after each step, every class vector but this party's own
         speakers' goes back to what the server sent. Their gradient is zero under the
         positive-only loss; under DP-SGD this drops the noise Opacus added to them (what is
         released is then a function of the noisy step, so the guarantee holds)."""
         weight = self.model.head.weight
         others = torch.ones(weight.shape[0], dtype=torch.bool)
         others[sorted(set(labels))] = False
+        with torch.no_grad():
+            not_sent = ~others & (weight.norm(dim=1) == 0)
+            weight[not_sent] = self.initial_class_vectors[not_sent]
         sent = weight.detach()[others].clone()
 
         @torch.no_grad()
