@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import held_out_examples, training_examples, training_labels
+from client.data import held_out_examples, is_simulated, training_examples, training_labels
 from client.evaluate import score_on_device
 from client.footprint import footprint
 from client.messages import TrainRequest
@@ -88,8 +88,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({wire.METRICS: MetricRecord(counts)}), reply_to=msg)
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """This simulated node's partition id (-1 on a device): the server draws a round's
+    clients by it, since a simulation's node ids change at every launch."""
+    partition_id = int(context.node_config.get("partition-id", -1)) if is_simulated(context) else -1
+    return Message(content=RecordDict({wire.NODE: ConfigRecord({wire.PARTITION_ID: partition_id})}),
+                   reply_to=msg)
+
+
+@app.query("own_classes")
+def own_classes(msg: Message, context: Context) -> Message:
     """class-vectors=own: tell the server which speakers' class vectors this node trains
     (their rows), so that it sends this node those and no others."""
     settings = RunSettings.from_run_config(context.run_config)

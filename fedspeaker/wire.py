@@ -64,9 +64,15 @@ key                         type   meaning
 Under class-vectors=own (FedAwS) a train reply also has a ``fedaws`` record (a
 ConfigRecord) with ``own-classes`` (list of int): the rows of the head, i.e. the
 speakers, this client trained. The server asks a client it has not heard from yet with a
-``query`` message (``config``: ``speakers``), answered with the same record, and sends
+``query.own_classes`` message (``config``: ``speakers``), answered with the same record, and sends
 each client only its own rows of the head (the others zero, in train and evaluate
 messages). A row a client was not sent starts there from the run's seeded initial head.
+
+Server -> client, ``query.partition`` message (no content), asked once of each node when
+a round draws some of the clients: the answer's ``node`` record (a ConfigRecord) has
+``partition-id`` (int: the simulated node's partition, -1 on a real device). A
+simulation's node ids are new random numbers at every launch; the seeded draw goes by
+partition id, so the same seed trains the same simulated clients.
 """
 
 from __future__ import annotations
@@ -96,6 +102,12 @@ EPSILON = "epsilon"
 SAT_OUT = "sat-out-for-budget"
 FEDAWS = "fedaws"
 OWN_CLASSES = "own-classes"
+
+# server -> client queries (Flower's query messages) and their answers
+QUERY_OWN_CLASSES = "query.own_classes"  # answered with a FEDAWS record
+QUERY_PARTITION = "query.partition"  # answered with a NODE record
+NODE = "node"
+PARTITION_ID = "partition-id"
 
 # server -> client (evaluate) and back
 THRESHOLD = "threshold"

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -92,7 +92,7 @@ class OwnClassVectors(Strategy):
         if not new or wire.SPEAKERS not in config:
             return
         speakers = ConfigRecord({wire.SPEAKERS: config[wire.SPEAKERS]})
-        queries = [Message(RecordDict({wire.CONFIG: speakers}), dst_node_id=node, message_type=MessageType.QUERY)
+        queries = [Message(RecordDict({wire.CONFIG: speakers}), dst_node_id=node, message_type=wire.QUERY_OWN_CLASSES)
                    for node in new]
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             if reply.has_content() and wire.FEDAWS in reply.content.config_records:

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -143,37 +143,57 @@ class ClientSampling:
     min_nodes: int
     population: int  # clients to wait for before drawing
     seed: int
+    timeout: float = 3600.0  # seconds to wait for the nodes' partition ids
 
     @classmethod
     def of(cls, s: RunSettings) -> "ClientSampling":
         return cls(how=s.client_sampling, fraction=s.fraction_train, min_nodes=s.min_train_nodes,
-                   population=s.num_clients, seed=s.seed)
+                   population=s.num_clients, seed=s.seed, timeout=s.round_timeout)
 
-    def draw(self, grid: Grid, server_round: int) -> tuple[list[int], int]:
-        """The round's clients and how many were connected, once ``population`` are."""
+    def draw(self, grid: Grid, server_round: int, partitions: dict[int, int]) -> tuple[list[int], int]:
+        """The round's clients and how many were connected, once ``population`` are.
+
+        ``partitions`` (node id -> partition id, -1 for a real device) is kept up to date
+        here: a simulation's node ids are new random numbers every launch, so the draw
+        goes by partition id, which the nodes are asked for once (a query message)."""
         while len(nodes := list(grid.get_node_ids())) < self.population:
             flwr_log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
                      len(nodes), self.population)
             time.sleep(1)
+        if self.how == "poisson" or min(len(nodes), max(int(len(nodes) * self.fraction), self.min_nodes)) < len(nodes):
+            _ask_partitions(grid, [n for n in nodes if n not in partitions], partitions, self.timeout)
         chosen = sample_clients(nodes, how=self.how, fraction=self.fraction, min_nodes=self.min_nodes,
-                                seed=self.seed, server_round=server_round)
+                                seed=self.seed, server_round=server_round, partitions=partitions)
         flwr_log(INFO, "configure_train: sampled %d of %d nodes (%s sampling)", len(chosen),
                  len(nodes), self.how)
         return chosen, len(nodes)
+
+
+def _ask_partitions(grid: Grid, nodes: list[int], partitions: dict[int, int], timeout: float) -> None:
+    """Each of ``nodes``'s partition id (-1: a device, or no answer), into ``partitions``."""
+    if not nodes:
+        return
+    queries = [Message(RecordDict({}), dst_node_id=node, message_type=wire.QUERY_PARTITION) for node in nodes]
+    partitions.update({node: -1 for node in nodes})
+    for answer in grid.send_and_receive(queries, timeout=timeout):
+        if answer.has_content() and wire.NODE in answer.content.config_records:
+            partitions[answer.metadata.src_node_id] = int(answer.content[wire.NODE][wire.PARTITION_ID])
 
 
 _SAMPLING_STREAM = 0x5A3B1E  # keeps the draw apart from other uses of the run's seed
 
 
 def sample_clients(nodes: Sequence[int], *, how: str, fraction: float, min_nodes: int = 1,
-                   seed: int, server_round: int) -> list[int]:
-    """A round's clients from ``nodes``, the same for the same seed, round and nodes.
+                   seed: int, server_round: int, partitions: Mapping[int, int] | None = None) -> list[int]:
+    """A round's clients from ``nodes``, the same for the same seed, round and nodes (in
+    simulation, the same partitions: ``partitions`` maps node ids to partition ids).
 
     ``fixed``: max(int(len(nodes) * fraction), min_nodes) of them, uniformly without
     replacement (the number Flower's strategies sample). ``poisson``: each independently
     with probability ``fraction``, so the number varies and may be 0.
     """
-    nodes = sorted(nodes)
+    partitions = partitions or {}
+    nodes = sorted(nodes, key=lambda n: (partitions.get(n, -1) < 0, partitions.get(n, -1), n))
     rng = np.random.default_rng([seed, server_round, _SAMPLING_STREAM])
     if how == "poisson":
         return [n for n, u in zip(nodes, rng.random(len(nodes))) if u < fraction]
@@ -281,6 +301,7 @@ class ScreenedStrategy(Strategy):
         self.sent: ArrayRecord | None = None
         self.drawn: tuple[int, int] | None = None  # this round's (sampled, connected) clients
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
+        self.partitions: dict[int, int] = {}  # node id -> its partition id in simulation (-1: a device)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -291,7 +312,7 @@ class ScreenedStrategy(Strategy):
         server_round += self.round_offset
         if self.sampling is None:
             return self.strategy.configure_train(server_round, arrays, config, grid)
-        nodes, connected = self.sampling.draw(grid, server_round)
+        nodes, connected = self.sampling.draw(grid, server_round, self.partitions)
         self.drawn = (len(nodes), connected)
         if not nodes:  # a Poisson draw can be empty; under device-level DP it still releases
             return []

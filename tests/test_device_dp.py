@@ -37,13 +37,25 @@ DELTA = 1e-5
 
 
 class Grid:
-    """Just enough of a Flower Grid: ``n`` connected nodes with scattered ids."""
+    """Just enough of a Flower Grid: ``n`` connected simulated nodes with scattered ids
+    (new ones at each launch, as Flower's simulation makes them), node i holding
+    partition i and saying so when asked."""
 
-    def __init__(self, n: int) -> None:
-        self.ids = [1_000_003 * (i + 1) % 2_147_483_647 for i in range(n)]
+    def __init__(self, n: int, launch: int = 0) -> None:
+        self.ids = [(1_000_003 + 7919 * launch) * (i + 1) % 2_147_483_647 for i in range(n)]
+        self.queries = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        answers = []
+        for m in messages:
+            assert m.metadata.message_type == "query.partition"
+            self.queries += 1
+            answers.append(Message(RecordDict({"node": ConfigRecord(
+                {"partition-id": self.ids.index(m.metadata.dst_node_id)})}), reply_to=m))
+        return answers
 
 
 def reply(to: Message, weights: np.ndarray) -> Message:
@@ -109,13 +121,32 @@ def test_poisson_sampling_draws_each_client_with_probability_q() -> None:
 
 def test_the_server_asks_exactly_the_clients_drawn() -> None:
     grid = Grid(40)
+    partitions = {node: i for i, node in enumerate(grid.ids)}
     for how in ("fixed", "poisson"):
         settings = device_settings(num_clients=40, client_sampling=how, seed=7)
         strategy = build_strategy(settings)
         for r in (1, 2, 3):
             asked, _ = run_round(strategy, r, grid, np.zeros(4))
-            assert sorted(asked) == sample_clients(grid.get_node_ids(), how=how, fraction=0.25, seed=7,
-                                                   server_round=r)
+            assert sorted(asked) == sorted(sample_clients(grid.get_node_ids(), how=how, fraction=0.25, seed=7,
+                                                          server_round=r, partitions=partitions))
+
+
+@pytest.mark.parametrize("how", ["fixed", "poisson"])
+def test_a_simulation_draws_the_same_partitions_whatever_node_ids_its_launch_got(how: str) -> None:
+    """Flower's simulation gives its nodes new random ids at every launch; the draw goes by
+    partition id (asked once of each node), so the same seed trains the same clients."""
+
+    def drawn_partitions(launch: int) -> list[list[int]]:
+        grid, strategy = Grid(40, launch), build_strategy(device_settings(num_clients=40, client_sampling=how))
+        rounds = [sorted(grid.ids.index(n) for n in run_round(strategy, r, grid, np.zeros(4))[0])
+                  for r in (1, 2, 3)]
+        assert grid.queries == 40  # each node asked once, in the first round
+        return rounds
+
+    first, second = drawn_partitions(0), drawn_partitions(1)
+    assert Grid(40, 0).ids != Grid(40, 1).ids
+    assert first == second
+    assert first[0] != first[1]  # and a different draw each round
 
 
 def test_poisson_sampling_refuses_a_minimum_it_cannot_keep_and_secagg() -> None:

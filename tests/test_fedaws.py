@@ -102,7 +102,7 @@ def test_the_server_sends_each_device_only_its_own_class_vectors_averages_them_b
         return list(strategy.configure_train(1, sent, ConfigRecord({"speakers": ["a", "b", "c"]}), grid))
 
     requests = train_round()
-    assert [q.metadata.message_type for q in grid.queries] == ["query", "query"]  # asked first
+    assert [q.metadata.message_type for q in grid.queries] == ["query.own_classes"] * 2  # asked first
     for request in requests:  # then sent its own row, and none of the others
         received = request.content["arrays"][CLASS_VECTORS].numpy()
         row = request.metadata.dst_node_id - 1
