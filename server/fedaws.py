@@ -92,8 +92,8 @@ class OwnClassVectors(Strategy):
         if not new or wire.SPEAKERS not in config:
             return
         speakers = ConfigRecord({wire.SPEAKERS: config[wire.SPEAKERS]})
-        queries = [Message(RecordDict({wire.CONFIG: speakers}), dst_node_id=node, message_type=wire.QUERY_OWN_CLASSES)
-                   for node in new]
+        queries = [Message(RecordDict({wire.CONFIG: speakers}), dst_node_id=node,
+                           message_type=wire.QUERY_OWN_CLASSES) for node in new]
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             if reply.has_content() and wire.FEDAWS in reply.content.config_records:
                 self.holds[reply.metadata.src_node_id] = [

@@ -160,7 +160,8 @@ class ClientSampling:
             flwr_log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
                      len(nodes), self.population)
             time.sleep(1)
-        if self.how == "poisson" or min(len(nodes), max(int(len(nodes) * self.fraction), self.min_nodes)) < len(nodes):
+        takes_all = self.how == "fixed" and max(int(len(nodes) * self.fraction), self.min_nodes) >= len(nodes)
+        if not takes_all:
             _ask_partitions(grid, [n for n in nodes if n not in partitions], partitions, self.timeout)
         chosen = sample_clients(nodes, how=self.how, fraction=self.fraction, min_nodes=self.min_nodes,
                                 seed=self.seed, server_round=server_round, partitions=partitions)
