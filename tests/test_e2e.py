@@ -288,16 +288,22 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
     assert 0 < worst <= bound, (worst, bound)
 
 
+def _one_owner_devices(tiny_corpus: Path, tmp_path: Path, option: str) -> list[dict[str, str]]:
+    """rounds.csv of 12 one-owner devices, 4 rounds without DP, half of them also scoring
+    each round's model, with one more run-config ``option``."""
+    out = tmp_path / "population"
+    result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--partition", "natural", "--clients", "12",
+                     "--rounds", "4", "--no-dp", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
+                     "--set", "fraction-evaluate=0.5", "--set", option)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return list(csv.DictReader(open(out / "rounds.csv")))
+
+
 def test_a_population_of_one_owner_devices_does_not_end_worse_than_it_started(tiny_corpus: Path,
                                                                               tmp_path: Path) -> None:
     """12 devices, one speaker each (two devices per training speaker), a third sampled each
     round, the devices also scoring the model on their own held-out recordings."""
-    out = tmp_path / "population"
-    result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--partition", "natural", "--clients", "12",
-                     "--rounds", "4", "--no-dp", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
-                     "--set", "fraction-train=0.34", "--set", "fraction-evaluate=0.5")
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    rows = _one_owner_devices(tiny_corpus, tmp_path, "fraction-train=0.34")
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
     assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
     assert all(int(float(r["clients"])) == 4 for r in rows[1:])  # Flower samples 12 x 0.34 = 4
@@ -309,12 +315,7 @@ def test_fedaws_devices_that_know_only_their_own_speaker_do_not_end_worse_than_t
         tiny_corpus: Path, tmp_path: Path) -> None:
     """class-vectors=own: 12 one-owner devices, each sent only its own class vector (asked
     for with a query message), the server spreading the vectors apart."""
-    out = tmp_path / "fedaws"
-    result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--partition", "natural", "--clients", "12",
-                     "--rounds", "4", "--no-dp", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
-                     "--set", "class-vectors=own", "--set", "fraction-evaluate=0.5")
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    rows = _one_owner_devices(tiny_corpus, tmp_path, "class-vectors=own")
     assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
     assert float(rows[-1]["accuracy"]) > 2 * float(rows[0]["accuracy"]), [r["accuracy"] for r in rows]
     assert all(int(float(r["clients"])) == 12 for r in rows[1:])
