@@ -121,6 +121,10 @@ class RunSettings:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     dp_unit: str = "utterance"  # what DP-SGD protects: one utterance, or one speaker's utterances
+    # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
+    # (and the server could regenerate them); a deployed device always draws them from the
+    # operating system's entropy, whatever this says
+    seeded_noise: bool = True
     # Differential privacy (user level: a client's whole data; Flower's DP wrappers)
     user_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
     user_noise_multiplier: float = 1.0

@@ -330,8 +330,8 @@ class ScreenedStrategy(Strategy):
             self.on_replies(server_round, [r.content for r in replies if r.has_content()])
         kept = []
         for reply in replies:
-            if reply.has_content() and wire.sat_out(reply.content):
-                continue  # it spent its privacy budget and sent no weights
+            if reply.has_content() and wire.sent_no_weights(reply.content):
+                continue  # it spent its privacy budget, or its policy refused the run
             if self.drop_unchanged and reply.has_content() and _unchanged(reply.content, self.sent):
                 flwr_log(WARNING, "round %d: left out the update of node %d: it did not change "
                          "the model", server_round, reply.metadata.src_node_id)

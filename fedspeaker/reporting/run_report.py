@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
-           "clients", "sat_out", "upload_bytes", "client_train_seconds",
+           # the largest lifetime epsilon a device reported (its ledger over every run)
+           "lifetime_epsilon_max",
+           # refused: devices whose privacy policy refused the run (summary.json: by reason)
+           "clients", "sat_out", "refused", "upload_bytes", "client_train_seconds",
            # a client's footprint: mean start-up (process start to features loaded) and
            # training seconds, the largest peak memory of a client process
            "client_startup_seconds", "client_fit_seconds", "client_peak_rss_mb",
@@ -74,6 +77,10 @@ def progress_line(row: dict[str, float]) -> str:
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
     if row.get("sat_out", 0) > 0:  # NaN > 0 is False
         replies += f" (+{int(row['sat_out'])} sat out for budget)"
+    if row.get("refused", 0) > 0:
+        kinds = ", ".join(f"{int(n)} {k.removeprefix('refused_').replace('_', '-')}"
+                          for k, n in sorted(row.items()) if k.startswith("refused_") and n)
+        replies += f" (+{int(row['refused'])} refused by device policy: {kinds})"
     if not math.isnan(row.get("device_frr", math.nan)):
         replies += (f"  on {int(row['devices_evaluated'])} devices: accuracy {row['device_accuracy']:.3f} "
                     f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
@@ -99,14 +106,13 @@ def _fmt(value: float) -> str:
 
 def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, float]],
                 seconds: float, *, mode: str, evaluation: EvaluationSet,
-                speaker_bound: bool = True) -> dict[str, Any]:
+                simulated: bool = True) -> dict[str, Any]:
     """summary.json: the starting (round 0), final and best figures, the data and trials
     used, and the DP guarantee.
 
-    ``speaker_bound``: under utterance-level DP, add the group bound of the speaker with
-    the most utterances in one party, from this run's partition of its corpus (a
-    simulation, or `central`); a deployment, whose devices' data the server never sees,
-    passes False.
+    ``simulated``: a simulation or `central`, whose parties' data the server knows: under
+    utterance-level DP the summary adds the group bound of the speaker with the most
+    utterances in one party; a deployment (False) states only what the server can know.
     """
     final = rows[-1] if rows else {}
     start = rows[0] if rows and rows[0]["round"] == 0 else {}
@@ -126,11 +132,14 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "client_train_seconds": round(sum(r.get("client_train_seconds", 0.0) for r in rows), 2),
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
+        "refused_by_device_policy": refusals(rows),
+        "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
         "privacy": guarantee_sentence(
-            settings, eps, final.get("user_epsilon", math.nan),
+            settings, eps, final.get("user_epsilon", math.nan), simulated=simulated,
+            lifetime_epsilon=_largest(rows, "lifetime_epsilon_max") or math.nan,
             group=(speaker_group_bound(settings, _party_speakers(settings, mode),
                                        rounds=int(final.get("round", 0)))
-                   if speaker_bound and settings.dp and settings.dp_unit == "utterance" else None)),
+                   if simulated and settings.dp and settings.dp_unit == "utterance" else None)),
         "data": {
             "corpus": str(settings.corpus_dir),
             "training_speakers": data.n_speakers,
@@ -146,6 +155,23 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                          "min_dcf": "p_target 0.01, C_miss = C_fa = 1"},
         "settings": settings.to_run_config(),
     }
+
+
+def refusals(rows: list[dict[str, float]]) -> dict[str, int]:
+    """Devices' policy refusals over the run, by reason (dp-off, unit, delta, clipping,
+    epsilon, lifetime)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, n in row.items():
+            if key.startswith("refused_") and n == n and n:
+                kind = key.removeprefix("refused_").replace("_", "-")
+                counts[kind] = counts.get(kind, 0) + int(n)
+    return counts
+
+
+def _largest(rows: list[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+    return max(values) if values else None
 
 
 def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]], *, rounds: int

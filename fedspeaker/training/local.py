@@ -17,6 +17,7 @@ from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.model import build_model
 from fedspeaker.privacy.dpsgd import calibrate_noise, make_private
 from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
+from fedspeaker.privacy.noise import noise_generator
 from fedspeaker.training.loops import (
     PerSpeaker,
     fold_per_speaker,
@@ -64,8 +65,9 @@ def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None
 
 
 def round_seed(seed: int, party: int, server_round: int) -> int:
-    """One seed per party (client) and round: its crops, its DP noise, and in a
-    simulated attack its noise, all repeat with the run's seed."""
+    """One seed per party (client) and round: its crops, in a simulated attack its
+    noise, and where the simulation keeps seeded noise its DP noise, all repeat with the
+    run's seed."""
     return seed * 1_000_003 + party * 1_009 + server_round
 
 
@@ -79,14 +81,18 @@ class LocalTrainer:
                                       if settings.class_vectors == "own" else None)
 
     def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger, *,
-              seed: int, epochs: int | None = None, planned_epochs: int | None = None,
-              proximal_mu: float = 0.0, step_fraction: float = 1.0) -> float:
+              seed: int, seeded_noise: bool = False, epochs: int | None = None,
+              planned_epochs: int | None = None, proximal_mu: float = 0.0,
+              step_fraction: float = 1.0) -> float:
         """Train ``self.model`` in place; return the mean training loss.
 
         Args:
             feats, labels: this party's utterances (features) and their speaker labels.
             ledger: this party's privacy ledger; under DP it gains this call's steps.
-            seed: seeds the crops, the batches and the DP noise of this call.
+            seed: seeds the crops and the batches of this call.
+            seeded_noise: DP noise and Poisson sampling from ``seed`` too (a simulation's
+                bit-exact repeats); by default from the operating system's entropy, so
+                that nobody holding the run config can regenerate them.
             epochs: passes over the data (default: the run's local epochs).
             planned_epochs: under DP, the noise is calibrated so that this many epochs
                 stay within the target epsilon (default: every round of the run).
@@ -127,7 +133,8 @@ class LocalTrainer:
                                                   windows)
             engine, dp_model, optimizer, loader = make_private(
                 model=model, optimizer=optimizer, loader=loader, ledger=ledger,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm)
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                generator=noise_generator(seed if seeded_noise else None))
             loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=loss_fn,
                                 after_step=after_step, max_steps=max_steps, after_backward=after_backward)
             ledger.history = list(engine.accountant.history)
