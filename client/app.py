@@ -29,7 +29,7 @@ from fedspeaker.data.speakers import load_split
 from fedspeaker.model import build_model
 from fedspeaker.privacy.ledger import DeviceLedger
 from fedspeaker.privacy.policy import device_policy
-from fedspeaker.training.local import LocalTrainer, round_seed
+from fedspeaker.training.local import LocalTrainer, round_seed, spend_cap
 
 LEDGER_FILE = "privacy-ledger.json"
 
@@ -60,8 +60,8 @@ def train(msg: Message, context: Context) -> Message:
         raise FedSpeakerError(f"this device's privacy policy refuses the run: {refusal}")
     if refusal:
         return request.refuse(refusal, {wire.NUM_EXAMPLES: 0, wire.TRAIN_SECONDS: time.monotonic() - started})
-    if planned and settings.epsilon_budget > 0:
-        if ledger.epsilon_after(planned, settings.delta) > settings.epsilon_budget:
+    if planned and spend_cap(settings) > 0:
+        if ledger.epsilon_after(planned, settings.delta) > spend_cap(settings):
             return request.reply_without_weights({
                 wire.NUM_EXAMPLES: 0, wire.SAT_OUT: 1, wire.EPSILON: ledger.epsilon(settings.delta),
                 wire.TRAIN_SECONDS: time.monotonic() - started})

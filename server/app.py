@@ -95,13 +95,23 @@ class RoundTracker:
         self.client_metrics: dict[str, float] = {}
         self.device_metrics: dict[str, float] = {}  # the devices' own scoring, where asked for
         self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
+        # each device's latest epsilon, and who sat out for budget (since this launch)
+        self.device_epsilon: dict[int, float] = {}
+        self.devices_sat_out: set[int] = set()
 
     @cached_property
     def evaluation(self) -> EvaluationSet:
         return EvaluationSet.of(self.data, self.settings)
 
-    def observe_replies(self, server_round: int, replies: list[RecordDict]) -> None:
-        """Every reply of the round, selected by the strategy or not."""
+    def observe_replies(self, server_round: int, replies: list[RecordDict], nodes: list[int] | None = None) -> None:
+        """Every reply of the round, selected by the strategy or not (``nodes``: who sent
+        each, for the spread of epsilon over the devices)."""
+        for node, reply in zip(nodes or [], replies):
+            metrics = next(iter(reply.metric_records.values()), {})
+            if wire.EPSILON in metrics:
+                self.device_epsilon[node] = float(metrics[wire.EPSILON])
+            if metrics.get(wire.SAT_OUT, 0):
+                self.devices_sat_out.add(node)
         refusals = [reason for r in replies if (reason := wire.refusal(r)) is not None]
         for reason in refusals:
             flwr_log(WARNING, "round %d: a device refused the run: %s", server_round, reason)
@@ -203,7 +213,8 @@ class RoundTracker:
         scores = evaluate(self.model, self.evaluation)
         self.report.finish(
             run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
-                        mode="federated", evaluation=self.evaluation, simulated=self.simulated),
+                        mode="federated", evaluation=self.evaluation, simulated=self.simulated,
+                        device_epsilons=(list(self.device_epsilon.values()), len(self.devices_sat_out))),
             model_bundle(self.settings, self.data.split.speakers, self.model, scores, self.evaluation),
         )
 

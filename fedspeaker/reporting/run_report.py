@@ -10,6 +10,7 @@ import csv
 import logging
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,13 +107,16 @@ def _fmt(value: float) -> str:
 
 def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, float]],
                 seconds: float, *, mode: str, evaluation: EvaluationSet,
-                simulated: bool = True) -> dict[str, Any]:
+                simulated: bool = True, device_epsilons: tuple[list[float], int] | None = None
+                ) -> dict[str, Any]:
     """summary.json: the starting (round 0), final and best figures, the data and trials
     used, and the DP guarantee.
 
     ``simulated``: a simulation or `central`, whose parties' data the server knows: under
     utterance-level DP the summary adds the group bound of the speaker with the most
     utterances in one party; a deployment (False) states only what the server can know.
+    ``device_epsilons``: each device's epsilon as it last reported it, and how many
+    devices sat out for their budget.
     """
     final = rows[-1] if rows else {}
     start = rows[0] if rows and rows[0]["round"] == 0 else {}
@@ -133,6 +137,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
         "refused_by_device_policy": refusals(rows),
+        "epsilon_spent": epsilon_spread(settings, *device_epsilons) if device_epsilons else None,
         "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
         "privacy": guarantee_sentence(
             settings, eps, final.get("user_epsilon", math.nan), simulated=simulated,
@@ -155,6 +160,17 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                          "min_dcf": "p_target 0.01, C_miss = C_fa = 1"},
         "settings": settings.to_run_config(),
     }
+
+
+def epsilon_spread(settings: RunSettings, epsilons: list[float], sat_out: int) -> dict[str, Any] | None:
+    """How close the devices that trained came to the target: min / median / max of the
+    epsilon each reported last, and how many sat out for their budget."""
+    if not epsilons:
+        return None
+    ordered = sorted(epsilons)
+    return {"devices": len(ordered), "min": ordered[0], "median": statistics.median(ordered),
+            "max": ordered[-1], "target": settings.epsilon if not settings.noise_multiplier else None,
+            "sat_out_for_budget": sat_out}
 
 
 def refusals(rows: list[dict[str, float]]) -> dict[str, int]:
@@ -181,12 +197,16 @@ def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]],
 
     ``parties``: each party's training utterances, by speaker. The party's DP-SGD is
     rebuilt from the settings as every ``train`` call plans it (dp_plan), as if it trained
-    in every round: an upper bound, since rounds it sat out or stopped early only remove
-    steps. Where several parties hold a speaker with that many utterances, the largest
+    in every round it can (every round, or where its noise is planned for fewer and it
+    stops at the target, that many): an upper bound, since rounds it sat out or stopped
+    early only remove steps. Where several parties hold a speaker with that many utterances, the largest
     epsilon among them. None where no group is larger than one utterance.
     """
-    from fedspeaker.training.local import dp_plan
+    from fedspeaker.training.local import dp_plan, planned_rounds, spend_cap
 
+    if spend_cap(settings) == settings.epsilon and not settings.epsilon_budget \
+            and not settings.straggler_fraction:  # a straggler's short rounds could fit more
+        rounds = min(rounds, planned_rounds(settings))
     size = max((largest_speaker(p) for p in parties), default=0)
     if rounds < 1 or size < 2:
         return None

@@ -38,7 +38,7 @@ def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None
     Args:
         epochs: passes over the data (default: the run's local epochs).
         planned_epochs: the noise keeps this many epochs within the target epsilon
-            (default: every round of the run).
+            (default: the rounds the party is expected to train, ``planned_rounds``).
         step_fraction: < 1 stops after that share of the steps, as a slow device would.
         speakers: the party's speakers; needed under dp-unit=speaker, whose steps and
             sample rate count speakers.
@@ -60,8 +60,35 @@ def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None
     noise = 0.0
     if s.dp:
         noise = s.noise_multiplier or calibrate_noise(
-            s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs, s.accountant)
+            s.epsilon, s.delta, sample_rate, planned_epochs or planned_rounds(s) * s.local_epochs,
+            s.accountant)
     return DPSteps(noise, sample_rate, steps)
+
+
+def planned_rounds(settings: RunSettings) -> int:
+    """The rounds a client's DP-SGD noise is calibrated for: every round where every
+    client trains every round; under client sampling, the rounds it is expected to be
+    drawn in plus ``plan-margin`` standard deviations (a binomial count over the run),
+    so that its noise is not that of ~1/fraction as many steps as it takes. A client
+    drawn more often sits out once its next round would pass the target (``spend_cap``).
+    SecAgg+ rounds cannot take a reply without weights: they plan for every round."""
+    s = settings
+    share = s.clients_per_round / s.num_clients if s.client_sampling == "fixed" else s.fraction_train
+    if share >= 1 or s.secagg:
+        return s.rounds
+    expected = s.rounds * share
+    spread = math.sqrt(s.rounds * share * (1 - share))
+    return min(s.rounds, max(1, math.ceil(expected + s.plan_margin * spread)))
+
+
+def spend_cap(settings: RunSettings) -> float:
+    """The epsilon a client never passes in a run (0: none enforced): ``epsilon-budget``,
+    else, where its noise is planned for fewer rounds than the run has, the target."""
+    s = settings
+    if s.epsilon_budget:
+        return s.epsilon_budget
+    planned_for_fewer = s.dp and not s.noise_multiplier and planned_rounds(s) < s.rounds
+    return s.epsilon if planned_for_fewer else 0.0
 
 
 def round_seed(seed: int, party: int, server_round: int) -> int:
