@@ -118,7 +118,7 @@ class RunSettings:
     epsilon_budget: float = 0.0  # > 0: a client sits out a round that would take it past this
     # under client sampling, a client's noise is calibrated for the rounds it is expected to
     # train plus this many standard deviations; drawn more often, it sits out at the target
-    plan_margin: float = 1.0
+    plan_margin: float = 0.0
     delta: float = 1e-5
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0

@@ -62,7 +62,7 @@ def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> s
                  f"client ({group.size} utterances) is protected only at epsilon={group.epsilon:.2f} "
                  f"(delta={group.delta:g}; group-level DP-SGD bound of Ganesh 2024, arXiv:2401.10294, "
                  f"dp_accounting's PLD accountant for a mixture of Gaussians, as if that client "
-                 f"trained every round).")
+                 f"trained in every round it could).")
     return text
 
 
