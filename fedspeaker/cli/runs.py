@@ -133,7 +133,7 @@ def _finish(settings: RunSettings) -> int:
           f"{summary['best_round']:.0f})")
     print(f"privacy: {summary['privacy']}")
     if spent := summary.get("epsilon_spent"):
-        print(f"epsilon spent by the {spent['devices']} devices that trained: min {spent['min']:.2f}, "
+        print(f"epsilon spent by the {spent['devices']} devices that replied: min {spent['min']:.2f}, "
               f"median {spent['median']:.2f}, max {spent['max']:.2f}"
               + (f" (target {spent['target']:g})" if spent["target"] else "")
               + f"; {spent['sat_out_for_budget']} sat out for budget")
