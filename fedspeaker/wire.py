@@ -61,6 +61,11 @@ key                         type   meaning
                                    so it sent no weights
 ==========================  =====  ==============================================
 
+A device that refuses to train (its own policy, e.g. it will not train without DP)
+replies with no ``arrays`` and a ``refusal`` record (a ConfigRecord) whose ``reason``
+(str) starts with the kind of refusal before a colon, e.g. ``policy: dp-off``; the
+server counts such devices by that kind.
+
 Under class-vectors=own (FedAwS) a train reply also has a ``fedaws`` record (a
 ConfigRecord) with ``own-classes`` (list of int): the rows of the head, i.e. the
 speakers, this client trained. The server asks a client it has not heard from yet with a
@@ -100,6 +105,8 @@ FIT_SECONDS = "fit-seconds"
 PEAK_RSS_MB = "peak-rss-mb"
 EPSILON = "epsilon"
 SAT_OUT = "sat-out-for-budget"
+REFUSAL = "refusal"  # a device's refusal to train (a ConfigRecord)
+REASON = "reason"  # in it: "<kind>: <detail>", e.g. "policy: dp-off"
 FEDAWS = "fedaws"
 OWN_CLASSES = "own-classes"
 
@@ -133,3 +140,10 @@ def speakers_from_config(config: Mapping[str, Any]) -> list[str]:
 def sat_out(content: Any) -> bool:
     """Whether a reply's RecordDict comes from a client that stopped for its budget."""
     return any(record.get(SAT_OUT, 0) for record in content.metric_records.values())
+
+
+def refusal(content: Any) -> str | None:
+    """A reply's refusal text (``policy: dp-off``), or None where the device did not refuse."""
+    if REFUSAL not in content.config_records:
+        return None
+    return str(content.config_records[REFUSAL].get(REASON, "")) or "policy: no reason given"

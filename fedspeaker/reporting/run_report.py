@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
-           "clients", "sat_out", "upload_bytes", "client_train_seconds",
+           "clients", "sat_out",
+           # train messages sent, and the clients that did not train by reason (server/outcomes.py)
+           "asked", "refused", "no_reply", "dropped",
+           "upload_bytes", "client_train_seconds",
            # a client's footprint: mean start-up (process start to features loaded) and
            # training seconds, the largest peak memory of a client process
            "client_startup_seconds", "client_fit_seconds", "client_peak_rss_mb",
@@ -72,8 +75,13 @@ def progress_line(row: dict[str, float]) -> str:
         eps += f"  user eps {row['user_epsilon']:.2f}"
     clients = row.get("clients", math.nan)
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
-    if row.get("sat_out", 0) > 0:  # NaN > 0 is False
-        replies += f" (+{int(row['sat_out'])} sat out for budget)"
+    if row.get("asked", 0) > 0:  # NaN > 0 is False
+        replies += f" of {int(row['asked'])}"
+    missing = [f"{int(row[key])} {what}" for key, what in (
+        ("sat_out", "sat out for budget"), ("refused", "refused"), ("no_reply", "no reply/error"),
+        ("dropped", "dropped")) if row.get(key, 0) > 0]
+    if missing:
+        replies += f" (not trained: {', '.join(missing)})"
     if not math.isnan(row.get("device_frr", math.nan)):
         replies += (f"  on {int(row['devices_evaluated'])} devices: accuracy {row['device_accuracy']:.3f} "
                     f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
