@@ -9,7 +9,7 @@ checks that it gives the training stack's embedding before it writes anything.
 
 For GE2E it also writes `embedder.onnx` (`GE2EWindowsEmbedder`: the windows' power
 spectra in, the embedding out), which a device runs with onnxruntime, numpy and
-soundfile alone (fedspeaker/device/edge.py, whose numpy front-end makes those spectra);
+soundfile alone (fedspeaker/device/edge.py; frontend.py makes those spectra in numpy);
 the export checks that the two runtimes agree (cosine at least ONNX_MIN_COSINE).
 """
 
@@ -154,7 +154,7 @@ class GE2EWindowsEmbedder(nn.Module):
 def export_onnx(whole: GE2EWaveformEmbedder, scripted: torch.jit.ScriptModule, path: Path) -> float:
     """Write ``path`` (ONNX) and return the lowest cosine between its embeddings (numpy
     front-end, onnxruntime) and the TorchScript model's, on a 3 s and a 12 s signal."""
-    from fedspeaker.device.edge import embed_wave, onnx_session, window_spectra
+    from fedspeaker.device.frontend import embed_wave, onnx_session, window_spectra
 
     module = GE2EWindowsEmbedder(whole).eval()
     example = torch.from_numpy(window_spectra(0.1 * torch.randn(3 * 16_000).numpy()))
