@@ -92,3 +92,22 @@ def test_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FedSpeakerError, match="already there"):
         (tmp_path / "a").write_text("x")
         keep_old([tmp_path / "a", tmp_path / "b"], force=False, what="key")
+
+
+def test_finished_clientapps_are_reaped(tmp_path: Path) -> None:
+    """A process started with a Popen that is dropped (as Flower's SuperExec starts each
+    ClientApp) does not stay <defunct> once the reaper runs."""
+    import gc
+    import time
+
+    from fedspeaker.deploy.superexec import reap_finished_children
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    pid = proc.pid
+    del proc
+    gc.collect()  # the Popen is gone; CPython keeps it in subprocess._active, unreaped
+    reap_finished_children(interval=0.1)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists(), "the finished child is still <defunct>"
