@@ -89,7 +89,7 @@ def test_supervise_passes_the_status_through(status: int, capsys: pytest.Capture
 def test_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
     from fedspeaker.deploy.certs import keep_old
 
-    with pytest.raises(FedSpeakerError, match="already there"):
+    with pytest.raises(FedSpeakerError, match="already exists"):
         (tmp_path / "a").write_text("x")
         keep_old([tmp_path / "a", tmp_path / "b"], force=False, what="key")
 

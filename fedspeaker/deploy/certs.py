@@ -155,7 +155,7 @@ def keep_old(paths: list[Path], *, force: bool, what: str) -> Path | None:
     if not existing:
         return None
     if not force:
-        raise FedSpeakerError(f"{', '.join(map(str, existing))}: already there; refusing to replace "
+        raise FedSpeakerError(f"{', '.join(map(str, existing))}: already exists; refusing to replace "
                               f"the {what} (devices may rely on them). Add --force to make new ones; "
                               "the old ones are then kept in a dated folder beside them")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
