@@ -235,7 +235,7 @@ class RunSettings:
         if self.min_train_nodes > self.num_clients:
             raise ConfigError(f"min-train-nodes ({self.min_train_nodes}) is more than num-clients "
                               f"({self.num_clients}): the server would wait forever")
-        _at_least("rounds", self.rounds, 1)
+        _at_least("rounds", self.rounds, 0)  # 0: score the starting model, ask nothing
         _at_least("local-epochs", self.local_epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _at_least("n-mels", self.n_mels, 8)

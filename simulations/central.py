@@ -28,7 +28,8 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     ledger = PrivacyLedger(settings.accountant)
     report = RunReport(settings.out_dir_path)
     started = time.monotonic()
-    row = {"round": 0, **evaluate(trainer.model, evaluation), "round_seconds": time.monotonic() - started,
+    scores = evaluate(trainer.model, evaluation)
+    row = {"round": 0, **scores, "round_seconds": time.monotonic() - started,
            "seconds": time.monotonic() - started}  # the starting model
     report.add_round(row)
     on_round(progress_line(row))

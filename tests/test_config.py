@@ -106,7 +106,7 @@ def test_config_error_is_a_fedspeaker_error():
     "key, raw",
     [
         ("partition", "foo"),
-        ("rounds", 0),
+        ("rounds", -1),
         ("alpha", -1),
         ("alpha", 0),
         ("fraction-train", 1.5),
@@ -144,7 +144,7 @@ def test_replace_validates():
     settings = RunSettings()
     assert settings.replace(rounds=2).rounds == 2
     with pytest.raises(ConfigError, match="^rounds"):
-        settings.replace(rounds=0)
+        settings.replace(rounds=-1)
 
 
 def test_settings_are_frozen():

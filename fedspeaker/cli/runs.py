@@ -126,6 +126,7 @@ def _prepare(settings: RunSettings) -> None:
 
 
 def _finish(settings: RunSettings) -> int:
+    """Say how the run ended; 1 where it trained nobody (summary.json's ``outcome``)."""
     summary = json.loads((settings.out_dir_path / "summary.json").read_text())
     final = summary["final"]
     print(f"done in {summary['wall_seconds']:.0f} s: accuracy {final['accuracy']:.3f}, "
@@ -140,6 +141,12 @@ def _finish(settings: RunSettings) -> int:
     if summary["data"]["skipped_files"]:
         print(f"skipped {summary['data']['skipped_files']} unusable file(s); see summary.json")
     print(f"outputs: {settings.out_dir_path} (rounds.csv, summary.json, curves.png, global_model.pt)")
+    outcome = summary.get("outcome", {})
+    if outcome.get("status") == "failed":
+        from server.outcomes import failure_message
+
+        print(f"fedspeaker: {failure_message(outcome)}", file=sys.stderr)
+        return 1
     return 0
 
 
