@@ -147,7 +147,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
         "privacy": guarantee_sentence(
             settings, eps, final.get("user_epsilon", math.nan), simulated=simulated,
-            lifetime_epsilon=_largest(rows, "lifetime_epsilon_max") or math.nan,
+            lifetime_epsilon=(_largest(rows, "lifetime_epsilon_max") or math.nan) if not simulated else math.nan,
             group=(speaker_group_bound(settings, _party_speakers(settings, mode),
                                        rounds=int(final.get("round", 0)))
                    if simulated and settings.dp and settings.dp_unit == "utterance" else None)),
