@@ -55,6 +55,8 @@ def make_private(
     """
     from opacus import PrivacyEngine
 
+    from fedspeaker.privacy import grad_samplers  # noqa: F401  registers our layers' grad samplers
+
     engine = PrivacyEngine(accountant=ledger.accountant)
     engine.accountant.history = list(ledger.history)
     model, optimizer, loader = engine.make_private(
