@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedspeaker.model.ge2e import CosineHead, GE2ESpeakerNet
 from fedspeaker.privacy import grad_samplers
-from fedspeaker.privacy.dpsgd import make_private
+from fedspeaker.privacy.dpsgd import make_private, make_private_ghost
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.training.loops import PerSpeaker, fold_per_speaker, per_speaker_loss
 
@@ -75,21 +75,24 @@ def test_the_whole_models_per_sample_gradients_are_functorchs_and_autograds() ->
         torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
 
 
-def test_a_dp_step_without_noise_is_the_mean_of_the_clipped_per_sample_gradients() -> None:
+@pytest.mark.parametrize("ghost", [False, True])
+def test_a_dp_step_without_noise_is_the_mean_of_the_clipped_per_sample_gradients(ghost: bool) -> None:
     torch.manual_seed(0)
     model = GE2ESpeakerNet(6).double()
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(40, 256, 1, dtype=torch.float64), torch.randint(0, 6, (40,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     clip = 0.05  # below most per-sample norms here: clipping matters
-    _, dp_model, dp_optimizer, dp_loader = make_private(
-        model=model, optimizer=optimizer, loader=DataLoader(TensorDataset(x, y), batch_size=10),
-        ledger=PrivacyLedger(), noise_multiplier=0.0, max_grad_norm=clip,
-        generator=torch.Generator().manual_seed(1))
+    private = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                   loader=DataLoader(TensorDataset(x, y), batch_size=10), ledger=PrivacyLedger(),
+                   noise_multiplier=0.0, max_grad_norm=clip, generator=torch.Generator().manual_seed(1))
+    if ghost:
+        _, dp_model, dp_optimizer, dp_loss, dp_loader = make_private_ghost(loss_fn=model.loss, **private)
+    else:
+        (_, dp_model, dp_optimizer, dp_loader), dp_loss = make_private(**private), model.loss
     xb, yb = next(iter(dp_loader))
     assert len(yb) > 1
     dp_optimizer.zero_grad()
-    model.loss(dp_model(xb), yb).backward()
+    dp_loss(dp_model(xb), yb).backward()
     dp_optimizer.step()
     after = [p.detach().clone() for p in model.parameters()]
     dp_model.remove_hooks()
@@ -100,9 +103,42 @@ def test_a_dp_step_without_noise_is_the_mean_of_the_clipped_per_sample_gradients
     norms = torch.cat([g.flatten(1) for g in rows], dim=1).norm(dim=1)
     assert (norms > clip).sum() > len(yb) // 2
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus's per-sample clipping factor
-    for p, b, g, a in zip(model.parameters(), before, rows, after):
+    for b, g, a in zip(before, rows, after):
         mean = torch.einsum("n,n...->...", factor, g) / dp_optimizer.expected_batch_size
         torch.testing.assert_close(a, b - mean, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_the_heads_ghost_norms_are_the_norms_of_its_per_sample_gradients(positive: bool) -> None:
+    torch.manual_seed(2)
+    head = CosineHead(16, 5, scale=30.0).double()
+    with torch.no_grad():
+        head.weight[3] = 2e-14 * torch.randn(16)  # a row under eps: divided by eps, not projected
+    x = torch.randn(12, 16, dtype=torch.float64)
+    x[4] = 0  # a zero embedding: normalised to zero
+    backprops = torch.randn(12, 5, dtype=torch.float64)
+    if positive:  # FedAwS's loss: backprops on the target column only
+        backprops *= torch.nn.functional.one_hot(torch.randint(0, 5, (12,)), 5)
+    norms = grad_samplers.cosine_head_norm_sample(head, [x], backprops)[head.weight]
+    grads = grad_samplers.cosine_head_grad_sample(head, [x], backprops)[head.weight]
+    torch.testing.assert_close(norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=1e-10)
+
+
+def test_ghost_clipping_takes_an_empty_poisson_batch_as_a_noise_only_step() -> None:
+    torch.manual_seed(0)
+    model = GE2ESpeakerNet(3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 256, 1), torch.randint(0, 3, (8,))
+    _, dp_model, dp_optimizer, dp_loss, _ = make_private_ghost(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        loader=DataLoader(TensorDataset(x, y), batch_size=4), ledger=PrivacyLedger(), noise_multiplier=1.0,
+        max_grad_norm=1.0, generator=torch.Generator().manual_seed(1), loss_fn=model.loss)
+    dp_optimizer.zero_grad()
+    dp_model(x[:0]).sum().backward()  # what train_epochs does with an empty batch
+    dp_optimizer.step()
+    moved = [(p.detach() - b).std().item() for p, b in zip(model.parameters(), before)]
+    expected = 1.0 / dp_optimizer.expected_batch_size  # noise std (sigma * C) over the batch size
+    assert all(0.8 * expected < m < 1.2 * expected for m in moved)
 
 
 def test_speaker_level_dp_folds_the_heads_samples_into_each_speakers_mean_gradient() -> None:

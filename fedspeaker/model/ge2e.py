@@ -296,20 +296,24 @@ class GE2ESpeakerNet(nn.Module):
     def forward(self, states: Tensor) -> Tensor:
         return self.head(self.embed(states))
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """AAM-softmax: the target's angle widened by ``margin`` before the softmax."""
-        return aam_softmax(logits / self.head.scale, labels, margin=self.margin, scale=self.head.scale)
+    def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """AAM-softmax: the target's angle widened by ``margin`` before the softmax.
+        ``reduction="none"``: per sample, as ghost clipping asks."""
+        return aam_softmax(logits / self.head.scale, labels, margin=self.margin, scale=self.head.scale,
+                           reduction=reduction)
 
-    def positive_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def positive_loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
         """FedAwS's loss for a device that holds only its own speakers' class vectors: pull
         each embedding to its speaker's vector until their cosine reaches POSITIVE_COSINE;
         no negatives (the server's spreadout keeps the vectors apart). Times the head's
         scale, so that its gradients are of the size AAM-softmax's are."""
-        target = (logits / self.head.scale).gather(1, labels[:, None])
-        return self.head.scale * torch.relu(POSITIVE_COSINE - target).square().mean()
+        target = (logits / self.head.scale).gather(1, labels[:, None])[:, 0]
+        per_sample = self.head.scale * torch.relu(POSITIVE_COSINE - target).square()
+        return per_sample if reduction == "none" else per_sample.mean()
 
 
-def aam_softmax(cosines: Tensor, labels: Tensor, *, margin: float, scale: float) -> Tensor:
+def aam_softmax(cosines: Tensor, labels: Tensor, *, margin: float, scale: float,
+                reduction: str = "mean") -> Tensor:
     """Additive angular margin softmax (ArcFace): cross-entropy of scale * cos(theta + m)
     for the true speaker, scale * cos(theta) for the others. Past theta = pi - m, where
     cos(theta + m) would turn back up, it continues as cos(theta) - m * sin(m)."""
@@ -317,4 +321,4 @@ def aam_softmax(cosines: Tensor, labels: Tensor, *, margin: float, scale: float)
     target = cosines.gather(1, labels[:, None])
     widened = target * math.cos(margin) - (1 - target.square()).sqrt() * math.sin(margin)
     widened = torch.where(target > math.cos(math.pi - margin), widened, target - margin * math.sin(margin))
-    return F.cross_entropy(scale * cosines.scatter(1, labels[:, None], widened), labels)
+    return F.cross_entropy(scale * cosines.scatter(1, labels[:, None], widened), labels, reduction=reduction)

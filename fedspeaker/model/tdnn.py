@@ -52,5 +52,5 @@ class SpeakerNet(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(feats))
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits, labels, reduction=reduction)

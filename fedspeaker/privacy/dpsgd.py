@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import warnings
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -42,6 +43,9 @@ def make_private(
 ) -> tuple[PrivacyEngine, nn.Module, Optimizer, DataLoader]:
     """Wrap for DP-SGD with Poisson sampling; the engine's accountant continues ``ledger``.
 
+    Per-sample gradients are materialised (``p.grad_sample``), as speaker-level DP's
+    folding needs; :func:`make_private_ghost` clips the same without them, faster.
+
     Args:
         model: the module to train; only its parameters with ``requires_grad`` are
             clipped and noised.
@@ -53,17 +57,63 @@ def make_private(
         generator: draws the noise and the Poisson sampling (privacy.noise): on a device
             one seeded from the operating system, never from the run config.
     """
+    engine, model, optimizer, _, loader = _private(
+        model=model, optimizer=optimizer, loader=loader, ledger=ledger, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, generator=generator, loss_fn=None)
+    return engine, model, optimizer, loader
+
+
+def make_private_ghost(
+    *, model: nn.Module, optimizer: Optimizer, loader: DataLoader, ledger: PrivacyLedger,
+    noise_multiplier: float, max_grad_norm: float, generator: torch.Generator,
+    loss_fn: Callable[..., Tensor],
+) -> tuple[PrivacyEngine, nn.Module, Optimizer, Callable[[Tensor, Tensor], Any], DataLoader]:
+    """:func:`make_private` with Opacus's ghost clipping: each layer's per-sample gradient
+    norms come from its activations and backprops (registered norm samplers), never the
+    per-sample gradients themselves (64 copies of the projection's 65k weights a step),
+    and a second backward pass of the clipped per-sample losses gives the clipped sum.
+    The same clipping factors, noise and accounting as :func:`make_private`.
+
+    ``loss_fn(logits, labels, reduction=...)`` is the model's loss; what comes back in its
+    place is the loss to call in training (``.backward()`` runs both passes).
+    """
+    return _private(model=model, optimizer=optimizer, loader=loader, ledger=ledger,
+                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator,
+                    loss_fn=loss_fn)
+
+
+class PerSampleLoss:
+    """A loss as Opacus's ghost clipping calls it: it sets ``reduction`` to "none" to get
+    the per-sample losses it weighs by their clipping factors."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor]) -> None:
+        self.loss_fn, self.reduction = loss_fn, "mean"
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_fn(logits, labels, reduction=self.reduction)
+
+
+def _private(
+    *, model: nn.Module, optimizer: Optimizer, loader: DataLoader, ledger: PrivacyLedger,
+    noise_multiplier: float, max_grad_norm: float, generator: torch.Generator,
+    loss_fn: Callable[..., Tensor] | None,
+) -> tuple[PrivacyEngine, nn.Module, Optimizer, Callable[[Tensor, Tensor], Any] | None, DataLoader]:
+    """The engine for :func:`make_private` (``loss_fn`` None: hooks) or ghost clipping."""
     from opacus import PrivacyEngine
 
-    from fedspeaker.privacy import grad_samplers  # noqa: F401  registers our layers' grad samplers
+    from fedspeaker.privacy import grad_samplers  # noqa: F401  registers our layers' samplers
 
     engine = PrivacyEngine(accountant=ledger.accountant)
     engine.accountant.history = list(ledger.history)
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_generator=generator,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
-    )
+    common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_generator=generator,
+                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True)
+    criterion = None
+    if loss_fn is None:
+        model, optimizer, loader = engine.make_private(**common)
+    else:
+        model, optimizer, criterion, loader = engine.make_private(
+            **common, grad_sample_mode="ghost", criterion=PerSampleLoss(loss_fn))
     # Opacus's Poisson sampler would draw with the loader's own (run-seeded) generator
     loader.batch_sampler.generator = generator
     harden(optimizer)
-    return engine, model, optimizer, loader
+    return engine, model, optimizer, criterion, loader

@@ -15,7 +15,7 @@ import torch
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.model import build_model
-from fedspeaker.privacy.dpsgd import calibrate_noise, make_private
+from fedspeaker.privacy.dpsgd import calibrate_noise, make_private, make_private_ghost
 from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
 from fedspeaker.privacy.noise import noise_generator
 from fedspeaker.training.loops import (
@@ -153,15 +153,19 @@ class LocalTrainer:
                 raise FedSpeakerError(f"this client's privacy ledger counts {ledger.unit}s, but the run "
                                       f"protects {s.dp_unit}s (dp-unit); one ledger cannot mix the two")
             ledger.unit = s.dp_unit
-            model, loss_fn, after_backward = self.model, model_loss, None
+            private = dict(optimizer=optimizer, loader=loader, ledger=ledger,
+                           noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                           generator=noise_generator(seed if seeded_noise else None))
+            after_backward = None
             if per_speaker:  # one Opacus sample = one speaker's windows, clipped together
-                model, loss_fn = PerSpeaker(self.model, windows), per_speaker_loss(model_loss, windows)
+                loss_fn = per_speaker_loss(model_loss, windows)
                 after_backward = fold_per_speaker([p for p in self.model.parameters() if p.requires_grad],
-                                                  windows)
-            engine, dp_model, optimizer, loader = make_private(
-                model=model, optimizer=optimizer, loader=loader, ledger=ledger,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                generator=noise_generator(seed if seeded_noise else None))
+                                                  windows)  # folds per-window gradients: hooks, not ghost
+                engine, dp_model, optimizer, loader = make_private(model=PerSpeaker(self.model, windows),
+                                                                   **private)
+            else:  # ghost clipping: the same clipping without materialising per-sample gradients
+                engine, dp_model, optimizer, loss_fn, loader = make_private_ghost(
+                    model=self.model, loss_fn=model_loss, **private)
             loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=loss_fn,
                                 after_step=after_step, max_steps=max_steps, after_backward=after_backward)
             ledger.history = list(engine.accountant.history)
