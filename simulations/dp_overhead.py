@@ -3,7 +3,9 @@
     python -m simulations.dp_overhead [--steps N] [--batch-size B]
 
 Same model (the default settings, or --set model=tdnn), same batches, one thread as in a
-client; prints the median seconds per step of each and their ratio, and the cost of the
+client; the DP step is what a client's utterance-level DP-SGD runs (Opacus's ghost
+clipping). Prints the median seconds per step of each and their ratio, the DP step
+without noise (clipping alone), and the cost of the
 device's noise (an OS-seeded generator, each draw hardened as Opacus's secure mode does)
 against Opacus's default noise (torch's global generator, one draw).
 """
@@ -19,13 +21,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedspeaker.config import RunSettings
 from fedspeaker.model import build_model
-from fedspeaker.privacy.dpsgd import make_private
+from fedspeaker.privacy.dpsgd import make_private_ghost
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.privacy.noise import noise_generator
 
 
 def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int,
-                 device_noise: bool = True) -> list[float]:
+                 device_noise: bool = True, noise_multiplier: float = 1.0) -> list[float]:
     gen = torch.Generator().manual_seed(0)
     n = steps * batch_size
     model = build_model(settings, 26)
@@ -36,9 +38,11 @@ def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int,
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
     if dp:
-        _, model, optimizer, loader = make_private(
-            model=model, optimizer=optimizer, loader=loader, ledger=PrivacyLedger(),
-            noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm, generator=noise_generator(None))
+        # what a client's utterance-level DP-SGD runs: Opacus's ghost clipping
+        _, model, optimizer, loss, loader = make_private_ghost(
+            model=model, optimizer=optimizer, loader=loader, ledger=PrivacyLedger(), loss_fn=model.loss,
+            noise_multiplier=noise_multiplier, max_grad_norm=settings.max_grad_norm,
+            generator=noise_generator(None))
         if not device_noise:  # Opacus's default: the global generator, one draw per tensor
             optimizer.generator, optimizer.secure_mode = None, False
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)  # same batches as plain
@@ -66,13 +70,16 @@ def main() -> None:
     pairs = [(statistics.median(step_seconds(True, settings, args.steps, args.batch_size, device_noise=False)),
               statistics.median(step_seconds(True, settings, args.steps, args.batch_size)))
              for _ in range(3)]
+    clipping = statistics.median(step_seconds(True, settings, args.steps, args.batch_size, noise_multiplier=0.0))
     default_noise = statistics.median(p[0] for p in pairs)
     private = statistics.median(p[1] for p in pairs)
     noise_cost = statistics.median(device / default for default, device in pairs)
     print(f"model: {settings.model}, batch {args.batch_size}, 1 thread, median of {args.steps - 2} steps")
     print(f"plain SGD step: {plain * 1000:.1f} ms")
-    print(f"DP-SGD step (Opacus, per-sample clipping + noise): {private * 1000:.1f} ms")
+    print(f"DP-SGD step (Opacus ghost clipping: per-sample clipping + noise): {private * 1000:.1f} ms")
     print(f"DP step overhead: {private / plain:.2f}x")
+    print(f"of which clipping (the same step with noise multiplier 0, no draws): {clipping * 1000:.1f} ms "
+          f"({clipping / plain:.2f}x)")
     print(f"DP-SGD step with Opacus's default noise (global generator): {default_noise * 1000:.1f} ms")
     print(f"device noise (OS-seeded generator, hardened draws) costs: {noise_cost:.2f}x "
           "(median of three alternating pairs)")
