@@ -4,7 +4,7 @@
 
 Same model (the default settings, or --set model=tdnn), same batches, one thread as in a
 client; the DP step is what a client's utterance-level DP-SGD runs (Opacus's ghost
-clipping). Prints the median seconds per step of each and their ratio, the DP step
+clipping for the default model, its hooks for the TDNN). Prints the median seconds per step of each and their ratio, the DP step
 without noise (clipping alone), and the cost of the
 device's noise (an OS-seeded generator, each draw hardened as Opacus's secure mode does)
 against Opacus's default noise (torch's global generator, one draw).
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedspeaker.config import RunSettings
 from fedspeaker.model import build_model
-from fedspeaker.privacy.dpsgd import make_private_ghost
+from fedspeaker.privacy.dpsgd import make_private, make_private_ghost
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.privacy.noise import noise_generator
 
@@ -38,11 +38,13 @@ def step_seconds(dp: bool, settings: RunSettings, steps: int, batch_size: int,
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
     if dp:
-        # what a client's utterance-level DP-SGD runs: Opacus's ghost clipping
-        _, model, optimizer, loss, loader = make_private_ghost(
-            model=model, optimizer=optimizer, loader=loader, ledger=PrivacyLedger(), loss_fn=model.loss,
-            noise_multiplier=noise_multiplier, max_grad_norm=settings.max_grad_norm,
-            generator=noise_generator(None))
+        private = dict(model=model, optimizer=optimizer, loader=loader, ledger=PrivacyLedger(),
+                       noise_multiplier=noise_multiplier, max_grad_norm=settings.max_grad_norm,
+                       generator=noise_generator(None))
+        if getattr(model, "ghost_clipping", False):  # what a client's utterance-level DP-SGD runs for this model
+            _, model, optimizer, loss, loader = make_private_ghost(loss_fn=model.loss, **private)
+        else:
+            _, model, optimizer, loader = make_private(**private)
         if not device_noise:  # Opacus's default: the global generator, one draw per tensor
             optimizer.generator, optimizer.secure_mode = None, False
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)  # same batches as plain
@@ -65,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = RunSettings.from_run_config(dict(item.split("=", 1) for item in args.set))
+    ghost = getattr(build_model(settings, 26), "ghost_clipping", False)
     plain = statistics.median(step_seconds(False, settings, args.steps, args.batch_size))
     # the two noises in turn, three times: on a shared machine load comes and goes
     pairs = [(statistics.median(step_seconds(True, settings, args.steps, args.batch_size, device_noise=False)),
@@ -76,7 +79,7 @@ def main() -> None:
     noise_cost = statistics.median(device / default for default, device in pairs)
     print(f"model: {settings.model}, batch {args.batch_size}, 1 thread, median of {args.steps - 2} steps")
     print(f"plain SGD step: {plain * 1000:.1f} ms")
-    print(f"DP-SGD step (Opacus ghost clipping: per-sample clipping + noise): {private * 1000:.1f} ms")
+    print(f"DP-SGD step ({'ghost clipping' if ghost else 'hooks'}: per-sample clipping + noise): {private * 1000:.1f} ms")
     print(f"DP step overhead: {private / plain:.2f}x")
     print(f"of which clipping (the same step with noise multiplier 0, no draws): {clipping * 1000:.1f} ms "
           f"({clipping / plain:.2f}x)")

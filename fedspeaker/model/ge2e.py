@@ -269,6 +269,10 @@ class GE2ESpeakerNet(nn.Module):
     input_channels = HIDDEN_SIZE
     train_frames = 1
     eval_frames = 10_000
+    # DP-SGD clips with Opacus's ghost clipping: a batch's per-sample gradients of the
+    # projection are 64 copies of its 65k weights, their norms (Opacus's Linear norm
+    # sampler, the head's in privacy.grad_samplers) a few numbers a sample
+    ghost_clipping = True
 
     def __init__(self, n_speakers: int, *, margin: float = 0.2, scale: float = 30.0) -> None:
         super().__init__()

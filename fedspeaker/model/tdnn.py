@@ -24,6 +24,10 @@ class SpeakerNet(nn.Module):
     """TDNN over (batch, n_mels, frames) features. Trains on random ``crop_frames``-frame
     crops; scores the centre of an utterance, up to four crops long."""
 
+    # DP-SGD keeps Opacus's hooks: its convolutions have no norm sampler, so ghost clipping
+    # would materialise their per-sample gradients all the same, and add a backward pass
+    ghost_clipping = False
+
     def __init__(self, n_mels: int, n_speakers: int, channels: int = 128, embedding_dim: int = 128,
                  crop_frames: int = 200):
         super().__init__()

@@ -163,9 +163,12 @@ class LocalTrainer:
                                                   windows)  # folds per-window gradients: hooks, not ghost
                 engine, dp_model, optimizer, loader = make_private(model=PerSpeaker(self.model, windows),
                                                                    **private)
-            else:  # ghost clipping: the same clipping without materialising per-sample gradients
+            elif getattr(self.model, "ghost_clipping", False):  # the same clipping, without per-sample gradients
                 engine, dp_model, optimizer, loss_fn, loader = make_private_ghost(
                     model=self.model, loss_fn=model_loss, **private)
+            else:
+                loss_fn = model_loss
+                engine, dp_model, optimizer, loader = make_private(model=self.model, **private)
             loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=loss_fn,
                                 after_step=after_step, max_steps=max_steps, after_backward=after_backward)
             ledger.history = list(engine.accountant.history)
