@@ -21,6 +21,7 @@ from client.data import held_out_examples, is_simulated, training_examples, trai
 from client.evaluate import score_on_device
 from client.footprint import footprint
 from client.messages import TrainRequest
+from client.replay import LastUpdate, request_key
 from client.mods import secure_aggregation, simulated_scenarios, user_dp_clipping
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
@@ -50,6 +51,11 @@ def train(msg: Message, context: Context) -> Message:
 
     run = request.federation_id or f"run-{context.run_id}"
     device_ledger = DeviceLedger(ledger_path(settings, context, run))
+    last = None if is_simulated(context) or request.fitins else \
+        LastUpdate(device_ledger.path.parent / "last-update" / f"{run}.pt")
+    key = request_key(request.server_round, msg.content[wire.ARRAYS]) if last else ""
+    if last and (again := last.get(key)):  # a resumed run asks again for what was sent
+        return request.reply(again["state"], again["examples"], again["metrics"])
     ledger = device_ledger.open(run, settings.accountant)
     trainer = LocalTrainer(settings, n_speakers)
     planned = (trainer.dp_plan(len(feats), step_fraction=request.step_fraction, speakers=len(set(labels)))
@@ -85,6 +91,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics[wire.EPSILON] = ledger.epsilon(settings.delta)
         metrics[wire.LIFETIME_EPSILON] = ledger.lifetime_epsilon(settings.delta)
     own_classes = sorted(set(labels)) if settings.class_vectors == "own" else None
+    if last and own_classes is None:
+        last.put(key, trainer.model.state_dict(), len(feats), metrics)
     return request.reply(trainer.model.state_dict(), len(feats), metrics, own_classes=own_classes)
 
 
