@@ -65,7 +65,7 @@ class KaldiFbank(nn.Module):
 
 class WaveformEmbedder(nn.Module):
     """Waveform -> unit-length embedding, scored as the server scores (centre crop to
-    ``max_frames``), so the saved EER threshold applies."""
+    ``max_frames``), so the saved threshold applies."""
 
     def __init__(self, net: SpeakerNet, n_mels: int, sample_rate: int, max_frames: int) -> None:
         super().__init__()
