@@ -176,6 +176,9 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "features": features,
         "embedding_dim": model.model.embedding_dim,
         "verification": model.verification,
+        "decision": "voiceprint: the unit-length mean of the enrolment recordings' embeddings; "
+                    "accept when its dot product with the recording's embedding is >= "
+                    "verification.threshold; LLR = calibration.scale * score + calibration.offset",
         "source_model": str(bundle_path.resolve()),
         "source_sha256": file_sha256(bundle_path),
         "size_bytes": size,
