@@ -280,7 +280,8 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
 
     common = ["--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "1", "--no-dp",
               "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "channels=32",
-              "--set", "local-epochs=1", "--set", "dropout=0.5"]
+              "--set", "local-epochs=1", "--set", "dropout=0.5",
+              "--set", "release=last"]  # the trained round's models are compared, not the best round's
     secure = run_cli("simulate", *common, "--out", str(tmp_path / "secure"), "--set", "secagg=true")
     assert secure.returncode == 0, secure.stdout + secure.stderr
     plain = run_cli("simulate", *common, "--out", str(tmp_path / "plain"))
