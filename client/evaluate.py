@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedspeaker import wire
+from fedspeaker.evaluation.operating_point import accepts
 from fedspeaker.evaluation.scoring import embed
 
 
@@ -40,8 +41,8 @@ def score_on_device(model: nn.Module, *, enrol: tuple[list[torch.Tensor], list[i
         wire.NUM_EXAMPLES: len(test_feats),
         wire.ID_CORRECT: int((model.head(raw).argmax(dim=1) == labels).sum()),
         wire.TARGET_TRIALS: len(owned),
-        wire.FALSE_REJECTS: int((owner_scores < threshold).sum()),
+        wire.FALSE_REJECTS: int((~accepts(owner_scores, threshold)).sum()),
         wire.IMPOSTOR_TRIALS: impostor_scores.numel(),
-        wire.FALSE_ACCEPTS: int((impostor_scores >= threshold).sum()),
+        wire.FALSE_ACCEPTS: int(accepts(impostor_scores, threshold).sum()),
     })
     return counts

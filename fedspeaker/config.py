@@ -38,6 +38,7 @@ DROPOUT_MODES = ("raise", "silent")
 DP_UNITS = ("utterance", "speaker")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 CLASS_VECTORS = ("shared", "own")
+RELEASES = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class RunSettings:
     trial_list: str = ""  # a VoxCeleb-format list (label enrol test), paths under data-dir
     score_norm: str = "none"  # "s-norm": adaptive s-norm against training-speaker embeddings
     cohort_top: int = 100  # s-norm: the closest cohort scores each side is normalised by
+    # Decisions on a device: a voiceprint of enrol-recordings recordings against one; the
+    # threshold meets operating-point ("eer" or "far:X") on validation trials
+    operating_point: str = "far:0.01"
+    enrol_recordings: int = 3
+    release: str = "best"  # the model saved: the best round by validation, or the last
     # Evaluation on the devices, without central data (Flower's evaluate messages)
     fraction_evaluate: float = 0.0  # share of clients that score the model each round; 0: none
     cohort_size: int = 200  # impostor embeddings the server sends them (from its public cohort)
@@ -193,6 +199,11 @@ class RunSettings:
         _at_least("max-trials", self.max_trials, 0)
         _at_least("cohort-top", self.cohort_top, 2)
         _at_least("cohort-size", self.cohort_size, 1)
+        from fedspeaker.evaluation.operating_point import OperatingPoint
+
+        OperatingPoint.parse(self.operating_point)
+        _at_least("enrol-recordings", self.enrol_recordings, 1)
+        _choice("release", self.release, RELEASES)
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _choice("partition", self.partition, PARTITIONS)

@@ -24,6 +24,7 @@ from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
+from fedspeaker.evaluation.release import released_row
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
@@ -102,6 +103,8 @@ class RoundTracker:
         self.device_epsilon: dict[int, float] = {}
         self.devices_sat_out: set[int] = set()
         self.not_trained: Counter = Counter()  # "reason: text" -> clients, over this launch's rounds
+        # the release candidate under release=best: the best round so far and its arrays
+        self.release: dict | None = checkpoint.release if checkpoint else None
 
     @cached_property
     def evaluation(self) -> EvaluationSet:
@@ -167,6 +170,7 @@ class RoundTracker:
             row = {"round": 0, **scores, "round_seconds": now - self.round_started,
                    "seconds": now - self.started}
             self.report.add_round(row)
+            self.keep_if_released(arrays)
             flwr_log(INFO, "%s", progress_line(row))
         elif server_round > 0:
             server_round += self.offset
@@ -176,18 +180,27 @@ class RoundTracker:
                    "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             # checkpoint first: a round that rounds.csv shows can always be resumed from
+            rows = [*self.report.rows, row]
+            self.keep_if_released(arrays, rows)
             if self.strategy is not None:  # the SecAgg+ workflow keeps its state inside Flower
-                self.checkpoint(server_round, arrays, [*self.report.rows, row], now - self.started)
+                self.checkpoint(server_round, arrays, rows, now - self.started)
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it
             self.client_metrics, self.device_metrics = {}, {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
 
+    def keep_if_released(self, arrays: ArrayRecord, rows: list[dict[str, float]] | None = None) -> None:
+        """Under release=best, hold this round's arrays if it is now the one to release
+        (chosen by the validation signal alone)."""
+        rows = rows or self.report.rows
+        if self.settings.release == "best" and released_row(rows, "best") is rows[-1]:
+            self.release = {"round": int(rows[-1]["round"]), "arrays": portable_arrays(arrays)}
+
     def cohort(self, arrays: ArrayRecord) -> tuple[float, torch.Tensor]:
-        """What devices score against: this model's accept threshold (its EER operating
-        point on the server's public cohort, the unseen speakers) and a seeded sample of
-        ``cohort-size`` of the cohort's embeddings."""
+        """What devices score against: this model's accept threshold (its operating point,
+        fitted on the validation trials) and a seeded sample of ``cohort-size`` of the
+        embeddings of the server's public cohort, the unseen speakers."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
         threshold = evaluate(self.model, self.evaluation)["threshold"]
         feats = self.evaluation.verify_feats
@@ -216,14 +229,17 @@ class RoundTracker:
             Checkpoint(round=server_round, arrays=portable_arrays(arrays),
                        strategy=strategy_state(self.strategy), rows=rows, seconds=seconds,
                        federation_id=self.federation_id, run_config=self.settings.to_run_config(),
-                       random_state=random_state()).save(self.settings.out_dir_path)
+                       random_state=random_state(), release=self.release).save(self.settings.out_dir_path)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the federation goes on
             flwr_log(WARNING, "round %d: could not write checkpoint.pt (%s: %s); the run goes on, "
                      "but cannot be resumed from this round", server_round, type(exc).__name__, exc)
 
     def finish(self, arrays: ArrayRecord) -> None:
-        """Write the outputs; then, if no round trained anyone, fail the run (Flower marks a
-        ServerApp that raises as failed; `fedspeaker simulate` exits 1 on its summary)."""
+        """Save the released model (release=best: the best round's; last: ``arrays``, the
+        final model) and the summary; then, if no round trained anyone, fail the run (Flower
+        marks a ServerApp that raises as failed; `fedspeaker simulate` exits 1 on its summary)."""
+        if self.release is not None:
+            arrays = restored_arrays(self.release["arrays"])
         self.model.load_state_dict(arrays.to_torch_state_dict())
         scores = evaluate(self.model, self.evaluation)
         summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
+from fedspeaker.evaluation.release import released_row
 from fedspeaker.evaluation.scoring import EvaluationSet, evaluate
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.privacy.ledger import PrivacyLedger
@@ -33,6 +35,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
            "seconds": time.monotonic() - started}  # the starting model
     report.add_round(row)
     on_round(progress_line(row))
+    released = copy.deepcopy(trainer.model.state_dict())  # release=best: the best round's, so far
     for epoch_round in range(1, settings.rounds + 1):
         round_started = time.monotonic()
         loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
@@ -47,6 +50,10 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
                "round_seconds": now - round_started, "seconds": now - started}
         report.add_round(row)
         on_round(progress_line(row))
+        if released_row(report.rows, settings.release) is row:
+            released = copy.deepcopy(trainer.model.state_dict())
+    trainer.model.load_state_dict(released)
+    scores = evaluate(trainer.model, evaluation)
     summary = run_summary(settings, data, report.rows, time.monotonic() - started, mode="central",
                           evaluation=evaluation)
     report.finish(summary, model_bundle(settings, data.split.speakers, trainer.model, scores, evaluation))

@@ -73,7 +73,7 @@ class KaldiFbank(nn.Module):
 
 class WaveformEmbedder(nn.Module):
     """Waveform -> unit-length embedding, scored as the server scores (centre crop to
-    ``max_frames``), so the saved EER threshold applies."""
+    ``max_frames``), so the saved threshold applies."""
 
     def __init__(self, net: SpeakerNet, n_mels: int, sample_rate: int, max_frames: int) -> None:
         super().__init__()
@@ -228,6 +228,9 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "features": features,
         "embedding_dim": model.model.embedding_dim,
         "verification": model.verification,
+        "decision": "voiceprint: the unit-length mean of the enrolment recordings' embeddings; "
+                    "accept when its dot product with the recording's embedding is >= "
+                    "verification.threshold; LLR = calibration.scale * score + calibration.offset",
         "source_model": str(bundle_path.resolve()),
         "source_sha256": file_sha256(bundle_path),
         "size_bytes": size,

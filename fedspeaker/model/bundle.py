@@ -26,13 +26,26 @@ from fedspeaker.model import build_model
 def model_bundle(settings: RunSettings, speakers: Sequence[str], model: torch.nn.Module,
                  scores: dict[str, float], evaluation: EvaluationSet) -> dict[str, Any]:
     """Everything `identify`, `export`, `enroll` and `verify` need: the model, its
-    speakers and settings, and the verification threshold at the EER operating point
-    that ``scores`` (``evaluate``'s, of this model) measured on unseen speakers."""
+    speakers and settings, and how to decide: the threshold of the run's operating point
+    and the score calibration that ``scores`` (``evaluate``'s, of this model) fitted on
+    validation trials, with what they gave on unseen speakers."""
     return {"state_dict": model.state_dict(), "speakers": list(speakers),
             "settings": settings.to_run_config(),
-            "verification": {"threshold": scores["threshold"], "eer": scores["threshold_eer"],
-                             "unseen_speakers": evaluation.speakers_scored,
-                             "trials": int(scores["trials"]), "source": evaluation.trials.source}}
+            "verification": verification_record(settings, scores, evaluation)}
+
+
+def verification_record(settings: RunSettings, scores: dict[str, float],
+                        evaluation: EvaluationSet) -> dict[str, Any]:
+    """The decision rule a device applies (accept a score at or above ``threshold``) and
+    where it comes from."""
+    return {"threshold": scores["threshold"], "operating_point": str(evaluation.operating_point),
+            "enrol_recordings": settings.enrol_recordings,
+            "calibration": {"scale": scores["llr_scale"], "offset": scores["llr_offset"]},
+            "validation_speakers": evaluation.validation.speakers,
+            "fitted_on": evaluation.validation.source,
+            "unseen": {"speakers": evaluation.unseen.speakers, "trials": len(evaluation.unseen),
+                       "source": evaluation.unseen.source,
+                       **{k: scores[k] for k in ("far", "frr", "frr_at_far_1pct", "enrol_eer", "cllr")}}}
 
 
 def save_bundle(bundle: dict[str, Any], path: Path) -> None:
@@ -45,7 +58,7 @@ class SpeakerModel:
     speakers: list[str]
     settings: RunSettings
     model_id: str  # the bundle file's sha256: enrolments name the model they were made with
-    verification: dict | None  # EER threshold on unseen speakers; None in older bundles
+    verification: dict | None  # the threshold and calibration (verification_record); None in older bundles
 
     @classmethod
     def load(cls, path: Path) -> "SpeakerModel":

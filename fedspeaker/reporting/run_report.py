@@ -12,10 +12,11 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData
+from fedspeaker.evaluation.release import release_reason, released_row
 from fedspeaker.evaluation.scoring import EvaluationSet
 from fedspeaker.model.bundle import save_bundle
 from fedspeaker.privacy.accounting import GroupBound, group_epsilon, largest_speaker
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
+           # decisions as a device makes them (voiceprints of enrol-recordings recordings): the
+           # threshold fitted on validation, the unseen speakers' FAR and FRR there, FRR at FAR
+           # 1 %, EER, minDCF, Cllr and actual DCF; the validation FRR the release is chosen by
+           "threshold", "far", "frr", "frr_at_far_1pct", "enrol_eer", "enrol_min_dcf", "cllr",
+           "act_dcf", "val_frr",
            # the largest lifetime epsilon a device reported (its ledger over every run)
            "lifetime_epsilon_max",
            "clients", "sat_out",
@@ -99,6 +105,8 @@ def progress_line(row: dict[str, float]) -> str:
     scores += f"  EER {row['eer']:.3f}"
     if not math.isnan(row.get("min_dcf", math.nan)):
         scores += f"  minDCF {row['min_dcf']:.3f}"
+    if not math.isnan(row.get("far", math.nan)):
+        scores += f"  FAR {row['far']:.3f} FRR {row['frr']:.3f} (FRR@FAR1% {row['frr_at_far_1pct']:.3f})"
     return f"round {int(row['round']):3d}  {scores}{eps}{replies}  {row['round_seconds']:.1f} s"
 
 
@@ -115,8 +123,9 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                 seconds: float, *, mode: str, evaluation: EvaluationSet,
                 simulated: bool = True, device_epsilons: tuple[list[float], int] | None = None
                 ) -> dict[str, Any]:
-    """summary.json: the starting (round 0), final and best figures, the data and trials
-    used, and the DP guarantee.
+    """summary.json: the starting (round 0), final and released figures (with the
+    operating point's), the best head accuracy, the data and trials used, and the DP
+    guarantee.
 
     ``simulated``: a simulation or `central`, whose parties' data the server knows: under
     utterance-level DP the summary adds the group bound of the speaker with the most
@@ -127,15 +136,24 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
     final = rows[-1] if rows else {}
     start = rows[0] if rows and rows[0]["round"] == 0 else {}
     best = max(rows, key=lambda r: r["accuracy"]) if rows else {}
+    released = released_row(rows, settings.release) if rows else {}
     eps = final.get("epsilon_max", math.nan)
     return {
         "title": (f"federated ({settings.strategy}, {settings.num_clients} clients, "
                   f"{settings.partition}" if mode == "federated" else "central (")
         + (f", DP ε≤{settings.epsilon:g})" if settings.dp and not settings.noise_multiplier else ")"),
         "mode": mode,
-        "final": {k: final.get(k) for k in ("round", "accuracy", "voiceprint_accuracy", "eer",
-                                            "min_dcf", "epsilon_max", "epsilon_mean", "user_epsilon")},
-        "start": {k: start.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
+        "final": {**{k: final.get(k) for k in ("round", "accuracy", "voiceprint_accuracy", "eer",
+                                               "min_dcf", "epsilon_max", "epsilon_mean", "user_epsilon")},
+                  **_decisions(final, settings)},
+        "start": {**{k: start.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
+                  **_decisions(start, settings)},
+        # the model saved in global_model.pt: its figures are the run's reported ones
+        "released": {"round": released.get("round"),
+                     "why": release_reason(released, rows, settings.release, settings.operating_point)
+                     if rows else None,
+                     **{k: released.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
+                     **_decisions(released, settings)},
         "best_accuracy": best.get("accuracy"),
         "best_round": best.get("round"),
         "wall_seconds": round(seconds, 2),
@@ -163,7 +181,14 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         },
         "verification": {"trials": len(evaluation.trials), "chosen": evaluation.trials.source,
                          "speakers": evaluation.speakers_scored, "score_norm": settings.score_norm,
-                         "min_dcf": "p_target 0.01, C_miss = C_fa = 1"},
+                         "min_dcf": "p_target 0.01, C_miss = C_fa = 1",
+                         "enrolment_trials": {
+                             "test": f"{len(evaluation.unseen):,} trials: {evaluation.unseen.source}",
+                             "validation": f"{len(evaluation.validation):,} trials: "
+                                           f"{evaluation.validation.source}",
+                             "calibration": "logistic regression of the validation trials' cosines "
+                                            "to log-likelihood ratios, prior 0.5; Cllr in bits, "
+                                            "actual DCF at p_target 0.01"}},
         "settings": settings.to_run_config(),
     }
 
@@ -194,6 +219,15 @@ def refusals(rows: list[dict[str, float]]) -> dict[str, int]:
 def _largest(rows: list[dict[str, float]], key: str) -> float | None:
     values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
     return max(values) if values else None
+
+
+def _decisions(row: Mapping[str, float], settings: RunSettings) -> dict[str, Any]:
+    """A round's figures in the enrolment configuration, on unseen speakers: at the stored
+    threshold (``operating_point``), and of the calibrated scores."""
+    return {"operating_point": {"target": settings.operating_point,
+                                **{k: row.get(k) for k in ("threshold", "far", "frr", "frr_at_far_1pct")}},
+            "enrol_recordings": settings.enrol_recordings,
+            **{k: row.get(k) for k in ("enrol_eer", "enrol_min_dcf", "cllr", "act_dcf", "val_frr")}}
 
 
 def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]], *, rounds: int
