@@ -238,7 +238,7 @@ class RoundTracker:
         """Save the released model (release=best: the best round's; last: ``arrays``, the
         final model) and the summary; then, if no round trained anyone, fail the run (Flower
         marks a ServerApp that raises as failed; `fedspeaker simulate` exits 1 on its summary)."""
-        if self.release is not None:
+        if getattr(self, "release", None) is not None:
             arrays = restored_arrays(self.release["arrays"])
         self.model.load_state_dict(arrays.to_torch_state_dict())
         scores = evaluate(self.model, self.evaluation)

@@ -240,8 +240,8 @@ def test_a_deployment_summary_carries_no_simulated_group_bound(synthetic_corpus,
     settings = small(synthetic_corpus.root, cache_dir)
     data = load_speaker_data(settings)
     evaluation = EvaluationSet.of(data, settings)
-    rows = [{"round": 0.0, "accuracy": 0.1, "eer": 0.4},
-            {"round": 1.0, "accuracy": 0.2, "eer": 0.3, "epsilon_max": 1.5, "epsilon_mean": 1.5,
+    rows = [{"round": 0.0, "accuracy": 0.1, "eer": 0.4, "val_frr": 0.5},
+            {"round": 1.0, "accuracy": 0.2, "eer": 0.3, "val_frr": 0.4, "epsilon_max": 1.5, "epsilon_mean": 1.5,
              "lifetime_epsilon_max": 4.0}]
     simulated = run_summary(settings, data, rows, 1.0, mode="federated", evaluation=evaluation)
     deployed = run_summary(settings, data, rows, 1.0, mode="federated", evaluation=evaluation, simulated=False)

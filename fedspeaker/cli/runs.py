@@ -132,13 +132,14 @@ def _finish(settings: RunSettings) -> int:
     print(f"done in {summary['wall_seconds']:.0f} s: accuracy {final['accuracy']:.3f}, "
           f"EER {final['eer']:.3f} (best accuracy {summary['best_accuracy']:.3f} at round "
           f"{summary['best_round']:.0f})")
-    released = summary["released"]
-    op = released["operating_point"]
-    print(f"released {released['why']}")
-    print(f"  released model on unseen speakers: EER {released['eer']:.3f}; with {released['enrol_recordings']}-"
-          f"recording voiceprints at {op['target']} (threshold {op['threshold']:.3f}): FAR {op['far']:.3f}, "
-          f"FRR {op['frr']:.3f}, FRR at FAR 1 % {op['frr_at_far_1pct']:.3f}; Cllr {released['cllr']:.3f}, "
-          f"actual DCF {released['act_dcf']:.3f}, minDCF {released['enrol_min_dcf']:.3f}")
+    released = summary.get("released") or {}
+    op = released.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        print(f"released {released['why']}")
+        print(f"  released model on unseen speakers: EER {released['eer']:.3f}; with {released['enrol_recordings']}-"
+              f"recording voiceprints at {op['target']} (threshold {op['threshold']:.3f}): FAR {op['far']:.3f}, "
+              f"FRR {op['frr']:.3f}, FRR at FAR 1 % {op['frr_at_far_1pct']:.3f}; Cllr {released['cllr']:.3f}, "
+              f"actual DCF {released['act_dcf']:.3f}, minDCF {released['enrol_min_dcf']:.3f}")
     print(f"privacy: {summary['privacy']}")
     if spent := summary.get("epsilon_spent"):
         print(f"epsilon spent by the {spent['devices']} devices that replied: min {spent['min']:.2f}, "

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--speaker", required=True)
         p.add_argument("--enrolments", help="enrolment file (default: enrolments.json in the folder)")
         if name == "verify":
-            p.add_argument("--threshold", type=float, help="default: the EER threshold saved with the model")
+            p.add_argument("--threshold", type=float, help="default: the threshold saved with the model (its operating point)")
         p.add_argument("audio", nargs="+" if name == "enroll" else None)
     args = parser.parse_args(argv)
     model = Path(args.model).expanduser()
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedspeaker: error: {exc}", file=sys.stderr)
         return 2
     verdict, relation = ("accept", ">=") if decision.accept else ("reject", "<")
-    print(f"{verdict}: {args.audio} as {args.speaker!r}: score {decision.score:.3f} {relation} "
+    llr = "" if decision.llr is None else f" (LLR {decision.llr:+.2f})"
+    print(f"{verdict}: {args.audio} as {args.speaker!r}: score {decision.score:.3f}{llr} {relation} "
           f"threshold {decision.threshold:.3f} ({decision.threshold_source})")
     return 0 if decision.accept else 1
 
