@@ -38,7 +38,8 @@ def test_speaker_level_dp_sgd_under_poisson_sampled_device_dp(tiny_corpus: Path,
     releases = torch.load(out / "checkpoint.pt", weights_only=False)["strategy"][0]["device_releases"]
     assert [(noise, population, rate) for noise, _, population, rate in releases] == [(0.8, 4, 0.5)] * 3
     assert [int(float(r["clients"])) for r in rows] == [sampled for _, sampled, _, _ in releases]
-    ledgers = [json.loads(p.read_text()) for p in (cache / "client-state").glob("partition-*/ledgers/*.json")]
+    ledgers = [run for p in (cache / "client-state").glob("*/partition-*/privacy-ledger.json")
+               for run in json.loads(p.read_text())["runs"].values()]  # one simulated device per run
     assert ledgers and all(ledger["unit"] == "speaker" for ledger in ledgers)
     # 3 speakers a client in batches of up to 2: 2 batches an epoch, sample rate 1/2 of speakers
     assert all(rate == 0.5 for ledger in ledgers for rate in ledger["rate"])
