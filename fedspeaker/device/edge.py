@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from fedspeaker.device.frontend import SAMPLE_RATE, embed_wave, onnx_session
 from fedspeaker.device.voiceprints import EnrolmentStore, default_enrolments, verify
+from fedspeaker.data.decode import decode
 from fedspeaker.errors import AudioError, FedSpeakerError
 
 ONNX_FILE = "embedder.onnx"
@@ -34,19 +34,10 @@ MIN_SECONDS = 0.3
 
 def load_wave(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """A mono float32 waveform; audio at another rate is refused (resampling needs torch here)."""
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        reason = f"not readable audio ({exc})" if Path(path).exists() else "no such file"
-        raise AudioError(f"{path}: {reason}") from None
-    if data.size == 0:
-        raise AudioError(f"{path}: empty audio (0 samples)")
-    if not np.isfinite(data).all():
-        raise AudioError(f"{path}: contains NaN or infinite samples")
+    wave, rate = decode(path)
     if rate != sample_rate:
         raise AudioError(f"{path}: {rate} Hz; the torch-free path takes {sample_rate} Hz audio only "
                          f"(convert it first, e.g. `sox IN -r {sample_rate} OUT`)")
-    wave = data.mean(axis=1)
     if wave.size < MIN_SECONDS * sample_rate:
         raise AudioError(f"{path}: too short ({wave.size / sample_rate:.2f} s, need at least {MIN_SECONDS} s)")
     return wave
