@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.backend import backend_statistics
 from client.data import held_out_examples, is_simulated, training_examples, training_labels
 from client.evaluate import score_on_device
 from client.footprint import footprint
@@ -24,6 +25,7 @@ from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_split
 from fedspeaker.model import build_model
+from fedspeaker.model.backend import encoder_fingerprint
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.training.local import LocalTrainer, round_seed
 
@@ -95,6 +97,29 @@ def partition(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config.get("partition-id", -1)) if is_simulated(context) else -1
     return Message(content=RecordDict({wire.NODE: ConfigRecord({wire.PARTITION_ID: partition_id})}),
                    reply_to=msg)
+
+
+@app.query("backend")
+def backend(msg: Message, context: Context) -> Message:
+    """The scoring back end's statistics of this node's training recordings under the
+    global model the message carries (client/backend.py); only a sum and a count leave."""
+    torch.set_num_threads(1)
+    settings = RunSettings.from_run_config(context.run_config)
+    config = msg.content[wire.CONFIG]
+    speakers = wire.speakers_from_config(config)
+    model = build_model(settings, len(speakers))
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    feats, labels = training_examples(settings, context, speakers)
+    ledger_file = ledger_path(settings, context, str(config.get(wire.FEDERATION_ID, "")))
+    ledger = PrivacyLedger.load(ledger_file, settings.accountant)
+    sums, metrics = backend_statistics(settings, model, feats, labels, ledger)
+    content = RecordDict({wire.METRICS: MetricRecord(metrics),
+                          wire.CONFIG: ConfigRecord({wire.FINGERPRINT: encoder_fingerprint(model)})})
+    if sums is not None:
+        if settings.backend_privacy:
+            ledger.save(ledger_file)
+        content[wire.BACKEND] = ArrayRecord({wire.BACKEND_SUM: sums.total.contiguous()})
+    return Message(content=content, reply_to=msg)
 
 
 @app.query("own_classes")

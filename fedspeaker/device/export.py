@@ -95,6 +95,7 @@ class GE2EWaveformEmbedder(nn.Module):
 
         self.lstm = ge2e.frozen_encoder().lstm
         self.projection = net.projection
+        self.backend = net.backend  # the scoring back end the bundle holds (identity if none)
         self.sample_rate, self.hop, self.n_fft = ge2e.SAMPLE_RATE, ge2e.HOP_LENGTH, ge2e.N_FFT
         self.partial_frames = ge2e.PARTIAL_FRAMES
         self.frame_step = round(ge2e.SAMPLE_RATE / 1.3 / ge2e.HOP_LENGTH)
@@ -125,7 +126,7 @@ class GE2EWaveformEmbedder(nn.Module):
         windows = torch.stack([mel[s:s + self.partial_frames] for s in starts])
         _, (hidden, _) = self.lstm(windows)
         partial = F.normalize(torch.relu(self.projection(hidden[-1])), dim=1)
-        return F.normalize(partial.mean(dim=0), dim=0)
+        return self.backend(F.normalize(partial.mean(dim=0), dim=0)[None])[0]
 
 
 @dataclass
@@ -176,6 +177,7 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "features": features,
         "embedding_dim": model.model.embedding_dim,
         "verification": model.verification,
+        "backend": {k: v for k, v in model.model.backend.to_dict().items() if k != "mean"} or None,
         "source_model": str(bundle_path.resolve()),
         "source_sha256": file_sha256(bundle_path),
         "size_bytes": size,

@@ -23,8 +23,14 @@ def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: floa
     sentences = []
     if settings.dp:
         sentences.append(_sample_level(settings, epsilon, group))
+        if settings.backend_privacy:
+            sentences.append(_backend_split(settings))
     if settings.user_dp != "off":
         sentences.append(_device_level(settings, user_epsilon))
+        if settings.backend and not settings.secagg:
+            sentences.append("That epsilon includes the scoring back end's releases (one vector of "
+                             "norm at most 1 per device, Gaussian noise of std "
+                             f"{settings.user_noise_multiplier:g} added once by the server to their sum).")
     return " ".join(sentences) or "no differential privacy"
 
 
@@ -53,6 +59,15 @@ def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> s
                  f"dp_accounting's PLD accountant for a mixture of Gaussians, as if that client "
                  f"trained every round).")
     return text
+
+
+def _backend_split(s: RunSettings) -> str:
+    releases = "one release" if s.backend_releases == 1 else f"{s.backend_releases} releases"
+    return (f"The run's epsilon={s.epsilon:g} is split: {s.backend_privacy:g} for the scoring back end's "
+            f"{releases} (each client's sum of clipped {s.dp_unit} embeddings and their count, Gaussian "
+            f"noise added on the client, accounted as steps at sample rate 1 in the same ledger and "
+            f"accountant) and {s.dpsgd_epsilon:g} for DP-SGD, whose noise is calibrated for it; the "
+            f"epsilon above composes both.")
 
 
 def _device_level(s: RunSettings, user_epsilon: float) -> str:

@@ -34,6 +34,8 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
            "device_accuracy", "device_frr", "device_far", "device_target_trials",
            "device_impostor_trials", "devices_evaluated",
            "server_peak_rss_mb",  # the ServerApp's process (in simulation, Flower's engine with it)
+           # the scoring back end, where this round computed one: devices counted, seconds taken
+           "backend_devices", "backend_seconds",
            "round_seconds", "seconds")
 
 
@@ -79,12 +81,16 @@ def progress_line(row: dict[str, float]) -> str:
                     f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
     if int(row["round"]) == 0:
         replies = "  (the starting model, before any round)"
-    scores = f"accuracy {row['accuracy']:.3f}"
+    # what a deployment sees first: identification by voiceprint, unseen-speaker EER/minDCF
+    scores = ""
     if not math.isnan(row.get("voiceprint_accuracy", math.nan)):
-        scores += f" (voiceprint {row['voiceprint_accuracy']:.3f})"
-    scores += f"  EER {row['eer']:.3f}"
+        scores += f"voiceprint {row['voiceprint_accuracy']:.3f}  "
+    scores += f"EER {row['eer']:.3f}"
     if not math.isnan(row.get("min_dcf", math.nan)):
         scores += f"  minDCF {row['min_dcf']:.3f}"
+    scores += f"  (training head {row['accuracy']:.3f})"
+    if not math.isnan(row.get("backend_devices", math.nan)):
+        replies += f"  back end from {int(row['backend_devices'])} devices"
     return f"round {int(row['round']):3d}  {scores}{eps}{replies}  {row['round_seconds']:.1f} s"
 
 
@@ -126,6 +132,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "client_train_seconds": round(sum(r.get("client_train_seconds", 0.0) for r in rows), 2),
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
+        "backend": _backend_words(settings, rows),
         "privacy": guarantee_sentence(
             settings, eps, final.get("user_epsilon", math.nan),
             group=(speaker_group_bound(settings, _party_speakers(settings, mode),
@@ -146,6 +153,15 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                          "min_dcf": "p_target 0.01, C_miss = C_fa = 1"},
         "settings": settings.to_run_config(),
     }
+
+
+def _backend_words(settings: RunSettings, rows: list[dict[str, float]]) -> str:
+    """Which rounds were scored with the devices' back end (the mean embedding subtracted)."""
+    adapted = [int(r["round"]) for r in rows if not math.isnan(r.get("backend_devices", math.nan))]
+    if not adapted:
+        return "none: every round scored the encoder's embeddings as they are"
+    return (f"rounds {', '.join(map(str, adapted))} scored with the devices' in-domain mean embedding "
+            "subtracted (the other rounds without it); the saved model holds the last one")
 
 
 def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]], *, rounds: int

@@ -59,7 +59,7 @@ def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None
     noise = 0.0
     if s.dp:
         noise = s.noise_multiplier or calibrate_noise(
-            s.epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs, s.accountant)
+            s.dpsgd_epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs, s.accountant)
     return DPSteps(noise, sample_rate, steps)
 
 

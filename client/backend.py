@@ -1,0 +1,44 @@
+"""A node's answer to ``query.backend``: the clipped sum and count of its training
+recordings' raw embeddings under the global model, noised here under sample-level DP
+and written into the same privacy ledger as its DP-SGD (fedspeaker/privacy/backend_stats.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedspeaker import wire
+from fedspeaker.config import RunSettings
+from fedspeaker.errors import FedSpeakerError
+from fedspeaker.evaluation.scoring import embed
+from fedspeaker.privacy.backend_stats import (Sums, backend_noise_multiplier, clipped_sums, noised,
+                                              os_generator, release_step)
+from fedspeaker.privacy.ledger import PrivacyLedger
+
+
+def release_unit(settings: RunSettings) -> str:
+    """What one vector of the sum stands for: a device under device-level DP (the server
+    adds the noise), else the unit DP-SGD protects (an utterance without DP)."""
+    if settings.user_dp != "off":
+        return "device"
+    return settings.dp_unit if settings.dp else "utterance"
+
+
+def backend_statistics(settings: RunSettings, model: nn.Module, feats: list[torch.Tensor],
+                       labels: list[int], ledger: PrivacyLedger,
+                       generator: torch.Generator | None = None) -> tuple[Sums | None, dict[str, float]]:
+    """This party's release and its metrics; ``None`` where it would pass the party's
+    epsilon budget. Under sample-level DP ``ledger`` gains the release (the caller saves it)."""
+    sums = clipped_sums(embed(model, feats, raw=True), labels, release_unit(settings))
+    if not settings.backend_privacy:
+        return sums, {wire.BACKEND_COUNT: sums.count}
+    step = release_step(backend_noise_multiplier(settings))
+    if settings.epsilon_budget and ledger.epsilon_after(step, settings.delta) > settings.epsilon_budget:
+        return None, {wire.SAT_OUT: 1, wire.EPSILON: ledger.epsilon(settings.delta)}
+    if ledger.history and ledger.unit != settings.dp_unit:
+        raise FedSpeakerError(f"this client's privacy ledger counts {ledger.unit}s, but the run "
+                              f"protects {settings.dp_unit}s (dp-unit); one ledger cannot mix the two")
+    released = noised(sums, step.noise_multiplier, generator or os_generator())
+    ledger.unit = settings.dp_unit
+    ledger.history.append(tuple(step))
+    return released, {wire.BACKEND_COUNT: released.count, wire.EPSILON: ledger.epsilon(settings.delta)}
