@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+from client.backend import backend_statistics
 from fedspeaker.config import RunSettings
+from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
 from fedspeaker.evaluation.scoring import EvaluationSet, evaluate
@@ -12,6 +14,20 @@ from fedspeaker.model.bundle import model_bundle
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from fedspeaker.data.partition import client_shards
+
+
+def _adapt(settings: RunSettings, model, feats, labels, ledger: PrivacyLedger) -> dict[str, float]:
+    """The scoring back end from the one party's data, released and accounted as a device's."""
+    if not settings.backend:
+        return {}
+    sums, metrics = backend_statistics(settings, model, feats, labels, ledger)
+    if sums is None:
+        return {}
+    install_backend(model, mean_of_sums(*sums), encoder_fingerprint(model), sums.count)
+    row = {"backend_devices": 1.0}
+    if "epsilon" in metrics:
+        row["epsilon_max"] = row["epsilon_mean"] = float(metrics["epsilon"])
+    return row
 
 
 def run_central(settings: RunSettings, on_round=print) -> dict:
@@ -28,8 +44,11 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     ledger = PrivacyLedger(settings.accountant)
     report = RunReport(settings.out_dir_path)
     started = time.monotonic()
-    row = {"round": 0, **evaluate(trainer.model, evaluation), "round_seconds": time.monotonic() - started,
-           "seconds": time.monotonic() - started}  # the starting model
+    adapted = _adapt(settings, trainer.model, feats, labels, ledger)
+    row = {"round": 0, **evaluate(trainer.model, evaluation), **adapted,
+           "round_seconds": time.monotonic() - started, "seconds": time.monotonic() - started}  # the starting model
+    if settings.rounds:  # training changes the weights in place: the back end is theirs no more
+        trainer.model.backend.clear()
     report.add_round(row)
     on_round(progress_line(row))
     for epoch_round in range(1, settings.rounds + 1):
@@ -37,14 +56,17 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
         loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
                              planned_epochs=settings.rounds * settings.local_epochs)
         train_seconds = time.monotonic() - round_started
+        adapted = _adapt(settings, trainer.model, feats, labels, ledger) if epoch_round == settings.rounds else {}
         scores = evaluate(trainer.model, evaluation)
         eps = ledger.epsilon(settings.delta) if settings.dp else float("nan")
         now = time.monotonic()
         row = {"round": epoch_round, **scores, "epsilon_max": eps, "epsilon_mean": eps,
                "train_loss": loss, "clients": 1, "client_train_seconds": train_seconds,
-               "round_seconds": now - round_started, "seconds": now - started}
+               "round_seconds": now - round_started, "seconds": now - started, **adapted}
         report.add_round(row)
         on_round(progress_line(row))
+    if settings.rounds == 0:  # the starting model, its back end kept, is the one saved
+        scores = evaluate(trainer.model, evaluation)
     summary = run_summary(settings, data, report.rows, time.monotonic() - started, mode="central",
                           evaluation=evaluation)
     report.finish(summary, model_bundle(settings, data.split.speakers, trainer.model, scores, evaluation))

@@ -106,7 +106,7 @@ def test_config_error_is_a_fedspeaker_error():
     "key, raw",
     [
         ("partition", "foo"),
-        ("rounds", 0),
+        ("rounds", -1),
         ("alpha", -1),
         ("alpha", 0),
         ("fraction-train", 1.5),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedspeaker.model.bundle import SpeakerModel
 from tests.conftest import TEST_MARKER
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "dspspeech20-mini"
@@ -87,6 +88,18 @@ def test_fine_tuning_the_pretrained_encoder_does_not_end_worse_than_it_started(f
     rows = list(csv.DictReader(open(out / "rounds.csv")))
     assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
     assert float(rows[0]["voiceprint_accuracy"]) > 0.5  # pretrained: far above chance at round 0
+
+
+def test_round_zero_and_the_last_round_score_with_the_devices_back_end(federation) -> None:
+    """The devices' statistics are asked for at round 0 and after the last round (all 3
+    devices count), the saved model holds the last back end, and the privacy sentence says
+    how epsilon was split between it and DP-SGD."""
+    out, _ = federation
+    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    assert [r["backend_devices"] for r in rows] == ["3", "nan", "nan", "3"]
+    backend = SpeakerModel.load(out / "global_model.pt").model.backend
+    assert backend.active and 0 < float(backend.mean.norm()) < 3
+    assert "is split" in json.loads((out / "summary.json").read_text())["privacy"]
 
 
 def test_client_epsilon_accumulates_across_rounds(federation) -> None:
