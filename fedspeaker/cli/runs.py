@@ -128,9 +128,13 @@ def _prepare(settings: RunSettings) -> None:
 def _finish(settings: RunSettings) -> int:
     summary = json.loads((settings.out_dir_path / "summary.json").read_text())
     final = summary["final"]
-    print(f"done in {summary['wall_seconds']:.0f} s: accuracy {final['accuracy']:.3f}, "
-          f"EER {final['eer']:.3f} (best accuracy {summary['best_accuracy']:.3f} at round "
-          f"{summary['best_round']:.0f})")
+    start = summary["start"]
+    before = (f" (round 0: {start['voiceprint_accuracy']:.3f}, {start['eer']:.3f}, {start['min_dcf']:.3f})"
+              if start.get("eer") is not None else "")
+    print(f"done in {summary['wall_seconds']:.0f} s: voiceprint identification "
+          f"{final['voiceprint_accuracy']:.3f}, unseen-speaker EER {final['eer']:.3f}, minDCF "
+          f"{final['min_dcf']:.3f}{before}; training head accuracy {final['accuracy']:.3f}")
+    print(f"back end: {summary['backend']}")
     print(f"privacy: {summary['privacy']}")
     if summary["data"]["skipped_files"]:
         print(f"skipped {summary['data']['skipped_files']} unusable file(s); see summary.json")
