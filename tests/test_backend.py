@@ -22,7 +22,7 @@ from fedspeaker.privacy.backend_stats import (SENSITIVITY, backend_noise_multipl
                                               noised)
 from fedspeaker.privacy.ledger import PrivacyLedger, epsilon_of
 from fedspeaker.training.local import dp_plan
-from server.backend import combine
+from server.backend import Collected, combine, device_level_noise
 
 DIM = 256
 
@@ -179,3 +179,16 @@ def test_the_server_counts_only_devices_that_answered_under_its_weights():
     assert torch.equal(collected.sums.total, 4 * ones) and collected.epsilon_max == 3.0 and collected.epsilon_mean == 2.5
     with pytest.raises(FedSpeakerError, match="no device answered"):
         combine([sat_out, failed], "f")
+
+
+def test_device_level_noise_is_added_once_with_the_user_noise_multiplier():
+    """Under device-level DP each device sends one vector of norm <= 1 (its mean) and the
+    server adds Gaussian noise of std user-noise-multiplier to the sum, once."""
+    vectors = F.normalize(torch.randn(40, DIM), dim=1)
+    device = clipped_sums(vectors, [0] * 40, "device")
+    assert device.count == 1 and float(device.total.norm()) <= 1 + 1e-6
+    exact = Collected(clipped_sums(vectors, [0] * 40, "utterance"), 5, float("nan"), float("nan"))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.stack([device_level_noise(exact, 0.8, g).sums.total - exact.sums.total for _ in range(200)])
+    assert abs(float(noise.std()) / 0.8 - 1) < 0.05
+    assert device_level_noise(exact, 0.8, g).sums.count == exact.sums.count

@@ -17,6 +17,7 @@ from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.evaluation.scoring import EvaluationSet
 from fedspeaker.model.bundle import save_bundle
+from fedspeaker.privacy.backend_stats import backend_noise_multiplier, release_step
 from fedspeaker.privacy.accounting import GroupBound, group_epsilon, largest_speaker
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.reporting.plots import plot_curves
@@ -180,8 +181,11 @@ def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]],
     size = max((largest_speaker(p) for p in parties), default=0)
     if rounds < 1 or size < 2:
         return None
+    # the scoring back end's releases: the speaker's utterances all in each, at sample rate 1
+    releases = ([tuple(release_step(backend_noise_multiplier(settings)))] * settings.backend_releases
+                if settings.backend_privacy else [])
     try:
-        epsilons = [group_epsilon(history=[tuple(dp_plan(settings, n))] * rounds, size=size,
+        epsilons = [group_epsilon(history=[tuple(dp_plan(settings, n))] * rounds + releases, size=size,
                                   delta=settings.delta)
                     for n in sorted({len(p) for p in parties if largest_speaker(p) == size})]
     except Exception as exc:  # noqa: BLE001 - a figure of the summary must not cost the run's outputs
