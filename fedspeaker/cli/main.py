@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="corpus root: <root>/<speaker>/<utterance>.{wav,flac} "
                        "(default: the bundled DSPSpeech-20 mini)")
         p.add_argument("--clients", type=_positive(int), help=f"number of clients (default {d.num_clients})")
-        p.add_argument("--rounds", type=_positive(int), help=f"federated rounds (default {d.rounds})")
+        p.add_argument("--rounds", type=_rounds, help=f"federated rounds (default {d.rounds}; 0: the "
+                       "starting model and its back end only)")
         p.add_argument("--partition", choices=PARTITIONS, help="how utterances are split "
                        f"across clients (default {d.partition})")
         p.add_argument("--alpha", type=_positive(float), help="Dirichlet concentration over "
@@ -136,6 +137,17 @@ def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
         return values
 
     return parse
+
+
+def _rounds(text: str) -> int:
+    """A number of rounds: 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:

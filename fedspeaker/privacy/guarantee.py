@@ -62,6 +62,10 @@ def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> s
 
 
 def _backend_split(s: RunSettings) -> str:
+    if s.rounds == 0:
+        return ("No round trained: the epsilon above is that of the scoring back end's one release "
+                "alone (each client's sum of clipped embeddings and their count, Gaussian noise "
+                "added on the client, one step at sample rate 1 in its ledger).")
     releases = "one release" if s.backend_releases == 1 else f"{s.backend_releases} releases"
     return (f"The run's epsilon={s.epsilon:g} is split: {s.backend_privacy:g} for the scoring back end's "
             f"{releases} (each client's sum of clipped {s.dp_unit} embeddings and their count, Gaussian "
