@@ -7,8 +7,10 @@ client-side clipping, simulated scenarios) comes in as mods (client/mods.py).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,11 +25,15 @@ from client.messages import TrainRequest
 from client.mods import secure_aggregation, simulated_scenarios, user_dp_clipping
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
+from fedspeaker.errors import FedSpeakerError
 from fedspeaker.data.speakers import load_split
 from fedspeaker.model import build_model
 from fedspeaker.model.backend import encoder_fingerprint
-from fedspeaker.privacy.ledger import PrivacyLedger
-from fedspeaker.training.local import LocalTrainer, round_seed
+from fedspeaker.privacy.ledger import DeviceLedger
+from fedspeaker.privacy.policy import device_policy
+from fedspeaker.training.local import LocalTrainer, round_seed, spend_cap
+
+LEDGER_FILE = "privacy-ledger.json"
 
 app = ClientApp()
 
@@ -44,31 +50,42 @@ def train(msg: Message, context: Context) -> Message:
         importlib.import_module("opacus")
     data_ready = time.monotonic()
 
-    ledger_file = ledger_path(settings, context, request.federation_id)
-    ledger = PrivacyLedger.load(ledger_file, settings.accountant)
+    run = request.federation_id or f"run-{context.run_id}"
+    device_ledger = DeviceLedger(ledger_path(settings, context, run))
+    ledger = device_ledger.open(run, settings.accountant)
     trainer = LocalTrainer(settings, n_speakers)
-    if settings.dp and settings.epsilon_budget > 0:
-        planned = trainer.dp_plan(len(feats), step_fraction=request.step_fraction,
-                                  speakers=len(set(labels)))
-        if ledger.epsilon_after(planned, settings.delta) > settings.epsilon_budget:
+    planned = (trainer.dp_plan(len(feats), step_fraction=request.step_fraction, speakers=len(set(labels)))
+               if settings.dp else None)
+    policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
+    refusal = policy.refusal(settings, ledger, planned) if policy else None
+    if refusal and request.fitins:  # a SecAgg+ round has no way to reply without weights
+        raise FedSpeakerError(f"this device's privacy policy refuses the run: {refusal}")
+    if refusal:
+        return request.refuse(refusal, {wire.NUM_EXAMPLES: 0, wire.TRAIN_SECONDS: time.monotonic() - started})
+    if planned and spend_cap(settings) > 0:
+        if ledger.epsilon_after(planned, settings.delta) > spend_cap(settings):
             return request.reply_without_weights({
                 wire.NUM_EXAMPLES: 0, wire.SAT_OUT: 1, wire.EPSILON: ledger.epsilon(settings.delta),
                 wire.TRAIN_SECONDS: time.monotonic() - started})
+    if planned:  # reserved before training: a run beside this one sees these steps as spent
+        device_ledger.record(run, replace(ledger, history=[*ledger.history, tuple(planned)]))
 
     trainer.model.load_state_dict(request.global_state(trainer.model))
     partition_id = int(context.node_config.get("partition-id", 0))
     fit_started = time.monotonic()
     loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, partition_id, request.server_round),
+                         seeded_noise=settings.seeded_noise and is_simulated(context),
                          proximal_mu=request.proximal_mu, step_fraction=request.step_fraction)
     fit_seconds = time.monotonic() - fit_started
     if settings.dp:
-        ledger.save(ledger_file)
+        device_ledger.record(run, ledger)
 
     metrics = {wire.NUM_EXAMPLES: len(feats), wire.UNIT_WEIGHT: 1, wire.TRAIN_LOSS: loss,
                wire.TRAIN_SECONDS: time.monotonic() - started,
                **footprint(started, data_ready, fit_seconds)}
     if settings.dp:
         metrics[wire.EPSILON] = ledger.epsilon(settings.delta)
+        metrics[wire.LIFETIME_EPSILON] = ledger.lifetime_epsilon(settings.delta)
     own_classes = sorted(set(labels)) if settings.class_vectors == "own" else None
     return request.reply(trainer.model.state_dict(), len(feats), metrics, own_classes=own_classes)
 
@@ -110,14 +127,18 @@ def backend(msg: Message, context: Context) -> Message:
     model = build_model(settings, len(speakers))
     model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
     feats, labels = training_examples(settings, context, speakers)
-    ledger_file = ledger_path(settings, context, str(config.get(wire.FEDERATION_ID, "")))
-    ledger = PrivacyLedger.load(ledger_file, settings.accountant)
-    sums, metrics = backend_statistics(settings, model, feats, labels, ledger)
+    run = str(config.get(wire.FEDERATION_ID, "")) or f"run-{context.run_id}"
+    device_ledger = DeviceLedger(ledger_path(settings, context, run))
+    ledger = device_ledger.open(run, settings.accountant)
+    policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
+    sums, metrics = backend_statistics(
+        settings, model, feats, labels, ledger,
+        refusal=(lambda step: policy.refusal(settings, ledger, step)) if policy else None)
     content = RecordDict({wire.METRICS: MetricRecord(metrics),
                           wire.CONFIG: ConfigRecord({wire.FINGERPRINT: encoder_fingerprint(model)})})
     if sums is not None:
         if settings.backend_privacy:
-            ledger.save(ledger_file)
+            device_ledger.record(run, ledger)
         content[wire.BACKEND] = ArrayRecord({wire.BACKEND_SUM: sums.total.contiguous()})
     return Message(content=content, reply_to=msg)
 
@@ -132,13 +153,22 @@ def own_classes(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({wire.FEDAWS: ConfigRecord({wire.OWN_CLASSES: own})}), reply_to=msg)
 
 
-def ledger_path(settings: RunSettings, context: Context, federation_id: str) -> Path:
-    """Where this client keeps its privacy ledger, one file per federation: in the
-    device's state-dir, or in simulation a folder per partition in the cache. On disk
-    rather than in Flower's context, so a restarted SuperNode or a resumed run goes on
-    counting what was spent."""
-    federation = federation_id or f"run-{context.run_id}"
-    state_dir = context.node_config.get("state-dir")
-    root = (Path(str(state_dir)) if state_dir else settings.feature_cache_dir / "client-state"
-            / f"partition-{int(context.node_config.get('partition-id', 0))}")
-    return root / "ledgers" / f"{federation}.json"
+def state_dir(context: Context) -> Path | None:
+    """A device's own folder (node-config ``state-dir``); None in simulation."""
+    state = context.node_config.get("state-dir")
+    return Path(str(state)).expanduser() if state else None
+
+
+def ledger_path(settings: RunSettings, context: Context, run: str) -> Path:
+    """Where this client keeps its lifetime privacy ledger: on a device, one file for
+    its recordings (in its state-dir, or in the cache under a name for its data-dir), kept
+    across every run and federation; a simulated client is a new device in each run (its
+    shard is drawn anew), so its file is per run. On disk rather than in Flower's context,
+    so a restarted SuperNode or a resumed run goes on counting what was spent."""
+    if not is_simulated(context):
+        data = str(Path(str(context.node_config["data-dir"])).expanduser().resolve())
+        root = state_dir(context) or (settings.feature_cache_dir / "devices"
+                                      / hashlib.sha256(data.encode()).hexdigest()[:16])
+        return root / LEDGER_FILE
+    partition = int(context.node_config.get("partition-id", 0))
+    return settings.feature_cache_dir / "client-state" / run / f"partition-{partition}" / LEDGER_FILE

@@ -4,6 +4,8 @@ and written into the same privacy ledger as its DP-SGD (fedspeaker/privacy/backe
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -11,9 +13,10 @@ from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import embed
-from fedspeaker.privacy.backend_stats import (Sums, backend_noise_multiplier, clipped_sums, noised,
-                                              os_generator, release_step)
-from fedspeaker.privacy.ledger import PrivacyLedger
+from fedspeaker.privacy.backend_stats import Sums, backend_noise_multiplier, clipped_sums, noised, release_step
+from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
+from fedspeaker.privacy.noise import noise_generator
+from fedspeaker.training.local import spend_cap
 
 
 def release_unit(settings: RunSettings) -> str:
@@ -25,20 +28,23 @@ def release_unit(settings: RunSettings) -> str:
 
 
 def backend_statistics(settings: RunSettings, model: nn.Module, feats: list[torch.Tensor],
-                       labels: list[int], ledger: PrivacyLedger,
+                       labels: list[int], ledger: PrivacyLedger, *,
+                       refusal: Callable[[DPSteps], str | None] | None = None,
                        generator: torch.Generator | None = None) -> tuple[Sums | None, dict[str, float]]:
     """This party's release and its metrics; ``None`` where it would pass the party's
-    epsilon budget. Under sample-level DP ``ledger`` gains the release (the caller saves it)."""
+    spending cap, or where ``refusal`` (a device's privacy policy) gives a reason. Under
+    sample-level DP ``ledger`` gains the release (the caller records it)."""
     sums = clipped_sums(embed(model, feats, raw=True), labels, release_unit(settings))
     if not settings.backend_privacy:
         return sums, {wire.BACKEND_COUNT: sums.count}
     step = release_step(backend_noise_multiplier(settings))
-    if settings.epsilon_budget and ledger.epsilon_after(step, settings.delta) > settings.epsilon_budget:
+    cap = spend_cap(settings)
+    if (cap and ledger.epsilon_after(step, settings.delta) > cap) or (refusal and refusal(step)):
         return None, {wire.SAT_OUT: 1, wire.EPSILON: ledger.epsilon(settings.delta)}
     if ledger.history and ledger.unit != settings.dp_unit:
         raise FedSpeakerError(f"this client's privacy ledger counts {ledger.unit}s, but the run "
                               f"protects {settings.dp_unit}s (dp-unit); one ledger cannot mix the two")
-    released = noised(sums, step.noise_multiplier, generator or os_generator())
+    released = noised(sums, step.noise_multiplier, generator or noise_generator(None))
     ledger.unit = settings.dp_unit
     ledger.history.append(tuple(step))
     return released, {wire.BACKEND_COUNT: released.count, wire.EPSILON: ledger.epsilon(settings.delta)}

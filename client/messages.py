@@ -83,6 +83,12 @@ class TrainRequest:
         """A reply that carries metrics only: a client sitting out for its budget."""
         return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=self.msg)
 
+    def refuse(self, reason: str, metrics: dict[str, float]) -> Message:
+        """No weights, and why: the device's privacy policy does not accept this run."""
+        return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics),
+                                           wire.REFUSAL: ConfigRecord({wire.REASON: reason})}),
+                       reply_to=self.msg)
+
 
 def single_array_record(content: RecordDict) -> ArrayRecord:
     """The weights a train message or reply carries (either format holds one ArrayRecord)."""

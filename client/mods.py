@@ -30,7 +30,8 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
 def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's client-side clipping mod, when the run asks for client-side user-level DP.
 
-    A client sitting out for its budget sends no weights, so it bypasses the mod.
+    A client sitting out for its budget, or refusing the run, sends no weights, so it
+    bypasses the mod.
     """
     mod = {"client-fixed": fixedclipping_mod,
            "client-adaptive": adaptiveclipping_mod}.get(str(context.run_config.get("user-dp", "off")))
@@ -40,9 +41,9 @@ def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallabl
 
     def train_unless_sat_out(m: Message, c: Context) -> Message:
         reply = call_next(m, c)
-        if reply.has_content() and wire.sat_out(reply.content):
+        if reply.has_content() and wire.sent_no_weights(reply.content):
             resting.append(reply)
-            return Message(Error(0, "sat out for budget"), reply_to=m)  # the mod passes errors on
+            return Message(Error(0, "sent no weights"), reply_to=m)  # the mod passes errors on
         return reply
 
     out = mod(msg, context, train_unless_sat_out)

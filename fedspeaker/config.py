@@ -116,6 +116,9 @@ class RunSettings:
     dp: bool = True
     epsilon: float = 8.0  # target over the whole run; used when noise_multiplier is 0
     epsilon_budget: float = 0.0  # > 0: a client sits out a round that would take it past this
+    # under client sampling, a client's noise is calibrated for the rounds it is expected to
+    # train plus this many standard deviations; drawn more often, it sits out at the target
+    plan_margin: float = 0.0
     delta: float = 1e-5
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0
@@ -125,6 +128,10 @@ class RunSettings:
     # after the last round, subtracted before cosine scoring (fedspeaker/model/backend.py)
     backend: bool = True
     backend_epsilon: float = 0.0  # under DP, the share of epsilon its releases spend; 0: epsilon/8
+    # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
+    # (and the server could regenerate them); a deployed device always draws them from the
+    # operating system's entropy, whatever this says
+    seeded_noise: bool = True
     # Differential privacy (user level: a client's whole data; Flower's DP wrappers)
     user_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
     user_noise_multiplier: float = 1.0
@@ -256,6 +263,7 @@ class RunSettings:
         _positive("max-grad-norm", self.max_grad_norm)
         _at_least("noise-multiplier", self.noise_multiplier, 0.0)
         _at_least("epsilon-budget", self.epsilon_budget, 0.0)
+        _at_least("plan-margin", self.plan_margin, 0.0)
         _open_unit("test-fraction", self.test_fraction)
         _open_unit("delta", self.delta)
         if not 0.0 < self.fraction_train <= 1.0:

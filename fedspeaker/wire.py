@@ -56,10 +56,18 @@ key                         type   meaning
 ``startup-seconds``         float  process start (or message) to features loaded
 ``fit-seconds``             float  training alone
 ``peak-rss-mb``             float  the client process's peak resident memory
-``epsilon``                 float  sample-level epsilon spent so far (DP runs)
+``epsilon``                 float  sample-level epsilon this run spent so far (DP runs)
+``lifetime-epsilon``        float  the device's epsilon over every run ever on its
+                                   recordings (its lifetime ledger; DP runs)
 ``sat-out-for-budget``      int    1: the next round would pass its epsilon budget,
                                    so it sent no weights
 ==========================  =====  ==============================================
+
+A device whose privacy policy does not accept the run (fedspeaker/privacy/policy.py)
+replies with no ``arrays`` and a ``refusal`` record (a ConfigRecord) whose ``reason``
+(str) starts with its kind: ``dp-off``, ``unit``, ``delta``, ``clipping``, ``epsilon`` or
+``lifetime``, then a colon and the explanation. In a SecAgg+ round it fails instead, with
+the same words.
 
 Under class-vectors=own (FedAwS) a train reply also has a ``fedaws`` record (a
 ConfigRecord) with ``own-classes`` (list of int): the rows of the head, i.e. the
@@ -118,7 +126,10 @@ STARTUP_SECONDS = "startup-seconds"
 FIT_SECONDS = "fit-seconds"
 PEAK_RSS_MB = "peak-rss-mb"
 EPSILON = "epsilon"
+LIFETIME_EPSILON = "lifetime-epsilon"
 SAT_OUT = "sat-out-for-budget"
+REFUSAL = "refusal"
+REASON = "reason"
 FEDAWS = "fedaws"
 OWN_CLASSES = "own-classes"
 
@@ -157,3 +168,14 @@ def speakers_from_config(config: Mapping[str, Any]) -> list[str]:
 def sat_out(content: Any) -> bool:
     """Whether a reply's RecordDict comes from a client that stopped for its budget."""
     return any(record.get(SAT_OUT, 0) for record in content.metric_records.values())
+
+
+def refusal(content: Any) -> str | None:
+    """The reason a device refused the run (its privacy policy), or None."""
+    record = content.config_records.get(REFUSAL)
+    return str(record[REASON]) if record is not None else None
+
+
+def sent_no_weights(content: Any) -> bool:
+    """A reply without weights by design: sat out for budget, or refused by policy."""
+    return sat_out(content) or refusal(content) is not None

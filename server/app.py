@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the Simulation Engine's grid
 
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
@@ -49,7 +50,8 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings, data.n_speakers)
     checkpoint = Checkpoint.load(settings) if settings.resume else None
     report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [])
-    rounds = RoundTracker(settings, data, model, report, checkpoint, grid=grid)
+    rounds = RoundTracker(settings, data, model, report, checkpoint, grid=grid,
+                          simulated=isinstance(grid, InMemoryGrid))
     if settings.secagg:
         from server.secure import run_secure_aggregation
 
@@ -84,9 +86,11 @@ class RoundTracker:
     """Joins each round's client metrics with the central evaluation into one report row."""
 
     def __init__(self, settings: RunSettings, data: SpeakerData, model: torch.nn.Module,
-                 report: RunReport, checkpoint: Checkpoint | None = None, grid: Grid | None = None) -> None:
+                 report: RunReport, checkpoint: Checkpoint | None = None, grid: Grid | None = None, *,
+                 simulated: bool = True) -> None:
         self.settings, self.data, self.model, self.report = settings, data, model, report
         self.grid = grid  # to ask the devices for the scoring back end's statistics
+        self.simulated = simulated  # False: real devices, whose data the server never sees
         self.offset = checkpoint.round if checkpoint else 0  # rounds done before a resume
         self.federation_id = checkpoint.federation_id if checkpoint else uuid.uuid4().hex
         if checkpoint:
@@ -96,20 +100,36 @@ class RoundTracker:
         self.client_metrics: dict[str, float] = {}
         self.device_metrics: dict[str, float] = {}  # the devices' own scoring, where asked for
         self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
+        # each device's latest epsilon, and who sat out for budget (since this launch)
+        self.device_epsilon: dict[int, float] = {}
+        self.devices_sat_out: set[int] = set()
 
     @cached_property
     def evaluation(self) -> EvaluationSet:
         return EvaluationSet.of(self.data, self.settings)
 
-    def observe_replies(self, server_round: int, replies: list[RecordDict]) -> None:
-        """Every reply of the round, selected by the strategy or not."""
-        self.observe_metrics([next(iter(r.metric_records.values())) for r in replies],
+    def observe_replies(self, server_round: int, replies: list[RecordDict], nodes: list[int] | None = None) -> None:
+        """Every reply of the round, selected by the strategy or not (``nodes``: who sent
+        each, for the spread of epsilon over the devices)."""
+        for node, reply in zip(nodes or [], replies):
+            metrics = next(iter(reply.metric_records.values()), {})
+            if wire.EPSILON in metrics:
+                self.device_epsilon[node] = float(metrics[wire.EPSILON])
+            if metrics.get(wire.SAT_OUT, 0):
+                self.devices_sat_out.add(node)
+        refusals = [reason for r in replies if (reason := wire.refusal(r)) is not None]
+        for reason in refusals:
+            flwr_log(WARNING, "round %d: a device refused the run: %s", server_round, reason)
+        self.observe_metrics([next(iter(r.metric_records.values())) for r in replies
+                              if wire.refusal(r) is None],
                              upload_bytes=sum(_array_bytes(r) for r in replies))
+        self.client_metrics.update(refusal_counts(refusals))
 
     def observe_metrics(self, metrics: list, upload_bytes: float) -> None:
         """Loss (weighted by examples, as Flower does), max/mean epsilon, who sat out for
         budget, summed client time, bytes uploaded."""
         eps = [float(m[wire.EPSILON]) for m in metrics if wire.EPSILON in m]
+        lifetime = [float(m[wire.LIFETIME_EPSILON]) for m in metrics if wire.LIFETIME_EPSILON in m]
         trained = [m for m in metrics if not m.get(wire.SAT_OUT, 0)]
         examples = sum(float(m.get(wire.NUM_EXAMPLES, 0)) for m in trained)
         loss = sum(float(m.get(wire.TRAIN_LOSS, math.nan)) * float(m.get(wire.NUM_EXAMPLES, 0))
@@ -118,6 +138,7 @@ class RoundTracker:
             "train_loss": loss,
             "epsilon_max": max(eps) if eps else math.nan,
             "epsilon_mean": sum(eps) / len(eps) if eps else math.nan,
+            "lifetime_epsilon_max": max(lifetime) if lifetime else math.nan,
             "clients": len(trained),
             "sat_out": len(metrics) - len(trained),
             "client_train_seconds": sum(float(m.get(wire.TRAIN_SECONDS, 0.0)) for m in metrics),
@@ -234,7 +255,8 @@ class RoundTracker:
         scores = evaluate(self.model, self.evaluation)
         self.report.finish(
             run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
-                        mode="federated", evaluation=self.evaluation),
+                        mode="federated", evaluation=self.evaluation, simulated=self.simulated,
+                        device_epsilons=(list(self.device_epsilon.values()), len(self.devices_sat_out))),
             model_bundle(self.settings, self.data.split.speakers, self.model, scores, self.evaluation),
         )
 
@@ -244,6 +266,16 @@ def _screened(strategy: Strategy | None) -> ScreenedStrategy | None:
     while strategy is not None and not isinstance(strategy, ScreenedStrategy):
         strategy = getattr(strategy, "strategy", None)
     return strategy
+
+
+def refusal_counts(reasons: list[str]) -> dict[str, float]:
+    """``refused`` and ``refused_<kind>`` for one round's refusals (kind: the reason's
+    first word, before its colon)."""
+    counts = {"refused": float(len(reasons))}
+    for reason in reasons:
+        key = "refused_" + reason.split(":", 1)[0].strip().replace("-", "_")
+        counts[key] = counts.get(key, 0.0) + 1
+    return counts
 
 
 def _mean(metrics: list, key: str) -> float:

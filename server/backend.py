@@ -17,7 +17,8 @@ from flwr.serverapp import Grid
 
 from fedspeaker import wire
 from fedspeaker.errors import FedSpeakerError
-from fedspeaker.privacy.backend_stats import Sums, os_generator
+from fedspeaker.privacy.backend_stats import Sums
+from fedspeaker.privacy.noise import noise_generator
 
 
 @dataclass
@@ -66,6 +67,6 @@ def device_level_noise(collected: Collected, noise_multiplier: float,
     """Device-level DP: each device sent one vector of norm <= 1 (its mean), so the sum gets
     Gaussian noise of std ``noise_multiplier`` on every coordinate, once, here. The count
     (the devices that replied) is what the server sees of every round anyway."""
-    noise = torch.randn(collected.sums.total.numel(), generator=generator or os_generator())
+    noise = torch.randn(collected.sums.total.numel(), generator=generator or noise_generator(None))
     return Collected(Sums(collected.sums.total + noise_multiplier * noise, collected.sums.count),
                      collected.devices, collected.epsilon_max, collected.epsilon_mean)

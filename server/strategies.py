@@ -39,7 +39,7 @@ from fedspeaker.errors import ConfigError
 from fedspeaker.privacy.accounting import device_epsilon
 from server.fedaws import OwnClassVectors
 
-ReplyObserver = Callable[[int, list[RecordDict]], None]
+ReplyObserver = Callable[[int, list[RecordDict], list[int]], None]  # round, replies, their nodes
 
 
 def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = None) -> Strategy:
@@ -327,11 +327,13 @@ class ScreenedStrategy(Strategy):
         # for bit only this way
         replies = sorted(replies, key=_content_key)
         if self.on_replies:
-            self.on_replies(server_round, [r.content for r in replies if r.has_content()])
+            answered = [r for r in replies if r.has_content()]
+            self.on_replies(server_round, [r.content for r in answered],
+                            [r.metadata.src_node_id for r in answered])
         kept = []
         for reply in replies:
-            if reply.has_content() and wire.sat_out(reply.content):
-                continue  # it spent its privacy budget and sent no weights
+            if reply.has_content() and wire.sent_no_weights(reply.content):
+                continue  # it spent its privacy budget, or its policy refused the run
             if self.drop_unchanged and reply.has_content() and _unchanged(reply.content, self.sent):
                 flwr_log(WARNING, "round %d: left out the update of node %d: it did not change "
                          "the model", server_round, reply.metadata.src_node_id)

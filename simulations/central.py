@@ -54,6 +54,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     for epoch_round in range(1, settings.rounds + 1):
         round_started = time.monotonic()
         loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
+                             seeded_noise=settings.seeded_noise,
                              planned_epochs=settings.rounds * settings.local_epochs)
         train_seconds = time.monotonic() - round_started
         adapted = _adapt(settings, trainer.model, feats, labels, ledger) if epoch_round == settings.rounds else {}

@@ -84,7 +84,7 @@ def test_plan_matches_the_steps_training_takes() -> None:
 
 def test_server_leaves_sat_out_replies_out_and_counts_them() -> None:
     seen = []
-    strategy = build_strategy(RunSettings(), lambda rnd, replies: seen.append(replies))
+    strategy = build_strategy(RunSettings(), lambda rnd, replies, nodes: seen.append(replies))
 
     def reply(value: float, examples: int) -> Message:
         return Message(content=RecordDict({

@@ -136,6 +136,11 @@ def _finish(settings: RunSettings) -> int:
           f"{final['min_dcf']:.3f}{before}; training head accuracy {final['accuracy']:.3f}")
     print(f"back end: {summary['backend']}")
     print(f"privacy: {summary['privacy']}")
+    if spent := summary.get("epsilon_spent"):
+        print(f"epsilon spent by the {spent['devices']} devices that trained: min {spent['min']:.2f}, "
+              f"median {spent['median']:.2f}, max {spent['max']:.2f}"
+              + (f" (target {spent['target']:g})" if spent["target"] else "")
+              + f"; {spent['sat_out_for_budget']} sat out for budget")
     if summary["data"]["skipped_files"]:
         print(f"skipped {summary['data']['skipped_files']} unusable file(s); see summary.json")
     print(f"outputs: {settings.out_dir_path} (rounds.csv, summary.json, curves.png, global_model.pt)")

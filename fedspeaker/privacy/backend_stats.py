@@ -13,7 +13,6 @@ noise multiplier ``z``: one step at sample rate 1 in the party's Opacus accounta
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -29,12 +28,6 @@ SENSITIVITY = math.sqrt(2.0)  # one unit: a vector of norm <= 1 and a count of 1
 class Sums(NamedTuple):
     total: torch.Tensor  # (dim,) sum of the units' clipped vectors
     count: float  # units summed (noisy under DP)
-
-
-def os_generator() -> torch.Generator:
-    """A generator seeded from the operating system's entropy: DP noise must not be
-    reproducible from the run's seed, which the server knows."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def unit_vectors(embeddings: torch.Tensor, labels: Sequence[int], unit: str) -> torch.Tensor:

@@ -6,11 +6,13 @@ import warnings
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fedspeaker.privacy.ledger import PrivacyLedger
+from fedspeaker.privacy.noise import harden
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
@@ -36,7 +38,7 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, epochs: in
 
 def make_private(
     *, model: nn.Module, optimizer: Optimizer, loader: DataLoader, ledger: PrivacyLedger,
-    noise_multiplier: float, max_grad_norm: float,
+    noise_multiplier: float, max_grad_norm: float, generator: torch.Generator,
 ) -> tuple[PrivacyEngine, nn.Module, Optimizer, DataLoader]:
     """Wrap for DP-SGD with Poisson sampling; the engine's accountant continues ``ledger``.
 
@@ -48,13 +50,18 @@ def make_private(
         ledger: what this client has spent before; the engine's accountant starts there.
         noise_multiplier: Gaussian noise std over the clipping norm.
         max_grad_norm: per-sample gradient clipping norm.
+        generator: draws the noise and the Poisson sampling (privacy.noise): on a device
+            one seeded from the operating system, never from the run config.
     """
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant=ledger.accountant)
     engine.accountant.history = list(ledger.history)
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader,
+        module=model, optimizer=optimizer, data_loader=loader, noise_generator=generator,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
     )
+    # Opacus's Poisson sampler would draw with the loader's own (run-seeded) generator
+    loader.batch_sampler.generator = generator
+    harden(optimizer)
     return engine, model, optimizer, loader

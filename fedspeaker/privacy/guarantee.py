@@ -11,7 +11,8 @@ from fedspeaker.privacy.accounting import GroupBound, accountant_words
 
 
 def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: float = math.nan, *,
-                       group: GroupBound | None = None) -> str:
+                       group: GroupBound | None = None, simulated: bool = True,
+                       lifetime_epsilon: float = math.nan) -> str:
     """One plain sentence per kind of DP the run used.
 
     Args:
@@ -19,18 +20,28 @@ def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: floa
         user_epsilon: the device-level epsilon (DP-FedAvg), NaN where none is accounted.
         group: under utterance-level DP-SGD, the bound for the speaker with the most
             utterances in one client (None: not known).
+        simulated: a simulation (False: real devices, whose noise is never seeded).
+        lifetime_epsilon: the largest epsilon a device reported over every run on its
+            recordings (its lifetime ledger); NaN where none reported one.
     """
     sentences = []
     if settings.dp:
         sentences.append(_sample_level(settings, epsilon, group))
         if settings.backend_privacy:
             sentences.append(_backend_split(settings))
+        sentences.append(_noise_source(settings, simulated))
+        if not math.isnan(lifetime_epsilon):
+            sentences.append(f"Over every run ever on their recordings, the devices reported a "
+                             f"lifetime epsilon of at most {lifetime_epsilon:.2f} (delta={settings.delta:g}).")
     if settings.user_dp != "off":
         sentences.append(_device_level(settings, user_epsilon))
         if settings.backend and not settings.secagg:
             sentences.append("That epsilon includes the scoring back end's releases (one vector of "
                              "norm at most 1 per device, Gaussian noise of std "
                              f"{settings.user_noise_multiplier:g} added once by the server to their sum).")
+        sentences.append("The server draws that noise itself (NumPy's generator, in Flower's wrapper): "
+                         "the guarantee holds against whoever sees the released models, not against "
+                         "the server.")
     return " ".join(sentences) or "no differential privacy"
 
 
@@ -57,7 +68,7 @@ def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> s
                  f"client ({group.size} utterances) is protected only at epsilon={group.epsilon:.2f} "
                  f"(delta={group.delta:g}; group-level DP-SGD bound of Ganesh 2024, arXiv:2401.10294, "
                  f"dp_accounting's PLD accountant for a mixture of Gaussians, as if that client "
-                 f"trained every round).")
+                 f"trained in every round it could).")
     return text
 
 
@@ -72,6 +83,13 @@ def _backend_split(s: RunSettings) -> str:
             f"noise added on the client, accounted as steps at sample rate 1 in the same ledger and "
             f"accountant) and {s.dpsgd_epsilon:g} for DP-SGD, whose noise is calibrated for it; the "
             f"epsilon above composes both.")
+def _noise_source(s: RunSettings, simulated: bool) -> str:
+    if simulated and s.seeded_noise:
+        return ("The DP-SGD noise and sampling were seeded from the run config (seeded-noise, "
+                "for repeatable simulations): whoever holds the run config can regenerate them; "
+                "a deployed device never seeds them.")
+    return ("Each client drew its DP-SGD noise and sampling from its operating system's entropy: "
+            "nobody holding the run config can regenerate them.")
 
 
 def _device_level(s: RunSettings, user_epsilon: float) -> str:

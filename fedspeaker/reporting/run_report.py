@@ -10,6 +10,7 @@ import csv
 import logging
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
-           "clients", "sat_out", "upload_bytes", "client_train_seconds",
+           # the largest lifetime epsilon a device reported (its ledger over every run)
+           "lifetime_epsilon_max",
+           # refused: devices whose privacy policy refused the run (summary.json: by reason)
+           "clients", "sat_out", "refused", "upload_bytes", "client_train_seconds",
            # a client's footprint: mean start-up (process start to features loaded) and
            # training seconds, the largest peak memory of a client process
            "client_startup_seconds", "client_fit_seconds", "client_peak_rss_mb",
@@ -77,6 +81,10 @@ def progress_line(row: dict[str, float]) -> str:
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
     if row.get("sat_out", 0) > 0:  # NaN > 0 is False
         replies += f" (+{int(row['sat_out'])} sat out for budget)"
+    if row.get("refused", 0) > 0:
+        kinds = ", ".join(f"{int(n)} {k.removeprefix('refused_').replace('_', '-')}"
+                          for k, n in sorted(row.items()) if k.startswith("refused_") and n)
+        replies += f" (+{int(row['refused'])} refused by device policy: {kinds})"
     if not math.isnan(row.get("device_frr", math.nan)):
         replies += (f"  on {int(row['devices_evaluated'])} devices: accuracy {row['device_accuracy']:.3f} "
                     f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
@@ -106,14 +114,16 @@ def _fmt(value: float) -> str:
 
 def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, float]],
                 seconds: float, *, mode: str, evaluation: EvaluationSet,
-                speaker_bound: bool = True) -> dict[str, Any]:
+                simulated: bool = True, device_epsilons: tuple[list[float], int] | None = None
+                ) -> dict[str, Any]:
     """summary.json: the starting (round 0), final and best figures, the data and trials
     used, and the DP guarantee.
 
-    ``speaker_bound``: under utterance-level DP, add the group bound of the speaker with
-    the most utterances in one party, from this run's partition of its corpus (a
-    simulation, or `central`); a deployment, whose devices' data the server never sees,
-    passes False.
+    ``simulated``: a simulation or `central`, whose parties' data the server knows: under
+    utterance-level DP the summary adds the group bound of the speaker with the most
+    utterances in one party; a deployment (False) states only what the server can know.
+    ``device_epsilons``: each device's epsilon as it last reported it, and how many
+    devices sat out for their budget.
     """
     final = rows[-1] if rows else {}
     start = rows[0] if rows and rows[0]["round"] == 0 else {}
@@ -134,11 +144,15 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
         "backend": _backend_words(settings, rows),
+        "refused_by_device_policy": refusals(rows),
+        "epsilon_spent": epsilon_spread(settings, *device_epsilons) if device_epsilons else None,
+        "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
         "privacy": guarantee_sentence(
-            settings, eps, final.get("user_epsilon", math.nan),
+            settings, eps, final.get("user_epsilon", math.nan), simulated=simulated,
+            lifetime_epsilon=_largest(rows, "lifetime_epsilon_max") or math.nan,
             group=(speaker_group_bound(settings, _party_speakers(settings, mode),
                                        rounds=int(final.get("round", 0)))
-                   if speaker_bound and settings.dp and settings.dp_unit == "utterance" else None)),
+                   if simulated and settings.dp and settings.dp_unit == "utterance" else None)),
         "data": {
             "corpus": str(settings.corpus_dir),
             "training_speakers": data.n_speakers,
@@ -165,6 +179,34 @@ def _backend_words(settings: RunSettings, rows: list[dict[str, float]]) -> str:
             "subtracted (the other rounds without it); the saved model holds the last one")
 
 
+def epsilon_spread(settings: RunSettings, epsilons: list[float], sat_out: int) -> dict[str, Any] | None:
+    """How close the devices that trained came to the target: min / median / max of the
+    epsilon each reported last, and how many sat out for their budget."""
+    if not epsilons:
+        return None
+    ordered = sorted(epsilons)
+    return {"devices": len(ordered), "min": ordered[0], "median": statistics.median(ordered),
+            "max": ordered[-1], "target": settings.epsilon if not settings.noise_multiplier else None,
+            "sat_out_for_budget": sat_out}
+
+
+def refusals(rows: list[dict[str, float]]) -> dict[str, int]:
+    """Devices' policy refusals over the run, by reason (dp-off, unit, delta, clipping,
+    epsilon, lifetime)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, n in row.items():
+            if key.startswith("refused_") and n == n and n:
+                kind = key.removeprefix("refused_").replace("_", "-")
+                counts[kind] = counts.get(kind, 0) + int(n)
+    return counts
+
+
+def _largest(rows: list[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+    return max(values) if values else None
+
+
 def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]], *, rounds: int
                         ) -> GroupBound | None:
     """Under utterance-level DP-SGD, the privacy of the speaker with the most utterances in
@@ -172,12 +214,16 @@ def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]],
 
     ``parties``: each party's training utterances, by speaker. The party's DP-SGD is
     rebuilt from the settings as every ``train`` call plans it (dp_plan), as if it trained
-    in every round: an upper bound, since rounds it sat out or stopped early only remove
-    steps. Where several parties hold a speaker with that many utterances, the largest
+    in every round it can (every round, or where its noise is planned for fewer and it
+    stops at the target, that many): an upper bound, since rounds it sat out or stopped
+    early only remove steps. Where several parties hold a speaker with that many utterances, the largest
     epsilon among them. None where no group is larger than one utterance.
     """
-    from fedspeaker.training.local import dp_plan
+    from fedspeaker.training.local import dp_plan, planned_rounds, spend_cap
 
+    if spend_cap(settings) == settings.epsilon and not settings.epsilon_budget \
+            and not settings.straggler_fraction:  # a straggler's short rounds could fit more
+        rounds = min(rounds, planned_rounds(settings))
     size = max((largest_speaker(p) for p in parties), default=0)
     if rounds < 1 or size < 2:
         return None

@@ -17,6 +17,7 @@ from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.model import build_model
 from fedspeaker.privacy.dpsgd import calibrate_noise, make_private
 from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
+from fedspeaker.privacy.noise import noise_generator
 from fedspeaker.training.loops import (
     PerSpeaker,
     fold_per_speaker,
@@ -37,7 +38,7 @@ def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None
     Args:
         epochs: passes over the data (default: the run's local epochs).
         planned_epochs: the noise keeps this many epochs within the target epsilon
-            (default: every round of the run).
+            (default: the rounds the party is expected to train, ``planned_rounds``).
         step_fraction: < 1 stops after that share of the steps, as a slow device would.
         speakers: the party's speakers; needed under dp-unit=speaker, whose steps and
             sample rate count speakers.
@@ -59,13 +60,41 @@ def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None
     noise = 0.0
     if s.dp:
         noise = s.noise_multiplier or calibrate_noise(
-            s.dpsgd_epsilon, s.delta, sample_rate, planned_epochs or s.rounds * s.local_epochs, s.accountant)
+            s.dpsgd_epsilon, s.delta, sample_rate, planned_epochs or planned_rounds(s) * s.local_epochs,
+            s.accountant)
     return DPSteps(noise, sample_rate, steps)
 
 
+def planned_rounds(settings: RunSettings) -> int:
+    """The rounds a client's DP-SGD noise is calibrated for: every round where every
+    client trains every round; under client sampling, the rounds it is expected to be
+    drawn in plus ``plan-margin`` standard deviations (a binomial count over the run),
+    so that its noise is not that of ~1/fraction as many steps as it takes. A client
+    drawn more often sits out once its next round would pass the target (``spend_cap``).
+    SecAgg+ rounds cannot take a reply without weights: they plan for every round."""
+    s = settings
+    share = s.clients_per_round / s.num_clients if s.client_sampling == "fixed" else s.fraction_train
+    if share >= 1 or s.secagg:
+        return s.rounds
+    expected = s.rounds * share
+    spread = math.sqrt(s.rounds * share * (1 - share))
+    return min(s.rounds, max(1, math.ceil(expected + s.plan_margin * spread)))
+
+
+def spend_cap(settings: RunSettings) -> float:
+    """The epsilon a client never passes in a run (0: none enforced): ``epsilon-budget``,
+    else, where its noise is planned for fewer rounds than the run has, the target."""
+    s = settings
+    if s.epsilon_budget:
+        return s.epsilon_budget
+    planned_for_fewer = s.dp and not s.noise_multiplier and planned_rounds(s) < s.rounds
+    return s.epsilon if planned_for_fewer else 0.0
+
+
 def round_seed(seed: int, party: int, server_round: int) -> int:
-    """One seed per party (client) and round: its crops, its DP noise, and in a
-    simulated attack its noise, all repeat with the run's seed."""
+    """One seed per party (client) and round: its crops, in a simulated attack its
+    noise, and where the simulation keeps seeded noise its DP noise, all repeat with the
+    run's seed."""
     return seed * 1_000_003 + party * 1_009 + server_round
 
 
@@ -79,14 +108,18 @@ class LocalTrainer:
                                       if settings.class_vectors == "own" else None)
 
     def train(self, feats: list[torch.Tensor], labels: list[int], ledger: PrivacyLedger, *,
-              seed: int, epochs: int | None = None, planned_epochs: int | None = None,
-              proximal_mu: float = 0.0, step_fraction: float = 1.0) -> float:
+              seed: int, seeded_noise: bool = False, epochs: int | None = None,
+              planned_epochs: int | None = None, proximal_mu: float = 0.0,
+              step_fraction: float = 1.0) -> float:
         """Train ``self.model`` in place; return the mean training loss.
 
         Args:
             feats, labels: this party's utterances (features) and their speaker labels.
             ledger: this party's privacy ledger; under DP it gains this call's steps.
-            seed: seeds the crops, the batches and the DP noise of this call.
+            seed: seeds the crops and the batches of this call.
+            seeded_noise: DP noise and Poisson sampling from ``seed`` too (a simulation's
+                bit-exact repeats); by default from the operating system's entropy, so
+                that nobody holding the run config can regenerate them.
             epochs: passes over the data (default: the run's local epochs).
             planned_epochs: under DP, the noise is calibrated so that this many epochs
                 stay within the target epsilon (default: every round of the run).
@@ -127,7 +160,8 @@ class LocalTrainer:
                                                   windows)
             engine, dp_model, optimizer, loader = make_private(
                 model=model, optimizer=optimizer, loader=loader, ledger=ledger,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm)
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                generator=noise_generator(seed if seeded_noise else None))
             loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=loss_fn,
                                 after_step=after_step, max_steps=max_steps, after_backward=after_backward)
             ledger.history = list(engine.accountant.history)
