@@ -144,7 +144,7 @@ def test_replace_validates():
     settings = RunSettings()
     assert settings.replace(rounds=2).rounds == 2
     with pytest.raises(ConfigError, match="^rounds"):
-        settings.replace(rounds=0)
+        settings.replace(rounds=-1)
 
 
 def test_settings_are_frozen():
