@@ -161,6 +161,8 @@ class RoundTracker:
             now = time.monotonic()
             row = {"round": 0, **scores, **adapted, "round_seconds": now - self.round_started,
                    "seconds": now - self.started}
+            if adapted and self.strategy is not None:  # device-level DP: the back end's release
+                row["user_epsilon"] = user_epsilon(self.strategy)
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))
         elif server_round > 0:
