@@ -40,9 +40,10 @@ def ask_nodes(grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: fl
 
 
 def combine(replies: Iterable[Message], fingerprint: str) -> Collected:
-    """The sum over the replies that count (see the module's docstring)."""
+    """The sum over the replies that count (see the module's docstring), in an order set by
+    their content, not by arrival: float sums depend on it, and a run without DP repeats."""
     total, count, devices, eps = None, 0.0, 0, []
-    for reply in replies:
+    for reply in sorted(replies, key=_content_key):
         if not reply.has_content() or wire.BACKEND not in reply.content.array_records:
             continue  # an error, or a node that sat out for its budget
         content = reply.content
@@ -60,6 +61,12 @@ def combine(replies: Iterable[Message], fingerprint: str) -> Collected:
                               "current model; the run goes on without a back end")
     return Collected(Sums(total, count), devices, max(eps) if eps else float("nan"),
                      sum(eps) / len(eps) if eps else float("nan"))
+
+
+def _content_key(reply: Message) -> bytes:
+    if not reply.has_content() or wire.BACKEND not in reply.content.array_records:
+        return b""
+    return reply.content[wire.BACKEND][wire.BACKEND_SUM].data
 
 
 def device_level_noise(collected: Collected, noise_multiplier: float,
