@@ -7,8 +7,9 @@ import random
 import resource
 import time
 import uuid
+from collections import Counter
 from functools import cached_property
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -21,8 +22,8 @@ from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
-from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
 from fedspeaker.errors import FedSpeakerError
+from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
 from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
@@ -37,6 +38,7 @@ from server.checkpoint import (
 )
 from server.device_eval import DeviceEvaluation
 from server.backend import ask_nodes, combine, device_level_noise
+from server.outcomes import RoundOutcome, failure_message, row_counts, run_outcome
 from server.strategies import ScreenedStrategy, build_strategy, user_epsilon
 
 app = ServerApp()
@@ -57,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
 
         rounds.finish(run_secure_aggregation(grid, context, settings, rounds, model))
         return
-    screened = strategy = build_strategy(settings, rounds.observe_replies)
+    screened = strategy = build_strategy(settings, rounds.observe_replies, rounds.observe_outcome)
     if settings.fraction_evaluate:  # devices also score the model on their own audio
         strategy = DeviceEvaluation(screened, cohort=rounds.cohort, on_counts=rounds.observe_device_counts)
     rounds.strategy = strategy
@@ -103,6 +105,7 @@ class RoundTracker:
         # each device's latest epsilon, and who sat out for budget (since this launch)
         self.device_epsilon: dict[int, float] = {}
         self.devices_sat_out: set[int] = set()
+        self.not_trained: Counter = Counter()  # "reason: text" -> clients, over this launch's rounds
 
     @cached_property
     def evaluation(self) -> EvaluationSet:
@@ -121,9 +124,18 @@ class RoundTracker:
         for reason in refusals:
             flwr_log(WARNING, "round %d: a device refused the run: %s", server_round, reason)
         self.observe_metrics([next(iter(r.metric_records.values())) for r in replies
-                              if wire.refusal(r) is None],
+                              if wire.refusal(r) is None and r.metric_records],
                              upload_bytes=sum(_array_bytes(r) for r in replies))
         self.client_metrics.update(refusal_counts(refusals))
+
+    def observe_outcome(self, server_round: int, outcome: RoundOutcome) -> None:
+        """Who trained this round and why the others did not; said in the log at once."""
+        self.client_metrics.update(row_counts(outcome))
+        self.not_trained.update(outcome.details)
+        if outcome.details:
+            flwr_log(WARNING, "round %d: %d of %d client(s) trained; not trained: %s", server_round,
+                     outcome.trained, outcome.asked,
+                     "; ".join(f"{n} x {text}" for text, n in outcome.details.most_common()))
 
     def observe_metrics(self, metrics: list, upload_bytes: float) -> None:
         """Loss (weighted by examples, as Flower does), max/mean epsilon, who sat out for
@@ -253,14 +265,24 @@ class RoundTracker:
                      "but cannot be resumed from this round", server_round, type(exc).__name__, exc)
 
     def finish(self, arrays: ArrayRecord) -> None:
+        """Write the outputs; then, if no round trained anyone, fail the run (Flower marks a
+        ServerApp that raises as failed; `fedspeaker simulate` exits 1 on its summary)."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
         scores = evaluate(self.model, self.evaluation)
-        self.report.finish(
-            run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
-                        mode="federated", evaluation=self.evaluation, simulated=self.simulated,
-                        device_epsilons=(list(self.device_epsilon.values()), len(self.devices_sat_out))),
-            model_bundle(self.settings, self.data.split.speakers, self.model, scores, self.evaluation),
-        )
+        summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
+                              mode="federated", evaluation=self.evaluation, simulated=self.simulated,
+                              device_epsilons=(list(self.device_epsilon.values()), len(self.devices_sat_out)))
+        summary["outcome"] = run_outcome(self.report.rows, self.settings.rounds, self.not_trained)
+        self.report.finish(summary, model_bundle(self.settings, self.data.split.speakers, self.model,
+                                                 scores, self.evaluation))
+        if summary["outcome"]["status"] == "failed":
+            message = failure_message(summary["outcome"])
+            flwr_log(ERROR, "%s", message)
+            raise RunFailed(message)
+
+
+class RunFailed(FedSpeakerError):
+    """No client trained in any round: the run's model is the one it started from."""
 
 
 def _screened(strategy: Strategy | None) -> ScreenedStrategy | None:

@@ -38,11 +38,14 @@ from fedspeaker import wire
 from fedspeaker.errors import ConfigError
 from fedspeaker.privacy.accounting import device_epsilon
 from server.fedaws import OwnClassVectors
+from server.outcomes import RoundOutcome, round_outcome
 
 ReplyObserver = Callable[[int, list[RecordDict], list[int]], None]  # round, replies, their nodes
+OutcomeObserver = Callable[[int, RoundOutcome], None]
 
 
-def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = None) -> Strategy:
+def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = None,
+                   on_outcome: OutcomeObserver | None = None) -> Strategy:
     """The run's Flower strategy by name, weighted by examples, evaluated on the server.
 
     Each strategy's own hyperparameters come from the run config; a server learning
@@ -84,7 +87,8 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
     if s.class_vectors == "own":
         wrapped = OwnClassVectors(wrapped, ceiling=s.spreadout_cosine, timeout=s.round_timeout)
     return ScreenedStrategy(wrapped, on_replies, drop_unchanged=s.user_dp.startswith("server"),
-                            sampling=ClientSampling.of(s), device_dp=DeviceDP.of(s, wrapped))
+                            sampling=ClientSampling.of(s), device_dp=DeviceDP.of(s, wrapped),
+                            on_outcome=on_outcome)
 
 
 def with_user_dp(strategy: Strategy, s: RunSettings) -> Strategy:
@@ -278,7 +282,8 @@ def _arrays_like(sent: ArrayRecord, new: Callable[[np.ndarray, str], np.ndarray]
 class ScreenedStrategy(Strategy):
     """Wraps a strategy: replies holding NaN or infinite weights are dropped, by node,
     replies of clients sitting out for their privacy budget are left out, and every
-    reply received is shown to ``on_replies`` first.
+    reply received is shown to ``on_replies`` first. Who trained, and why the others did
+    not (server/outcomes.py), goes to ``on_outcome`` once the round is screened.
 
     Like Flower's DifferentialPrivacy* wrappers, it delegates everything else, so one
     broken or hostile client costs its own update, not the round. The observer sees all
@@ -291,10 +296,12 @@ class ScreenedStrategy(Strategy):
 
     def __init__(self, strategy: Strategy, on_replies: ReplyObserver | None = None,
                  drop_unchanged: bool = False, *, sampling: ClientSampling | None = None,
-                 device_dp: DeviceDP | None = None) -> None:
+                 device_dp: DeviceDP | None = None, on_outcome: OutcomeObserver | None = None) -> None:
         super().__init__()
         self.strategy = strategy
         self.on_replies = on_replies
+        self.on_outcome = on_outcome
+        self.asked = 0  # train messages sent this round
         self.drop_unchanged = drop_unchanged  # Flower's server-side clipping divides by the change
         self.sampling = sampling  # None: the wrapped strategy samples, as Flower's do
         self.device_dp = device_dp
@@ -312,12 +319,15 @@ class ScreenedStrategy(Strategy):
         self.sent = arrays
         server_round += self.round_offset
         if self.sampling is None:
-            return self.strategy.configure_train(server_round, arrays, config, grid)
-        nodes, connected = self.sampling.draw(grid, server_round, self.partitions)
-        self.drawn = (len(nodes), connected)
-        if not nodes:  # a Poisson draw can be empty; under device-level DP it still releases
-            return []
-        return self.strategy.configure_train(server_round, arrays, config, _Drawn(grid, nodes))
+            messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        else:
+            nodes, connected = self.sampling.draw(grid, server_round, self.partitions)
+            self.drawn = (len(nodes), connected)
+            # a Poisson draw can be empty; under device-level DP it still releases
+            messages = list(self.strategy.configure_train(server_round, arrays, config, _Drawn(grid, nodes))
+                            ) if nodes else []
+        self.asked = len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -330,19 +340,23 @@ class ScreenedStrategy(Strategy):
             answered = [r for r in replies if r.has_content()]
             self.on_replies(server_round, [r.content for r in answered],
                             [r.metadata.src_node_id for r in answered])
-        kept = []
+        kept, dropped = [], []
         for reply in replies:
-            if reply.has_content() and wire.sent_no_weights(reply.content):
-                continue  # it spent its privacy budget, or its policy refused the run
+            if reply.has_content() and (wire.sent_no_weights(reply.content) or not reply.content.array_records):
+                continue  # it spent its privacy budget, or its policy refused the run: no weights
             if self.drop_unchanged and reply.has_content() and _unchanged(reply.content, self.sent):
                 flwr_log(WARNING, "round %d: left out the update of node %d: it did not change "
                          "the model", server_round, reply.metadata.src_node_id)
+                dropped.append(reply)
                 continue
             if reply.has_content() and not _all_finite(reply.content):
                 flwr_log(WARNING, "round %d: dropped the update of node %d: it holds NaN or "
                          "infinite weights", server_round, reply.metadata.src_node_id)
+                dropped.append(reply)
                 continue
             kept.append(reply)
+        if self.on_outcome:
+            self.on_outcome(server_round, round_outcome(self.asked, replies, dropped))
         # needed within the round only: not worth a place in a checkpoint
         sent, drawn, self.sent, self.drawn = self.sent, self.drawn, None, None
         if self.device_dp is None or drawn is None or sent is None:

@@ -45,8 +45,9 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     report = RunReport(settings.out_dir_path)
     started = time.monotonic()
     adapted = _adapt(settings, trainer.model, feats, labels, ledger)
-    row = {"round": 0, **evaluate(trainer.model, evaluation), **adapted,
-           "round_seconds": time.monotonic() - started, "seconds": time.monotonic() - started}  # the starting model
+    scores = evaluate(trainer.model, evaluation)
+    row = {"round": 0, **scores, **adapted, "round_seconds": time.monotonic() - started,
+           "seconds": time.monotonic() - started}  # the starting model
     if settings.rounds:  # training changes the weights in place: the back end is theirs no more
         trainer.model.backend.clear()
     report.add_round(row)
@@ -66,8 +67,6 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
                "round_seconds": now - round_started, "seconds": now - started, **adapted}
         report.add_round(row)
         on_round(progress_line(row))
-    if settings.rounds == 0:  # the starting model, its back end kept, is the one saved
-        scores = evaluate(trainer.model, evaluation)
     summary = run_summary(settings, data, report.rows, time.monotonic() - started, mode="central",
                           evaluation=evaluation)
     report.finish(summary, model_bundle(settings, data.split.speakers, trainer.model, scores, evaluation))

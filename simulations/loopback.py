@@ -210,12 +210,12 @@ def device_folders(settings: RunSettings, folder: Path) -> list[Path]:
     Lets a loopback deployment train on exactly the shards a simulation would use,
     while each SuperNode sees nothing but its own folder.
     """
-    from fedspeaker.data.speakers import load_speaker_data
-    from fedspeaker.data.partition import client_shards
+    from fedspeaker.data.speakers import audio_split
+    from fedspeaker.data.partition import shards_of
 
-    train = load_speaker_data(settings).split.train
+    train = audio_split(settings).train  # links only: files are decoded to check them, no features
     folders = []
-    for i, shard in enumerate(client_shards(settings)):
+    for i, shard in enumerate(shards_of(settings, [u.speaker for u in train])):
         device = folder / f"device-{i}"
         for utt in (train[j] for j in shard):
             link = device / utt.speaker / utt.path.name

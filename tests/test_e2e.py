@@ -167,6 +167,11 @@ def test_dropouts_leave_fewer_replies_and_the_run_finishes(tiny_corpus: Path, tm
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
     got = [int(float(r["clients"])) if r["clients"] != "nan" else 0 for r in rows]
     assert got == expected
+    # the dropped clients' error replies are counted as such, round by round
+    assert [int(float(r["asked"])) for r in rows] == [3, 3, 3]
+    assert [int(float(r["no_reply"])) for r in rows] == [3 - n for n in expected]
+    outcome = json.loads((out / "summary.json").read_text())["outcome"]
+    assert outcome["status"] == "trained" and outcome["not_trained"] == {"no-reply/error": 9 - sum(expected)}
 
 
 def test_compare_runs_a_grid_resumes_and_repeats_a_cell_exactly(tiny_corpus: Path, tmp_path: Path) -> None:

@@ -235,3 +235,21 @@ def test_a_simulated_client_loads_only_its_own_features(synthetic_corpus, cache_
     feats, labels = simulated_examples(settings, context)
     assert speakers_module._load.cache_info().currsize == 0  # the whole corpus was never loaded
     assert len(feats) == len(labels) == len(client_shards(settings)[1])
+
+
+def test_device_data_links_the_simulation_shards_without_computing_features(tmp_path) -> None:
+    """`fedspeaker device-data` decodes to check files but computes no features, and links
+    exactly the shards a simulation with the same settings trains on."""
+    from fedspeaker.config import RunSettings
+    from fedspeaker.data.partition import client_shards
+    from fedspeaker.data.speakers import load_split
+    from simulations.loopback import device_folders
+
+    settings = RunSettings(num_clients=3, partition="dirichlet", seed=1)
+    empty_cache = tmp_path / "cache"
+    folders = device_folders(settings.replace(cache_dir=str(empty_cache)), tmp_path / "devices")
+    assert not empty_cache.exists() or not any(empty_cache.rglob("*.npy"))
+    train = load_split(settings).train
+    for folder, shard in zip(folders, client_shards(settings), strict=True):
+        linked = {(p.parent.name, p.name) for p in folder.rglob("*") if p.is_symlink()}
+        assert linked == {(train[i].speaker, train[i].path.name) for i in shard}

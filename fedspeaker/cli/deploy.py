@@ -29,7 +29,8 @@ def certs(args: argparse.Namespace) -> int:
     from fedspeaker.deploy.certs import LOOPBACK_HOSTS, make_certificates
 
     hosts = list(dict.fromkeys([*args.host, *LOOPBACK_HOSTS]))
-    paths = make_certificates(Path(args.out).expanduser(), hosts, days=args.days, operator=args.operator)
+    paths = make_certificates(Path(args.out).expanduser(), hosts, days=args.days, operator=args.operator,
+                              force=args.force)
     print(f"certificates in {paths.folder} (valid {args.days} days; private keys are owner-only):\n"
           f"  {paths.ca_cert.name}  the federation CA: copy to every device\n"
           f"  {paths.public_cert.name}, {paths.public_key.name}  the public endpoint (nginx), "
@@ -48,7 +49,7 @@ def node_key(args: argparse.Namespace) -> int:
     from fedspeaker.deploy.certs import make_node_key
 
     private = Path(args.key).expanduser()
-    public = make_node_key(private)
+    public = make_node_key(private, force=args.force)
     print(f"SuperNode key pair: {private} (stays on this device) and {public}.\n"
           f"On the server machine register the public key, then start this device's SuperNode:\n"
           f"  flwr supernode register {public.name} <superlink connection>")
@@ -59,7 +60,7 @@ def app_key(args: argparse.Namespace) -> int:
     from fedspeaker.deploy.appsign import make_app_key
 
     private = Path(args.key).expanduser()
-    public = make_app_key(private)
+    public = make_app_key(private, force=args.force)
     print(f"app-signing key pair: {private} signs the apps you release (keep it with you, off the "
           f"server) and {public} goes to every device (`fedspeaker supernode --app-key {public.name}`)")
     return 0
@@ -127,7 +128,23 @@ def supernode(args: argparse.Namespace) -> int:
     lines = [f"SuperNode up, dialling {args.superlink}; it runs only apps signed with a key in "
              f"{options.app_keys} (state in {options.state}); Ctrl-C stops it"]
     return _supervise(lambda stack: start_supernode(stack, options, env=flower_env(), log_for=lambda _: None),
-                      lines)
+                      lines, explain=lambda name, code: supernode_hint(options, args.superlink, name, code))
+
+
+def supernode_hint(options: SuperNodeOptions, superlink: str, name: str, code: int) -> str | None:
+    """Why a SuperNode most likely stopped: Flower says only that it could not connect."""
+    if name != "supernode" or code == 0:
+        return None
+    if options.key is None:
+        return (f"the SuperNode stopped (status {code}): check that a SuperLink answers at {superlink} "
+                "and that --ca names the federation's ca.crt")
+    public = f"{options.key}.pub"
+    return (f"the SuperNode stopped (status {code}). The likely cause: its key is not registered with the "
+            f"SuperLink (the SuperLink refuses unknown keys and Flower reports only a failed connection). "
+            f"On the server machine register {public} (copy it there): `flwr supernode register "
+            f"{Path(public).name} <superlink connection>`, check with `flwr supernode list <superlink "
+            f"connection>`, then start this SuperNode again. Otherwise: no SuperLink answers at {superlink}, "
+            "or --ca is not the federation's ca.crt")
 
 
 def operator_proxy(args: argparse.Namespace) -> int:
@@ -167,9 +184,16 @@ def device_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _supervise(start: Callable[[contextlib.ExitStack], dict[str, Child]], banner: list[str]) -> int:
-    """Start children, say so, and wait; when one exits, stop the rest (by PID) and return
-    its status. Ctrl-C, `kill` or a closed terminal stop them all the same way."""
+def _force_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace existing {what}; the old ones are "
+                   "moved to replaced-<date-time>/ beside them, never deleted")
+
+
+def _supervise(start: Callable[[contextlib.ExitStack], dict[str, Child]], banner: list[str], *,
+               explain: Callable[[str, int], str | None] = lambda name, code: None) -> int:
+    """Start children, say so, and wait; when one exits, stop the rest (by PID), say why it
+    most likely did (``explain``) and return its status as it is (a signal N: 128 + N).
+    Ctrl-C, `kill` or a closed terminal stop them all the same way."""
     signal.signal(signal.SIGHUP, _hang_up)  # the children run in sessions of their own
     with contextlib.ExitStack() as stack:
         children = start(stack)
@@ -177,7 +201,10 @@ def _supervise(start: Callable[[contextlib.ExitStack], dict[str, Child]], banner
         name = wait_for_any(children)
         code = children[name].proc.returncode
         print(f"fedspeaker: {name} exited (status {code}); stopping the rest", file=sys.stderr, flush=True)
-    return code or 1
+    hint = explain(name, code)
+    if hint:
+        print(f"fedspeaker: {hint}", file=sys.stderr, flush=True)
+    return code if code >= 0 else 128 - code
 
 
 def _hang_up(signum: int, frame: object) -> None:
@@ -205,15 +232,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--operator", action="store_true", help="also an operator CA and the operator's "
                    "client certificate, for `superlink --operator-port` (a remote operator)")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    _force_flag(p, "certificates")
 
     p = sub.add_parser("node-key", help="make this device's SuperNode authentication key pair")
     p.set_defaults(command=node_key)
     p.add_argument("key", help="private key file to write (its public key goes to KEY.pub)")
+    _force_flag(p, "key pair")
 
     p = sub.add_parser("app-key", help="make the operator's app-signing key pair (ed25519): devices "
                        "run only apps it signed")
     p.set_defaults(command=app_key)
     p.add_argument("key", help="private key file to write (its public key goes to KEY.pub)")
+    _force_flag(p, "key pair")
 
     p = sub.add_parser("sign-app", help="sign the app bundle `flwr run APP` will send; prints the "
                        "signature for --run-config \"fab-signature='...'\"")

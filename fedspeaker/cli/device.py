@@ -17,6 +17,10 @@ def export(args: argparse.Namespace) -> int:
           f"waveform in, embedding out, features included) and manifest.json; it matches the "
           f"training stack's embeddings to {done.max_abs_diff:.1e}")
     print("load it with torch alone: torch.jit.load('embedder.pt')(waveform_16k_mono)")
+    if done.onnx_cosine is not None:
+        print(f"and embedder.onnx for devices without torch (cosine with embedder.pt {done.onnx_cosine:.8f}): "
+              f"python -m fedspeaker.device.edge enroll|verify --model {done.folder} ... "
+              "(needs only onnxruntime, numpy, soundfile)")
     return 0
 
 

@@ -126,25 +126,38 @@ def _prepare(settings: RunSettings) -> None:
 
 
 def _finish(settings: RunSettings) -> int:
+    """Say how the run ended; 1 where it trained nobody (summary.json's ``outcome``)."""
     summary = json.loads((settings.out_dir_path / "summary.json").read_text())
-    final = summary["final"]
-    start = summary["start"]
-    before = (f" (round 0: {start['voiceprint_accuracy']:.3f}, {start['eer']:.3f}, {start['min_dcf']:.3f})"
-              if start.get("eer") is not None else "")
-    print(f"done in {summary['wall_seconds']:.0f} s: voiceprint identification "
-          f"{final['voiceprint_accuracy']:.3f}, unseen-speaker EER {final['eer']:.3f}, minDCF "
-          f"{final['min_dcf']:.3f}{before}; training head accuracy {final['accuracy']:.3f}")
-    print(f"back end: {summary['backend']}")
+    print(f"done in {summary['wall_seconds']:.0f} s: {_figures(summary['final'])}"
+          + (f" (round 0: {_figures(summary['start'])})" if summary.get("start", {}).get("eer") is not None
+             else ""))
+    if "backend" in summary:
+        print(f"back end: {summary['backend']}")
     print(f"privacy: {summary['privacy']}")
     if spent := summary.get("epsilon_spent"):
-        print(f"epsilon spent by the {spent['devices']} devices that trained: min {spent['min']:.2f}, "
+        print(f"epsilon spent by the {spent['devices']} devices that replied: min {spent['min']:.2f}, "
               f"median {spent['median']:.2f}, max {spent['max']:.2f}"
               + (f" (target {spent['target']:g})" if spent["target"] else "")
               + f"; {spent['sat_out_for_budget']} sat out for budget")
     if summary["data"]["skipped_files"]:
         print(f"skipped {summary['data']['skipped_files']} unusable file(s); see summary.json")
     print(f"outputs: {settings.out_dir_path} (rounds.csv, summary.json, curves.png, global_model.pt)")
+    outcome = summary.get("outcome", {})
+    if outcome.get("status") == "failed":
+        from server.outcomes import failure_message
+
+        print(f"fedspeaker: {failure_message(outcome)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _figures(scores: dict) -> str:
+    """What a deployment sees first (voiceprint identification, unseen-speaker EER, minDCF),
+    then the training head's accuracy; those a summary lacks are left out."""
+    parts = [f"{name} {scores[key]:.3f}" for key, name in (
+        ("voiceprint_accuracy", "voiceprint identification"), ("eer", "unseen-speaker EER"),
+        ("min_dcf", "minDCF"), ("accuracy", "training head accuracy")) if scores.get(key) is not None]
+    return ", ".join(parts)
 
 
 def _dp_text(settings: RunSettings) -> str:

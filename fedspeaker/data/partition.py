@@ -35,7 +35,11 @@ def client_shards(settings: RunSettings) -> list[list[int]]:
 
     Cached: a Ray actor serving many clients and rounds partitions once.
     """
-    speakers = [u.speaker for u in load_split(settings).train]
+    return shards_of(settings, [u.speaker for u in load_split(settings).train])
+
+
+def shards_of(settings: RunSettings, speakers: list[str]) -> list[list[int]]:
+    """The run's partition of training utterances whose speakers are ``speakers``."""
     return partition_indices(speakers, settings.num_clients, settings.partition, seed=settings.seed,
                              alpha=settings.alpha, speakers_per_client=settings.speakers_per_client,
                              size_exponent=settings.size_exponent,

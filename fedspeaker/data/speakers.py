@@ -55,6 +55,24 @@ def load_split(settings: RunSettings) -> CorpusSplit:
                   settings.seed, settings.unseen_speakers, settings.test_fraction)
 
 
+def audio_split(settings: RunSettings) -> CorpusSplit:
+    """The run's split with files judged by decoding alone, no features computed: for
+    `device-data`, which only links recordings. load_split's split wherever a file that
+    decodes also gives features (features fail only where decoding does)."""
+    from fedspeaker.data.audio import load_audio
+
+    def decodes(path: Path) -> bool:
+        try:
+            load_audio(path, settings.feature_spec.sample_rate)
+        except AudioError:
+            return False
+        return True
+
+    utterances, _ = scan_corpus(settings.corpus_dir.resolve())
+    return split_corpus([u for u in utterances if decodes(u.path)], settings.seed,
+                        settings.unseen_speakers, settings.test_fraction)
+
+
 @lru_cache(maxsize=2)
 def _split(root: Path, cache_dir: Path, spec: FeatureSpec, seed: int, unseen: int,
            test_fraction: float) -> CorpusSplit:

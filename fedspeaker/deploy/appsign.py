@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedspeaker.deploy.certs import write_file
+from fedspeaker.deploy.certs import keep_old, write_file
 from fedspeaker.errors import FedSpeakerError
 
 SIGNATURE_KEY = "fab-signature"  # the run-config key (fedspeaker/config.py: fab_signature)
@@ -39,13 +39,13 @@ class AppVerificationError(FedSpeakerError):
     """The app bundle is not one the operator signed: none of it may run."""
 
 
-def make_app_key(private_path: Path) -> Path:
+def make_app_key(private_path: Path, *, force: bool = False) -> Path:
     """An ed25519 app-signing key pair (OpenSSH format, as ``ssh-keygen -t ed25519`` makes);
     returns the public key's path. The private key signs releases and stays with the
-    operator; the ``.pub`` file goes to every device."""
-    if private_path.exists():
-        raise FedSpeakerError(f"{private_path}: already exists; keep the key the devices "
-                              "trust (delete the file first to make a new one)")
+    operator; the ``.pub`` file goes to every device. An existing pair is refused, or with
+    ``force`` kept in a dated folder beside the new one."""
+    keep_old([private_path, private_path.with_name(private_path.name + ".pub")], force=force,
+             what="app-signing key")
     key = ed25519.Ed25519PrivateKey.generate()
     private_path.parent.mkdir(parents=True, exist_ok=True)
     write_file(private_path, key.private_bytes(serialization.Encoding.PEM,

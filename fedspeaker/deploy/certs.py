@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,11 +100,19 @@ class CertificatePaths:
 
 
 def make_certificates(folder: Path, hosts: list[str], days: int = 365, *,
-                      operator: bool = False) -> CertificatePaths:
+                      operator: bool = False, force: bool = False) -> CertificatePaths:
     """A new federation CA, the SuperLink's loopback certificate and the public endpoint's
     certificate for ``hosts`` (names or IP addresses); with ``operator``, also an operator
-    CA and the operator's client certificate."""
+    CA and the operator's client certificate.
+
+    A CA already given to devices must never vanish: existing files are refused, or with
+    ``force`` moved into a dated folder beside the new ones (``keep_old``)."""
     paths = CertificatePaths(folder)
+    files = [paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.public_cert,
+             paths.public_key]
+    if operator:
+        files += [paths.operator_ca_cert, paths.operator_ca_key, paths.operator_cert, paths.operator_key]
+    keep_old(files, force=force, what="certificates")
     folder.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = _make_ca("fedspeaker federation CA", days)
     _write_pair(paths.ca_cert, paths.ca_key, ca_cert, ca_key)
@@ -119,14 +128,14 @@ def make_certificates(folder: Path, hosts: list[str], days: int = 365, *,
     return paths
 
 
-def make_node_key(private_path: Path) -> Path:
+def make_node_key(private_path: Path, *, force: bool = False) -> Path:
     """An EC P-384 key pair for SuperNode authentication; returns the public key's path.
 
     The private key stays on the device; the ``.pub`` file is what the server registers.
+    An existing pair is refused, or with ``force`` kept in a dated folder (``keep_old``).
     """
-    if private_path.exists():
-        raise FedSpeakerError(f"{private_path}: already exists; a device keeps its key "
-                              "(delete the file first to make a new one)")
+    keep_old([private_path, private_path.with_name(private_path.name + ".pub")], force=force,
+             what="node key")
     key = ec.generate_private_key(ec.SECP384R1())
     private_path.parent.mkdir(parents=True, exist_ok=True)
     write_file(private_path, key.private_bytes(serialization.Encoding.PEM,
@@ -136,6 +145,26 @@ def make_node_key(private_path: Path) -> Path:
     write_file(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                           serialization.PublicFormat.OpenSSH) + b"\n")
     return public_path
+
+
+def keep_old(paths: list[Path], *, force: bool, what: str) -> Path | None:
+    """Never lose a secret: refuse to replace any of ``paths`` that exist, or with ``force``
+    move them into ``replaced-<UTC date-time>/`` beside them (returned) before new ones are
+    written."""
+    existing = [p for p in paths if p.exists()]
+    if not existing:
+        return None
+    if not force:
+        raise FedSpeakerError(f"{', '.join(map(str, existing))}: already exists; refusing to replace "
+                              f"the {what} (devices may rely on them). Add --force to make new ones; "
+                              "the old ones are then kept in a dated folder beside them")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    backup = existing[0].parent / f"replaced-{stamp}"
+    backup.mkdir(mode=0o700)
+    for path in existing:
+        path.rename(backup / path.name)  # same folder tree: a rename keeps the owner-only modes
+    print(f"fedspeaker: the old {what} are kept in {backup}", file=sys.stderr)
+    return backup
 
 
 def write_file(path: Path, content: bytes, *, private: bool = False) -> None:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -36,9 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     for task_type in list(TASK_TYPE_TO_COMMAND):
         TASK_TYPE_TO_COMMAND[task_type] = "/bin/false"
     TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(args.clientapp.resolve())
+    reap_finished_children()
     sys.argv = [sys.argv[0], *flower_args]
     flower_superexec()
     return 0
+
+
+def reap_finished_children(interval: float = 1.0) -> threading.Thread:
+    """Flower's SuperExec starts each ClientApp with a Popen it drops at once; CPython reaps
+    such a process only when the next Popen is made, so a finished ClientApp stayed
+    <defunct> until the next round. This thread lets CPython's own clean-up run every
+    ``interval`` seconds (it polls only those dropped Popens, so no other status is taken)."""
+    def reap() -> None:
+        while True:
+            subprocess._cleanup()  # noqa: SLF001 - CPython's own reaper of dropped Popens
+            time.sleep(interval)
+
+    thread = threading.Thread(target=reap, name="fedspeaker-reaper", daemon=True)
+    thread.start()
+    return thread
 
 
 if __name__ == "__main__":

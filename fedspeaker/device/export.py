@@ -6,11 +6,17 @@ scripted, so `KaldiFbank` recomputes it from the same window and mel matrix (tak
 torchaudio at export time and stored as buffers); for GE2E, `GE2EWaveformEmbedder`
 holds the power mel (same), the frozen LSTM and the fine-tuned projection. The export
 checks that it gives the training stack's embedding before it writes anything.
+
+For GE2E it also writes `embedder.onnx` (`GE2EWindowsEmbedder`: the windows' power
+spectra in, the embedding out), which a device runs with onnxruntime, numpy and
+soundfile alone (fedspeaker/device/edge.py; frontend.py makes those spectra in numpy);
+the export checks that the two runtimes agree (cosine at least ONNX_MIN_COSINE).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,8 @@ from fedspeaker.evaluation.scoring import embed
 from fedspeaker.model import SpeakerNet
 
 EMBEDDER_FILE = "embedder.pt"
+ONNX_FILE = "embedder.onnx"
+ONNX_MIN_COSINE = 0.9999  # the torch-free path's embedding against the TorchScript one
 MANIFEST_FILE = "manifest.json"
 EXPORT_TOLERANCE = 1e-4  # largest embedding difference the export accepts
 GE2E_NOTICE = ("embedder.pt holds the GE2E speaker encoder of Resemblyzer 0.1.4 (Copyright "
@@ -129,11 +137,48 @@ class GE2EWaveformEmbedder(nn.Module):
         return self.backend(F.normalize(partial.mean(dim=0), dim=0)[None])[0]
 
 
+class GE2EWindowsEmbedder(nn.Module):
+    """GE2EWaveformEmbedder after its STFT: (windows, 160, 201) power spectra -> the unit-length
+    embedding. What ONNX holds; the front-end before it is numpy (fedspeaker/device/edge.py)."""
+
+    def __init__(self, whole: GE2EWaveformEmbedder) -> None:
+        super().__init__()
+        self.lstm, self.projection = whole.lstm, whole.projection
+        self.register_buffer("mel", whole.mel.clone())
+
+    def forward(self, spectra: torch.Tensor) -> torch.Tensor:
+        _, (hidden, _) = self.lstm(spectra @ self.mel)
+        partial = F.normalize(torch.relu(self.projection(hidden[-1])), dim=1)
+        return F.normalize(partial.mean(dim=0), dim=0)
+
+
+def export_onnx(whole: GE2EWaveformEmbedder, scripted: torch.jit.ScriptModule, path: Path) -> float:
+    """Write ``path`` (ONNX) and return the lowest cosine between its embeddings (numpy
+    front-end, onnxruntime) and the TorchScript model's, on a 3 s and a 12 s signal."""
+    from fedspeaker.device.frontend import embed_wave, onnx_session, window_spectra
+
+    module = GE2EWindowsEmbedder(whole).eval()
+    example = torch.from_numpy(window_spectra(0.1 * torch.randn(3 * 16_000).numpy()))
+    with warnings.catch_warnings():  # the LSTM batch-size caveat: checked below on 2 and 9 windows
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=["spectra"], output_names=["embedding"],
+                          dynamic_axes={"spectra": {0: "windows"}}, dynamo=False, opset_version=17)
+    session = onnx_session(path)
+    cosines = []
+    for seconds in (3, 12):
+        wave = 0.1 * torch.randn(seconds * 16_000, generator=torch.Generator().manual_seed(seconds))
+        with torch.no_grad():
+            reference = scripted(wave).numpy()
+        cosines.append(float(embed_wave(session, wave.numpy()) @ reference))
+    return min(cosines)
+
+
 @dataclass
 class Export:
     folder: Path
     size_bytes: int
     max_abs_diff: float
+    onnx_cosine: float | None = None  # None: no ONNX export (the TDNN)
 
 
 def export_embedder(bundle_path: Path, folder: Path) -> Export:
@@ -166,6 +211,13 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
                               f"from the original (tolerance {EXPORT_TOLERANCE})")
 
     folder.mkdir(parents=True, exist_ok=True)
+    onnx_cosine = None
+    if s.model == "ge2e":
+        onnx_cosine = export_onnx(module, scripted, folder / ONNX_FILE)
+        if not onnx_cosine >= ONNX_MIN_COSINE:
+            (folder / ONNX_FILE).unlink()
+            raise FedSpeakerError(f"export check failed: the ONNX embedding's cosine with the "
+                                  f"TorchScript one is {onnx_cosine:.6f} (at least {ONNX_MIN_COSINE} needed)")
     scripted.save(str(folder / EMBEDDER_FILE))
     size = (folder / EMBEDDER_FILE).stat().st_size
     manifest = {
@@ -183,6 +235,10 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "size_bytes": size,
         "sha256": file_sha256(folder / EMBEDDER_FILE),  # lets a device check what it received
         "max_abs_diff_vs_training_stack": max(diffs),
+        "onnx": ({"model": ONNX_FILE, "input": "(windows, 160, 201) float32 power spectra, made from the "
+                  "waveform by fedspeaker/device/edge.py's numpy front-end", "sha256": file_sha256(folder / ONNX_FILE),
+                  "size_bytes": (folder / ONNX_FILE).stat().st_size,
+                  "min_cosine_vs_torchscript": onnx_cosine} if onnx_cosine is not None else None),
         "fedspeaker": __version__,
         "torch": torch.__version__,
     }
@@ -190,7 +246,7 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         manifest["licence"] = GE2E_NOTICE
         (folder / "NOTICE").write_text(GE2E_NOTICE + "\n")
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return Export(folder, size, max(diffs))
+    return Export(folder, size, max(diffs), onnx_cosine)
 
 
 class ExportedEmbedder:

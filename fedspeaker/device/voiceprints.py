@@ -5,6 +5,10 @@ made unit-length again; a trial's score is its cosine with the test file's embed
 The default threshold is the EER operating point the server measured on speakers it
 never trained on, saved with the model. Enrolments remember which model made them:
 embeddings of another model are not comparable.
+
+numpy only, so that the torch path (a global_model.pt or a TorchScript export) and the
+torch-free one (fedspeaker/device/edge.py, ONNX) share one enrolment file format, one
+threshold and one accept rule.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from fedspeaker.errors import AudioError, FedSpeakerError
 from fedspeaker.files import atomic_write
@@ -27,7 +30,7 @@ class Embedder(Protocol):
     model_id: str
     verification: dict | None
 
-    def embed_file(self, path: Path) -> torch.Tensor: ...
+    def embed_file(self, path: Path) -> Any: ...  # a unit-length vector (torch tensor or numpy array)
 
 
 def load_embedder(path: Path) -> Embedder:
@@ -76,12 +79,12 @@ class EnrolmentStore:
         embeddings, skipped = [], []
         for path in audio:
             try:
-                embeddings.append(embedder.embed_file(path))
+                embeddings.append(_vector(embedder.embed_file(path)))
             except AudioError as exc:
                 skipped.append(str(exc))
         if not embeddings:
             raise FedSpeakerError(f"no usable audio to enrol {speaker!r}: " + "; ".join(skipped))
-        voiceprint = F.normalize(torch.stack(embeddings).mean(dim=0), dim=0)
+        voiceprint = _unit(np.mean(embeddings, axis=0))
         self.speakers[speaker] = {"voiceprint": [round(float(x), 7) for x in voiceprint],
                                   "files": len(embeddings),
                                   "enrolled": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -89,14 +92,14 @@ class EnrolmentStore:
             {"model": self.model_id, "speakers": self.speakers}, indent=1).encode()))
         return Enrolment(len(embeddings), skipped)
 
-    def voiceprint(self, speaker: str) -> torch.Tensor:
+    def voiceprint(self, speaker: str) -> np.ndarray:
         if not self.speakers:
             raise FedSpeakerError(f"{self.path}: no speaker is enrolled yet; first run "
                                   f"`fedspeaker enroll --model M --speaker {speaker} AUDIO...`")
         if speaker not in self.speakers:
             raise FedSpeakerError(f"{speaker!r} is not enrolled in {self.path}; enrolled: "
                                   + ", ".join(sorted(self.speakers)))
-        return torch.tensor(self.speakers[speaker]["voiceprint"])
+        return np.asarray(self.speakers[speaker]["voiceprint"], dtype=np.float32)
 
 
 @dataclass
@@ -121,7 +124,17 @@ def verify(embedder: Embedder, store: EnrolmentStore, speaker: str, audio: Path,
     else:
         raise FedSpeakerError("this model has no saved verification threshold (it was trained "
                               "before fedspeaker saved one): give --threshold T")
-    score = float(torch.dot(embedder.embed_file(audio), voiceprint))
+    score = float(np.dot(_vector(embedder.embed_file(audio)), voiceprint))
     if not math.isfinite(score):
         raise FedSpeakerError(f"{audio}: the score is not a number")
     return Decision(score >= threshold, score, threshold, source)
+
+
+def _vector(embedding: Any) -> np.ndarray:
+    """An embedding as float32 numpy, whichever runtime made it."""
+    return np.asarray(embedding.detach() if hasattr(embedding, "detach") else embedding, dtype=np.float32)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """L2-normalised as torch's F.normalize does (eps 1e-12)."""
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)

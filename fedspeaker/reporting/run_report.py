@@ -29,8 +29,11 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
            "train_loss",
            # the largest lifetime epsilon a device reported (its ledger over every run)
            "lifetime_epsilon_max",
-           # refused: devices whose privacy policy refused the run (summary.json: by reason)
-           "clients", "sat_out", "refused", "upload_bytes", "client_train_seconds",
+           "clients", "sat_out",
+           # train messages sent, and the clients that did not train by reason (server/outcomes.py;
+           # refused: by the device's privacy policy, summary.json has them by reason)
+           "asked", "refused", "no_reply", "dropped",
+           "upload_bytes", "client_train_seconds",
            # a client's footprint: mean start-up (process start to features loaded) and
            # training seconds, the largest peak memory of a client process
            "client_startup_seconds", "client_fit_seconds", "client_peak_rss_mb",
@@ -79,12 +82,15 @@ def progress_line(row: dict[str, float]) -> str:
         eps += f"  user eps {row['user_epsilon']:.2f}"
     clients = row.get("clients", math.nan)
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
-    if row.get("sat_out", 0) > 0:  # NaN > 0 is False
-        replies += f" (+{int(row['sat_out'])} sat out for budget)"
-    if row.get("refused", 0) > 0:
-        kinds = ", ".join(f"{int(n)} {k.removeprefix('refused_').replace('_', '-')}"
-                          for k, n in sorted(row.items()) if k.startswith("refused_") and n)
-        replies += f" (+{int(row['refused'])} refused by device policy: {kinds})"
+    if row.get("asked", 0) > 0:  # NaN > 0 is False
+        replies += f" of {int(row['asked'])}"
+    kinds = ", ".join(f"{int(n)} {k.removeprefix('refused_').replace('_', '-')}"
+                      for k, n in sorted(row.items()) if k.startswith("refused_") and n)
+    missing = [f"{int(row[key])} {what}" for key, what in (
+        ("sat_out", "sat out for budget"), ("refused", f"refused by device policy ({kinds})" if kinds else "refused"),
+        ("no_reply", "no reply/error"), ("dropped", "dropped")) if row.get(key, 0) > 0]
+    if missing:
+        replies += f" (not trained: {', '.join(missing)})"
     if not math.isnan(row.get("device_frr", math.nan)):
         replies += (f"  on {int(row['devices_evaluated'])} devices: accuracy {row['device_accuracy']:.3f} "
                     f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
@@ -149,7 +155,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
         "privacy": guarantee_sentence(
             settings, eps, final.get("user_epsilon", math.nan), simulated=simulated,
-            lifetime_epsilon=_largest(rows, "lifetime_epsilon_max") or math.nan,
+            lifetime_epsilon=(_largest(rows, "lifetime_epsilon_max") or math.nan) if not simulated else math.nan,
             group=(speaker_group_bound(settings, _party_speakers(settings, mode),
                                        rounds=int(final.get("round", 0)))
                    if simulated and settings.dp and settings.dp_unit == "utterance" else None)),
