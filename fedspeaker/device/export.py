@@ -143,13 +143,13 @@ class GE2EWindowsEmbedder(nn.Module):
 
     def __init__(self, whole: GE2EWaveformEmbedder) -> None:
         super().__init__()
-        self.lstm, self.projection = whole.lstm, whole.projection
+        self.lstm, self.projection, self.backend = whole.lstm, whole.projection, whole.backend
         self.register_buffer("mel", whole.mel.clone())
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
         _, (hidden, _) = self.lstm(spectra @ self.mel)
         partial = F.normalize(torch.relu(self.projection(hidden[-1])), dim=1)
-        return F.normalize(partial.mean(dim=0), dim=0)
+        return self.backend(F.normalize(partial.mean(dim=0), dim=0)[None])[0]
 
 
 def export_onnx(whole: GE2EWaveformEmbedder, scripted: torch.jit.ScriptModule, path: Path) -> float:
