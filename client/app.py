@@ -14,9 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.backend import backend_statistics
 from client.data import held_out_examples, is_simulated, training_examples, training_labels
 from client.evaluate import score_on_device
 from client.footprint import footprint
@@ -28,6 +29,7 @@ from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.data.speakers import load_split
 from fedspeaker.model import build_model
+from fedspeaker.model.backend import encoder_fingerprint
 from fedspeaker.privacy.ledger import DeviceLedger
 from fedspeaker.privacy.policy import device_policy
 from fedspeaker.training.local import LocalTrainer, round_seed, spend_cap
@@ -120,6 +122,36 @@ def partition(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config.get("partition-id", -1)) if is_simulated(context) else -1
     return Message(content=RecordDict({wire.NODE: ConfigRecord({wire.PARTITION_ID: partition_id})}),
                    reply_to=msg)
+
+
+@app.query("backend")
+def backend(msg: Message, context: Context) -> Message:
+    """The scoring back end's statistics of this node's training recordings under the
+    global model the message carries (client/backend.py); only a sum and a count leave."""
+    torch.set_num_threads(1)
+    settings = RunSettings.from_run_config(context.run_config)
+    config = msg.content[wire.CONFIG]
+    speakers = wire.speakers_from_config(config)
+    model = build_model(settings, len(speakers))
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    feats, labels = training_examples(settings, context, speakers)
+    run = str(config.get(wire.FEDERATION_ID, "")) or f"run-{context.run_id}"
+    device_ledger = DeviceLedger(ledger_path(settings, context, run))
+    ledger = device_ledger.open(run, settings.accountant)
+    policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
+    sums, metrics = backend_statistics(
+        settings, model, feats, labels, ledger,
+        refusal=(lambda step: policy.backend_refusal(settings, ledger, step)) if policy else None)
+    if wire.REFUSAL in metrics:
+        return Message(content=RecordDict({wire.REFUSAL: ConfigRecord({wire.REASON: metrics[wire.REFUSAL]})}),
+                       reply_to=msg)
+    content = RecordDict({wire.METRICS: MetricRecord(metrics),
+                          wire.CONFIG: ConfigRecord({wire.FINGERPRINT: encoder_fingerprint(model)})})
+    if sums is not None:
+        if settings.backend_privacy:
+            device_ledger.record(run, ledger)
+        content[wire.BACKEND] = ArrayRecord({wire.BACKEND_SUM: sums.total.contiguous()})
+    return Message(content=content, reply_to=msg)
 
 
 @app.query("own_classes")

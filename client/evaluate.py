@@ -27,8 +27,8 @@ def score_on_device(model: nn.Module, *, enrol: tuple[list[torch.Tensor], list[i
     counts = dict.fromkeys(wire.EVALUATION_COUNTS, 0)
     if not test_feats or not enrol[0]:
         return counts
-    raw = embed(model, test_feats)
-    test = F.normalize(raw, dim=1)
+    raw = embed(model, test_feats, raw=True)
+    test = F.normalize(model.backend(raw), dim=1)
     labels = torch.tensor(test_labels)
     enrolled = F.normalize(embed(model, enrol[0]), dim=1)
     enrol_labels = torch.tensor(enrol[1])

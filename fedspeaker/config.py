@@ -130,6 +130,10 @@ class RunSettings:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     dp_unit: str = "utterance"  # what DP-SGD protects: one utterance, or one speaker's utterances
+    # Scoring back end: the devices' in-domain mean embedding, asked for at round 0 and
+    # after the last round, subtracted before cosine scoring (fedspeaker/model/backend.py)
+    backend: bool = True
+    backend_epsilon: float = 0.0  # under DP, the share of epsilon its releases spend; 0: epsilon/8
     # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
     # (and the server could regenerate them); a deployed device always draws them from the
     # operating system's entropy, whatever this says
@@ -246,7 +250,7 @@ class RunSettings:
         if self.min_train_nodes > self.num_clients:
             raise ConfigError(f"min-train-nodes ({self.min_train_nodes}) is more than num-clients "
                               f"({self.num_clients}): the server would wait forever")
-        _at_least("rounds", self.rounds, 0)  # 0: score the starting model, ask nothing
+        _at_least("rounds", self.rounds, 0)  # 0: the starting model (and its back end) only
         _at_least("local-epochs", self.local_epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _at_least("n-mels", self.n_mels, 8)
@@ -277,6 +281,27 @@ class RunSettings:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.dp and self.noise_multiplier == 0.0:
             _positive("epsilon", self.epsilon)
+        _at_least("backend-epsilon", self.backend_epsilon, 0.0)
+        if self.backend and self.dp and self.noise_multiplier == 0.0 and self.backend_epsilon >= self.epsilon:
+            raise ConfigError(f"backend-epsilon ({self.backend_epsilon:g}) must be below epsilon "
+                              f"({self.epsilon:g}): the rest is DP-SGD's")
+
+    @property
+    def backend_releases(self) -> int:
+        """How often the devices release back-end statistics: at round 0 and after the last."""
+        return 2 if self.rounds > 0 else 1
+
+    @property
+    def backend_privacy(self) -> float:
+        """The epsilon the back end's releases spend under sample-level DP (0 without)."""
+        if not (self.backend and self.dp and not self.secagg and self.user_dp == "off"):
+            return 0.0
+        return self.backend_epsilon or self.epsilon / 8
+
+    @property
+    def dpsgd_epsilon(self) -> float:
+        """The epsilon DP-SGD's noise is calibrated for: the run's, less the back end's."""
+        return self.epsilon - self.backend_privacy
 
     @property
     def clients_per_round(self) -> int:

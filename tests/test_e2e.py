@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedspeaker.model.bundle import SpeakerModel
 from tests.conftest import TEST_MARKER
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "dspspeech20-mini"
@@ -107,6 +108,18 @@ def test_the_released_model_is_the_best_round_by_validation_with_its_operating_p
     bundle = torch.load(out / "global_model.pt", weights_only=True)
     assert bundle["verification"]["threshold"] == pytest.approx(best["threshold"], abs=1e-5)
     assert f"released round {int(best['round'])}" in result.stdout
+
+
+def test_round_zero_and_the_last_round_score_with_the_devices_back_end(federation) -> None:
+    """The devices' statistics are asked for at round 0 and after the last round (all 3
+    devices count), the saved model holds the last back end, and the privacy sentence says
+    how epsilon was split between it and DP-SGD."""
+    out, _ = federation
+    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    assert [r["backend_devices"] for r in rows] == ["3", "nan", "nan", "3"]
+    backend = SpeakerModel.load(out / "global_model.pt").model.backend
+    assert backend.active and 0 < float(backend.mean.norm()) < 3
+    assert "is split" in json.loads((out / "summary.json").read_text())["privacy"]
 
 
 def test_client_epsilon_accumulates_across_rounds(federation) -> None:

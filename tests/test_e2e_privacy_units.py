@@ -28,7 +28,8 @@ def test_speaker_level_dp_sgd_under_poisson_sampled_device_dp(tiny_corpus: Path,
                      "--set", f"cache-dir={cache}", "--set", "speakers-per-client=3",
                      "--set", "dp-unit=speaker", "--set", "user-dp=server-fixed",
                      "--set", "client-sampling=poisson", "--set", "fraction-train=0.5",
-                     "--set", "user-noise-multiplier=0.8", "--set", "batch-size=2")
+                     "--set", "user-noise-multiplier=0.8", "--set", "batch-size=2",
+                     "--set", "backend=false")  # the training's units alone (the back end: test_backend.py)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if float(r["round"]) > 0]
     for r, row in enumerate(rows, 1):  # every round counts, however many devices it drew

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fedspeaker
 from fedspeaker import cli
@@ -22,7 +23,10 @@ from fedspeaker.training.local import LocalTrainer
 from fedspeaker.evaluation.metrics import eer_operating_point
 from fedspeaker.evaluation.operating_point import Calibration, threshold_at_far
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
+from fedspeaker.evaluation.trials import all_pairs, trial_scores
+from fedspeaker.model.backend import encoder_fingerprint, install_backend
 from fedspeaker.model.bundle import model_bundle
+from fedspeaker.privacy.backend_stats import clipped_sums
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.device.voiceprints import EnrolmentStore, load_embedder, verify
 from tests.conftest import make_corpus
@@ -46,6 +50,10 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     trainer = LocalTrainer(settings, data.n_speakers)
     feats, labels = data.train_examples()
     trainer.train(feats, labels, PrivacyLedger(), seed=0)
+    if settings.model == "ge2e":  # with a scoring back end: export, enrol and verify must apply it
+        # (the tiny TDNN's tones are told apart mostly by their mean direction: not centred)
+        sums = clipped_sums(embed(trainer.model, feats, raw=True), labels, "utterance")
+        install_backend(trainer.model, sums.total / sums.count, encoder_fingerprint(trainer.model), sums.count)
     bundle = root / "global_model.pt"
     evaluation = EvaluationSet.of(data, settings)
     scores = evaluate(trainer.model, evaluation)
@@ -86,13 +94,15 @@ def test_the_bundle_holds_the_threshold_fitted_on_validation_speakers(trained) -
 
 
 def test_export_needs_torch_alone_and_embeds_like_the_training_stack(trained, tmp_path: Path) -> None:
-    bundle, corpus, _, _ = trained
+    bundle, corpus, _, settings = trained
     assert cli.main(["export", "--model", str(bundle), "--out", str(tmp_path / "export")]) == 0
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["size_bytes"] == (tmp_path / "export" / "embedder.pt").stat().st_size
     assert manifest["sha256"] == file_sha256(tmp_path / "export" / "embedder.pt")
     assert manifest["fedspeaker"] == fedspeaker.__version__ and manifest["torch"] == torch.__version__
     assert manifest["verification"] == SpeakerModel.load(bundle).verification
+    if settings.model == "ge2e":
+        assert manifest["backend"]["fingerprint"] == encoder_fingerprint(SpeakerModel.load(bundle).model)
     audio = corpus.files["spk00"][0]
     from fedspeaker.data.audio import load_audio
 
@@ -109,6 +119,10 @@ def test_export_needs_torch_alone_and_embeds_like_the_training_stack(trained, tm
     on_device = torch.tensor([float(x) for x in done.stdout.split()])
     reference = SpeakerModel.load(bundle).embed_file(audio)
     assert (on_device - reference).abs().max() < 1e-4
+    model = SpeakerModel.load(bundle).model
+    raw = F.normalize(embed(model, [SpeakerModel.load(bundle).features(audio)], raw=True), dim=1)[0]
+    if settings.model == "ge2e":
+        assert (on_device - raw).abs().max() > 1e-2  # the back end is applied on the device too
     assert on_device.norm() == pytest.approx(1.0, abs=1e-5)
 
 

@@ -128,10 +128,11 @@ def _prepare(settings: RunSettings) -> None:
 def _finish(settings: RunSettings) -> int:
     """Say how the run ended; 1 where it trained nobody (summary.json's ``outcome``)."""
     summary = json.loads((settings.out_dir_path / "summary.json").read_text())
-    final = summary["final"]
-    print(f"done in {summary['wall_seconds']:.0f} s: accuracy {final['accuracy']:.3f}, "
-          f"EER {final['eer']:.3f} (best accuracy {summary['best_accuracy']:.3f} at round "
-          f"{summary['best_round']:.0f})")
+    print(f"done in {summary['wall_seconds']:.0f} s: {_figures(summary['final'])}"
+          + (f" (round 0: {_figures(summary['start'])})" if summary.get("start", {}).get("eer") is not None
+             else ""))
+    if "backend" in summary:
+        print(f"back end: {summary['backend']}")
     released = summary.get("released") or {}
     op = released.get("operating_point") or {}
     if op.get("threshold") is not None:
@@ -156,6 +157,15 @@ def _finish(settings: RunSettings) -> int:
         print(f"fedspeaker: {failure_message(outcome)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _figures(scores: dict) -> str:
+    """What a deployment sees first (voiceprint identification, unseen-speaker EER, minDCF),
+    then the training head's accuracy; those a summary lacks are left out."""
+    parts = [f"{name} {scores[key]:.3f}" for key, name in (
+        ("voiceprint_accuracy", "voiceprint identification"), ("eer", "unseen-speaker EER"),
+        ("min_dcf", "minDCF"), ("accuracy", "training head accuracy")) if scores.get(key) is not None]
+    return ", ".join(parts)
 
 
 def _dp_text(settings: RunSettings) -> str:

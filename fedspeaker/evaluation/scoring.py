@@ -34,9 +34,10 @@ from fedspeaker.training.loops import fit_length
 
 
 @torch.no_grad()
-def embed(model: nn.Module, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+def embed(model: nn.Module, feats: Sequence[torch.Tensor], *, raw: bool = False) -> torch.Tensor:
     """Embeddings of whole utterances (up to the model's ``eval_frames``), batched by
-    equal length."""
+    equal length: through the model's scoring back end, or with ``raw`` before it (what
+    the training head reads and what devices sum for the back end)."""
     model.eval()
     frames = model.eval_frames
     clipped = [f if f.shape[1] <= frames else fit_length(f, frames) for f in feats]
@@ -45,7 +46,8 @@ def embed(model: nn.Module, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         groups[f.shape[1]].append(i)
     out = torch.empty(len(feats), model.embedding_dim)
     for idx in groups.values():
-        out[idx] = model.embed(torch.stack([clipped[i] for i in idx]))
+        batch = torch.stack([clipped[i] for i in idx])
+        out[idx] = model.raw_embed(batch) if raw else model.embed(batch)
     return out
 
 
@@ -142,9 +144,10 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
     (:func:`~fedspeaker.evaluation.enrolment.operating_figures`).
     """
     e = evaluation
-    test = embed(model, e.test_feats)
+    raw_test = embed(model, e.test_feats, raw=True)
+    test = model.backend(raw_test)
     labels = torch.tensor(list(e.test_labels))
-    logits = model.head(test)
+    logits = model.head(raw_test)  # the training head reads embeddings before the back end
     enrolled = embed(model, e.enrol_feats)
     prints = voiceprints(enrolled, e.enrol_labels, e.n_speakers)
     verify = embed(model, e.verify_feats)

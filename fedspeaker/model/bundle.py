@@ -16,20 +16,23 @@ import torch.nn.functional as F
 
 from fedspeaker.data.audio import load_audio
 from fedspeaker.config import RunSettings, saved_run_config
-from fedspeaker.errors import FedSpeakerError
+from fedspeaker.errors import FedSpeakerError, ModelError
 from fedspeaker.files import file_sha256
 from fedspeaker.data.features import compute_features
 from fedspeaker.evaluation.scoring import EvaluationSet, embed
 from fedspeaker.model import build_model
+from fedspeaker.model.backend import install_backend
 
 
 def model_bundle(settings: RunSettings, speakers: Sequence[str], model: torch.nn.Module,
                  scores: dict[str, float], evaluation: EvaluationSet) -> dict[str, Any]:
-    """Everything `identify`, `export`, `enroll` and `verify` need: the model, its
-    speakers and settings, and how to decide: the threshold of the run's operating point
-    and the score calibration that ``scores`` (``evaluate``'s, of this model) fitted on
-    validation trials, with what they gave on unseen speakers."""
-    return {"state_dict": model.state_dict(), "speakers": list(speakers),
+    """Everything `identify`, `export`, `enroll` and `verify` need: the model (with its
+    scoring back end, where one is installed), its speakers and settings, and how to decide:
+    the threshold of the run's operating point and the score calibration that ``scores``
+    (``evaluate``'s, of this model) fitted on validation trials, with what they gave on
+    unseen speakers."""
+    return {"state_dict": model.state_dict(), "backend": model.backend.to_dict(),
+            "speakers": list(speakers),
             "settings": settings.to_run_config(),
             "verification": verification_record(settings, scores, evaluation)}
 
@@ -67,9 +70,12 @@ class SpeakerModel:
             settings = RunSettings.from_run_config(saved_run_config(bundle["settings"]))
             model = build_model(settings, len(bundle["speakers"]))
             model.load_state_dict(bundle["state_dict"])
+            if bundle.get("backend"):  # older bundles, and runs with backend=false, hold none
+                b = bundle["backend"]
+                install_backend(model, b["mean"], b["fingerprint"], b.get("count", 0.0))
         except FileNotFoundError:
             raise FedSpeakerError(f"{path}: no such model file") from None
-        except (KeyError, RuntimeError, TypeError, ValueError, OSError) as exc:
+        except (KeyError, RuntimeError, TypeError, ValueError, OSError, ModelError) as exc:
             raise FedSpeakerError(f"{path}: not a fedspeaker global_model.pt ({exc})") from None
         model.eval()
         return cls(model, list(bundle["speakers"]), settings, file_sha256(path),
@@ -88,6 +94,6 @@ class SpeakerModel:
     @torch.no_grad()
     def identify(self, path: Path, top: int = 3) -> list[tuple[str, float]]:
         """The ``top`` most likely training speakers with their probabilities."""
-        probs = self.model.head(embed(self.model, [self.features(path)])).softmax(dim=1)[0]
+        probs = self.model.head(embed(self.model, [self.features(path)], raw=True)).softmax(dim=1)[0]
         best = probs.topk(min(top, len(self.speakers)))
         return [(self.speakers[i], float(p)) for p, i in zip(best.values, best.indices)]

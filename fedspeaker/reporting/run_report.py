@@ -19,6 +19,7 @@ from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.evaluation.release import release_reason, released_row
 from fedspeaker.evaluation.scoring import EvaluationSet
 from fedspeaker.model.bundle import save_bundle
+from fedspeaker.privacy.backend_stats import backend_noise_multiplier, release_step
 from fedspeaker.privacy.accounting import GroupBound, group_epsilon, largest_speaker
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.reporting.plots import plot_curves
@@ -47,6 +48,8 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
            "device_accuracy", "device_frr", "device_far", "device_target_trials",
            "device_impostor_trials", "devices_evaluated",
            "server_peak_rss_mb",  # the ServerApp's process (in simulation, Flower's engine with it)
+           # the scoring back end, where this round computed one: devices counted, seconds taken
+           "backend_devices", "backend_seconds",
            "round_seconds", "seconds")
 
 
@@ -99,14 +102,18 @@ def progress_line(row: dict[str, float]) -> str:
                     f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
     if int(row["round"]) == 0:
         replies = "  (the starting model, before any round)"
-    scores = f"accuracy {row['accuracy']:.3f}"
+    # what a deployment sees first: identification by voiceprint, unseen-speaker EER/minDCF
+    scores = ""
     if not math.isnan(row.get("voiceprint_accuracy", math.nan)):
-        scores += f" (voiceprint {row['voiceprint_accuracy']:.3f})"
-    scores += f"  EER {row['eer']:.3f}"
+        scores += f"voiceprint {row['voiceprint_accuracy']:.3f}  "
+    scores += f"EER {row['eer']:.3f}"
     if not math.isnan(row.get("min_dcf", math.nan)):
         scores += f"  minDCF {row['min_dcf']:.3f}"
     if not math.isnan(row.get("far", math.nan)):
         scores += f"  FAR {row['far']:.3f} FRR {row['frr']:.3f} (FRR@FAR1% {row['frr_at_far_1pct']:.3f})"
+    scores += f"  (training head {row['accuracy']:.3f})"
+    if not math.isnan(row.get("backend_devices", math.nan)):
+        replies += f"  back end from {int(row['backend_devices'])} devices"
     return f"round {int(row['round']):3d}  {scores}{eps}{replies}  {row['round_seconds']:.1f} s"
 
 
@@ -160,6 +167,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "client_train_seconds": round(sum(r.get("client_train_seconds", 0.0) for r in rows), 2),
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
+        "backend": _backend_words(settings, rows),
         "refused_by_device_policy": refusals(rows),
         "epsilon_spent": epsilon_spread(settings, *device_epsilons) if device_epsilons else None,
         "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
@@ -191,6 +199,15 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                                             "actual DCF at p_target 0.01"}},
         "settings": settings.to_run_config(),
     }
+
+
+def _backend_words(settings: RunSettings, rows: list[dict[str, float]]) -> str:
+    """Which rounds were scored with the devices' back end (the mean embedding subtracted)."""
+    adapted = [int(r["round"]) for r in rows if not math.isnan(r.get("backend_devices", math.nan))]
+    if not adapted:
+        return "none: every round scored the encoder's embeddings as they are"
+    return (f"rounds {', '.join(map(str, adapted))} scored with the devices' in-domain mean embedding "
+            "subtracted (the other rounds without it); the saved model holds the last one")
 
 
 def epsilon_spread(settings: RunSettings, epsilons: list[float], sat_out: int) -> dict[str, Any] | None:
@@ -250,8 +267,11 @@ def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]],
     size = max((largest_speaker(p) for p in parties), default=0)
     if rounds < 1 or size < 2:
         return None
+    # the scoring back end's releases: the speaker's utterances all in each, at sample rate 1
+    releases = ([tuple(release_step(backend_noise_multiplier(settings)))] * settings.backend_releases
+                if settings.backend_privacy else [])
     try:
-        epsilons = [group_epsilon(history=[tuple(dp_plan(settings, n))] * rounds, size=size,
+        epsilons = [group_epsilon(history=[tuple(dp_plan(settings, n))] * rounds + releases, size=size,
                                   delta=settings.delta)
                     for n in sorted({len(p) for p in parties if largest_speaker(p) == size})]
     except Exception as exc:  # noqa: BLE001 - a figure of the summary must not cost the run's outputs
