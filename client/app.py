@@ -14,19 +14,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.backend import backend_statistics
 from client.data import held_out_examples, is_simulated, training_examples, training_labels
 from client.evaluate import score_on_device
 from client.footprint import footprint
 from client.messages import TrainRequest
+from client.replay import LastUpdate, request_key
 from client.mods import secure_aggregation, simulated_scenarios, user_dp_clipping
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.data.speakers import load_split
 from fedspeaker.model import build_model
+from fedspeaker.model.backend import encoder_fingerprint
 from fedspeaker.privacy.ledger import DeviceLedger
 from fedspeaker.privacy.policy import device_policy
 from fedspeaker.training.local import LocalTrainer, round_seed, spend_cap
@@ -50,6 +53,11 @@ def train(msg: Message, context: Context) -> Message:
 
     run = request.federation_id or f"run-{context.run_id}"
     device_ledger = DeviceLedger(ledger_path(settings, context, run))
+    last = None if is_simulated(context) or request.fitins else \
+        LastUpdate(device_ledger.path.parent / "last-update" / f"{run}.pt")
+    key = request_key(request.server_round, msg.content[wire.ARRAYS]) if last else ""
+    if last and (again := last.get(key)):  # a resumed run asks again for what was sent
+        return request.reply(again["state"], again["examples"], again["metrics"])
     ledger = device_ledger.open(run, settings.accountant)
     trainer = LocalTrainer(settings, n_speakers)
     planned = (trainer.dp_plan(len(feats), step_fraction=request.step_fraction, speakers=len(set(labels)))
@@ -85,6 +93,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics[wire.EPSILON] = ledger.epsilon(settings.delta)
         metrics[wire.LIFETIME_EPSILON] = ledger.lifetime_epsilon(settings.delta)
     own_classes = sorted(set(labels)) if settings.class_vectors == "own" else None
+    if last and own_classes is None:
+        last.put(key, trainer.model.state_dict(), len(feats), metrics)
     return request.reply(trainer.model.state_dict(), len(feats), metrics, own_classes=own_classes)
 
 
@@ -112,6 +122,36 @@ def partition(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config.get("partition-id", -1)) if is_simulated(context) else -1
     return Message(content=RecordDict({wire.NODE: ConfigRecord({wire.PARTITION_ID: partition_id})}),
                    reply_to=msg)
+
+
+@app.query("backend")
+def backend(msg: Message, context: Context) -> Message:
+    """The scoring back end's statistics of this node's training recordings under the
+    global model the message carries (client/backend.py); only a sum and a count leave."""
+    torch.set_num_threads(1)
+    settings = RunSettings.from_run_config(context.run_config)
+    config = msg.content[wire.CONFIG]
+    speakers = wire.speakers_from_config(config)
+    model = build_model(settings, len(speakers))
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    feats, labels = training_examples(settings, context, speakers)
+    run = str(config.get(wire.FEDERATION_ID, "")) or f"run-{context.run_id}"
+    device_ledger = DeviceLedger(ledger_path(settings, context, run))
+    ledger = device_ledger.open(run, settings.accountant)
+    policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
+    sums, metrics = backend_statistics(
+        settings, model, feats, labels, ledger,
+        refusal=(lambda step: policy.backend_refusal(settings, ledger, step)) if policy else None)
+    if wire.REFUSAL in metrics:
+        return Message(content=RecordDict({wire.REFUSAL: ConfigRecord({wire.REASON: metrics[wire.REFUSAL]})}),
+                       reply_to=msg)
+    content = RecordDict({wire.METRICS: MetricRecord(metrics),
+                          wire.CONFIG: ConfigRecord({wire.FINGERPRINT: encoder_fingerprint(model)})})
+    if sums is not None:
+        if settings.backend_privacy:
+            device_ledger.record(run, ledger)
+        content[wire.BACKEND] = ArrayRecord({wire.BACKEND_SUM: sums.total.contiguous()})
+    return Message(content=content, reply_to=msg)
 
 
 @app.query("own_classes")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedspeaker import wire
+from fedspeaker.evaluation.operating_point import accepts
 from fedspeaker.evaluation.scoring import embed
 
 
@@ -26,8 +27,8 @@ def score_on_device(model: nn.Module, *, enrol: tuple[list[torch.Tensor], list[i
     counts = dict.fromkeys(wire.EVALUATION_COUNTS, 0)
     if not test_feats or not enrol[0]:
         return counts
-    raw = embed(model, test_feats)
-    test = F.normalize(raw, dim=1)
+    raw = embed(model, test_feats, raw=True)
+    test = F.normalize(model.backend(raw), dim=1)
     labels = torch.tensor(test_labels)
     enrolled = F.normalize(embed(model, enrol[0]), dim=1)
     enrol_labels = torch.tensor(enrol[1])
@@ -40,8 +41,8 @@ def score_on_device(model: nn.Module, *, enrol: tuple[list[torch.Tensor], list[i
         wire.NUM_EXAMPLES: len(test_feats),
         wire.ID_CORRECT: int((model.head(raw).argmax(dim=1) == labels).sum()),
         wire.TARGET_TRIALS: len(owned),
-        wire.FALSE_REJECTS: int((owner_scores < threshold).sum()),
+        wire.FALSE_REJECTS: int((~accepts(owner_scores, threshold)).sum()),
         wire.IMPOSTOR_TRIALS: impostor_scores.numel(),
-        wire.FALSE_ACCEPTS: int((impostor_scores >= threshold).sum()),
+        wire.FALSE_ACCEPTS: int(accepts(impostor_scores, threshold).sum()),
     })
     return counts

@@ -38,6 +38,7 @@ DROPOUT_MODES = ("raise", "silent")
 DP_UNITS = ("utterance", "speaker")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 CLASS_VECTORS = ("shared", "own")
+RELEASES = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class RunSettings:
     trial_list: str = ""  # a VoxCeleb-format list (label enrol test), paths under data-dir
     score_norm: str = "none"  # "s-norm": adaptive s-norm against training-speaker embeddings
     cohort_top: int = 100  # s-norm: the closest cohort scores each side is normalised by
+    # Decisions on a device: a voiceprint of enrol-recordings recordings against one; the
+    # threshold meets operating-point ("eer" or "far:X") on validation trials
+    operating_point: str = "far:0.01"
+    enrol_recordings: int = 3
+    release: str = "best"  # the model saved: the best round by validation, or the last
     # Evaluation on the devices, without central data (Flower's evaluate messages)
     fraction_evaluate: float = 0.0  # share of clients that score the model each round; 0: none
     cohort_size: int = 200  # impostor embeddings the server sends them (from its public cohort)
@@ -124,6 +130,10 @@ class RunSettings:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     dp_unit: str = "utterance"  # what DP-SGD protects: one utterance, or one speaker's utterances
+    # Scoring back end: the devices' in-domain mean embedding, asked for at round 0 and
+    # after the last round, subtracted before cosine scoring (fedspeaker/model/backend.py)
+    backend: bool = True
+    backend_epsilon: float = 0.0  # under DP, the share of epsilon its releases spend; 0: epsilon/8
     # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
     # (and the server could regenerate them); a deployed device always draws them from the
     # operating system's entropy, whatever this says
@@ -193,6 +203,11 @@ class RunSettings:
         _at_least("max-trials", self.max_trials, 0)
         _at_least("cohort-top", self.cohort_top, 2)
         _at_least("cohort-size", self.cohort_size, 1)
+        from fedspeaker.evaluation.operating_point import OperatingPoint
+
+        OperatingPoint.parse(self.operating_point)
+        _at_least("enrol-recordings", self.enrol_recordings, 1)
+        _choice("release", self.release, RELEASES)
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _choice("partition", self.partition, PARTITIONS)
@@ -235,7 +250,7 @@ class RunSettings:
         if self.min_train_nodes > self.num_clients:
             raise ConfigError(f"min-train-nodes ({self.min_train_nodes}) is more than num-clients "
                               f"({self.num_clients}): the server would wait forever")
-        _at_least("rounds", self.rounds, 0)  # 0: score the starting model, ask nothing
+        _at_least("rounds", self.rounds, 0)  # 0: the starting model (and its back end) only
         _at_least("local-epochs", self.local_epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _at_least("n-mels", self.n_mels, 8)
@@ -266,6 +281,27 @@ class RunSettings:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.dp and self.noise_multiplier == 0.0:
             _positive("epsilon", self.epsilon)
+        _at_least("backend-epsilon", self.backend_epsilon, 0.0)
+        if self.backend and self.dp and self.noise_multiplier == 0.0 and self.backend_epsilon >= self.epsilon:
+            raise ConfigError(f"backend-epsilon ({self.backend_epsilon:g}) must be below epsilon "
+                              f"({self.epsilon:g}): the rest is DP-SGD's")
+
+    @property
+    def backend_releases(self) -> int:
+        """How often the devices release back-end statistics: at round 0 and after the last."""
+        return 2 if self.rounds > 0 else 1
+
+    @property
+    def backend_privacy(self) -> float:
+        """The epsilon the back end's releases spend under sample-level DP (0 without)."""
+        if not (self.backend and self.dp and not self.secagg and self.user_dp == "off"):
+            return 0.0
+        return self.backend_epsilon or self.epsilon / 8
+
+    @property
+    def dpsgd_epsilon(self) -> float:
+        """The epsilon DP-SGD's noise is calibrated for: the run's, less the back end's."""
+        return self.epsilon - self.backend_privacy
 
     @property
     def clients_per_round(self) -> int:

@@ -81,6 +81,25 @@ a round draws some of the clients: the answer's ``node`` record (a ConfigRecord)
 ``partition-id`` (int: the simulated node's partition, -1 on a real device). A
 simulation's node ids are new random numbers at every launch; the seeded draw goes by
 partition id, so the same seed trains the same simulated clients.
+
+Server -> client, ``query.backend`` message (``arrays``: the global model; ``config``:
+``speakers`` and ``federation-id`` as in a train message), sent to every connected node
+at round 0 and after the last round: the statistics of the scoring back end
+(fedspeaker/model/backend.py), computed with the raw (un-adapted) embeddings of this
+node's training recordings under that model. The reply:
+
+======================  ===========  ============================================
+``backend`` record      ArrayRecord  ``sum``: the sum of the units' vectors, each of
+                                     norm <= 1 (privacy/backend_stats.py), noised on
+                                     the device under sample-level DP
+``metrics`` record      MetricRecord ``count`` (float: units summed, noised under
+                                     sample-level DP); ``epsilon`` (DP runs: the
+                                     ledger after this release); ``sat-out-for-budget``
+                                     (1: the release would pass its budget; no sum)
+``config`` record       ConfigRecord ``fingerprint`` (str: the encoder weights the
+                                     sum was computed with; a reply under other
+                                     weights is not counted)
+======================  ===========  ============================================
 """
 
 from __future__ import annotations
@@ -119,6 +138,11 @@ QUERY_OWN_CLASSES = "query.own_classes"  # answered with a FEDAWS record
 QUERY_PARTITION = "query.partition"  # answered with a NODE record
 NODE = "node"
 PARTITION_ID = "partition-id"
+QUERY_BACKEND = "query.backend"  # answered with BACKEND (sum), METRICS (count) and CONFIG
+BACKEND = "backend"
+BACKEND_SUM = "sum"
+BACKEND_COUNT = "count"
+FINGERPRINT = "fingerprint"
 
 # server -> client (evaluate) and back
 THRESHOLD = "threshold"

@@ -24,6 +24,8 @@ from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
+from fedspeaker.evaluation.release import released_row
+from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
@@ -36,8 +38,9 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.device_eval import DeviceEvaluation
+from server.backend import ask_nodes, combine, device_level_noise
 from server.outcomes import RoundOutcome, failure_message, row_counts, run_outcome
-from server.strategies import build_strategy, user_epsilon
+from server.strategies import ScreenedStrategy, build_strategy, user_epsilon
 
 app = ServerApp()
 
@@ -50,7 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings, data.n_speakers)
     checkpoint = Checkpoint.load(settings) if settings.resume else None
     report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [])
-    rounds = RoundTracker(settings, data, model, report, checkpoint,
+    rounds = RoundTracker(settings, data, model, report, checkpoint, grid=grid,
                           simulated=isinstance(grid, InMemoryGrid))
     if settings.secagg:
         from server.secure import run_secure_aggregation
@@ -86,8 +89,10 @@ class RoundTracker:
     """Joins each round's client metrics with the central evaluation into one report row."""
 
     def __init__(self, settings: RunSettings, data: SpeakerData, model: torch.nn.Module,
-                 report: RunReport, checkpoint: Checkpoint | None = None, *, simulated: bool = True) -> None:
+                 report: RunReport, checkpoint: Checkpoint | None = None, grid: Grid | None = None, *,
+                 simulated: bool = True) -> None:
         self.settings, self.data, self.model, self.report = settings, data, model, report
+        self.grid = grid  # to ask the devices for the scoring back end's statistics
         self.simulated = simulated  # False: real devices, whose data the server never sees
         self.offset = checkpoint.round if checkpoint else 0  # rounds done before a resume
         self.federation_id = checkpoint.federation_id if checkpoint else uuid.uuid4().hex
@@ -102,6 +107,8 @@ class RoundTracker:
         self.device_epsilon: dict[int, float] = {}
         self.devices_sat_out: set[int] = set()
         self.not_trained: Counter = Counter()  # "reason: text" -> clients, over this launch's rounds
+        # the release candidate under release=best: the best round so far and its arrays
+        self.release: dict | None = checkpoint.release if checkpoint else None
 
     @cached_property
     def evaluation(self) -> EvaluationSet:
@@ -161,33 +168,84 @@ class RoundTracker:
         """Flower's hook after every round, and before the first: round 0, the starting
         model (the pretrained encoder), so every report shows what federating added."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
+        first = server_round == 0 and self.offset == 0
+        adapted = self.adapt_backend(arrays) if first or (
+            server_round > 0 and server_round + self.offset == self.settings.rounds) else {}
         scores = evaluate(self.model, self.evaluation)
-        if server_round == 0 and self.offset == 0:
+        if first:
             now = time.monotonic()
-            row = {"round": 0, **scores, "round_seconds": now - self.round_started,
+            row = {"round": 0, **scores, **adapted, "round_seconds": now - self.round_started,
                    "seconds": now - self.started}
+            if adapted and self.strategy is not None:  # device-level DP: the back end's release
+                row["user_epsilon"] = user_epsilon(self.strategy)
             self.report.add_round(row)
+            self.keep_if_released(arrays)
             flwr_log(INFO, "%s", progress_line(row))
         elif server_round > 0:
             server_round += self.offset
             now = time.monotonic()
-            row = {"round": server_round, **scores, **self.client_metrics, **self.device_metrics,
+            row = {"round": server_round, **scores, **self.client_metrics, **self.device_metrics, **adapted,
                    "user_epsilon": user_epsilon(self.strategy) if self.strategy else math.nan,
                    "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             # checkpoint first: a round that rounds.csv shows can always be resumed from
+            rows = [*self.report.rows, row]
+            self.keep_if_released(arrays, rows)
             if self.strategy is not None:  # the SecAgg+ workflow keeps its state inside Flower
-                self.checkpoint(server_round, arrays, [*self.report.rows, row], now - self.started)
+                self.checkpoint(server_round, arrays, rows, now - self.started)
             self.report.add_round(row)
             flwr_log(INFO, "%s", progress_line(row))  # Flower's logger: `flwr run --stream` shows it
             self.client_metrics, self.device_metrics = {}, {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
 
+    def keep_if_released(self, arrays: ArrayRecord, rows: list[dict[str, float]] | None = None) -> None:
+        """Under release=best, hold this round's arrays if it is now the one to release
+        (chosen by the validation signal alone)."""
+        rows = rows or self.report.rows
+        if self.settings.release == "best" and released_row(rows, "best") is rows[-1]:
+            self.release = {"round": int(rows[-1]["round"]), "arrays": portable_arrays(arrays),
+                            "backend": self.model.backend.to_dict()}
+
+    def adapt_backend(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Ask every device for the back end's statistics under ``arrays`` (already loaded
+        into the model) and install the back end in the model; the row's columns about it.
+        Under device-level DP the noise is added here and the release accounted with the
+        rounds'. A failure costs the back end, never the run."""
+        s = self.settings
+        if not s.backend or self.grid is None:
+            return {}
+        if s.secagg:
+            flwr_log(WARNING, "backend: not computed under secagg (Flower's SecAgg+ workflow sums "
+                     "only training updates, and the server would see each device's sum)")
+            return {}
+        started = time.monotonic()
+        fingerprint = encoder_fingerprint(self.model)
+        config = ConfigRecord({wire.SPEAKERS: list(self.data.split.speakers),
+                               wire.FEDERATION_ID: self.federation_id})
+        try:
+            collected = combine(ask_nodes(self.grid, arrays, config, s.round_timeout), fingerprint)
+        except FedSpeakerError as exc:
+            flwr_log(WARNING, "backend: %s", exc)
+            return {}
+        if s.user_dp != "off":
+            collected = device_level_noise(collected, s.user_noise_multiplier)
+            screened = _screened(self.strategy)
+            if screened is not None and screened.device_dp is not None:
+                screened.device_releases.append((s.user_noise_multiplier, collected.devices,
+                                                 collected.devices, 1.0))
+        install_backend(self.model, mean_of_sums(*collected.sums), fingerprint, collected.sums.count)
+        row = {"backend_devices": float(collected.devices), "backend_refused": float(collected.refused),
+               "backend_seconds": time.monotonic() - started}
+        if not math.isnan(collected.epsilon_max):  # the devices' ledgers after this release
+            row["epsilon_max"] = max(collected.epsilon_max, self.client_metrics.get("epsilon_max", 0.0))
+            row["epsilon_mean"] = collected.epsilon_mean
+        return row
+
     def cohort(self, arrays: ArrayRecord) -> tuple[float, torch.Tensor]:
-        """What devices score against: this model's accept threshold (its EER operating
-        point on the server's public cohort, the unseen speakers) and a seeded sample of
-        ``cohort-size`` of the cohort's embeddings."""
+        """What devices score against: this model's accept threshold (its operating point,
+        fitted on the validation trials) and a seeded sample of ``cohort-size`` of the
+        embeddings of the server's public cohort, the unseen speakers."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
         threshold = evaluate(self.model, self.evaluation)["threshold"]
         feats = self.evaluation.verify_feats
@@ -216,15 +274,22 @@ class RoundTracker:
             Checkpoint(round=server_round, arrays=portable_arrays(arrays),
                        strategy=strategy_state(self.strategy), rows=rows, seconds=seconds,
                        federation_id=self.federation_id, run_config=self.settings.to_run_config(),
-                       random_state=random_state()).save(self.settings.out_dir_path)
+                       random_state=random_state(), release=self.release).save(self.settings.out_dir_path)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the federation goes on
             flwr_log(WARNING, "round %d: could not write checkpoint.pt (%s: %s); the run goes on, "
                      "but cannot be resumed from this round", server_round, type(exc).__name__, exc)
 
     def finish(self, arrays: ArrayRecord) -> None:
-        """Write the outputs; then, if no round trained anyone, fail the run (Flower marks a
-        ServerApp that raises as failed; `fedspeaker simulate` exits 1 on its summary)."""
+        """Save the released model (release=best: the best round's; last: ``arrays``, the
+        final model) and the summary; then, if no round trained anyone, fail the run (Flower
+        marks a ServerApp that raises as failed; `fedspeaker simulate` exits 1 on its summary)."""
+        release = getattr(self, "release", None)
+        if release is not None:
+            arrays = restored_arrays(release["arrays"])
         self.model.load_state_dict(arrays.to_torch_state_dict())
+        if release is not None and release.get("backend"):  # the released round's own back end
+            backend = release["backend"]
+            install_backend(self.model, backend["mean"], backend["fingerprint"], backend["count"])
         scores = evaluate(self.model, self.evaluation)
         summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
                               mode="federated", evaluation=self.evaluation, simulated=self.simulated,
@@ -240,6 +305,13 @@ class RoundTracker:
 
 class RunFailed(FedSpeakerError):
     """No client trained in any round: the run's model is the one it started from."""
+
+
+def _screened(strategy: Strategy | None) -> ScreenedStrategy | None:
+    """The run's ScreenedStrategy under its wrappers (it keeps the device-level releases)."""
+    while strategy is not None and not isinstance(strategy, ScreenedStrategy):
+        strategy = getattr(strategy, "strategy", None)
+    return strategy
 
 
 def refusal_counts(reasons: list[str]) -> dict[str, float]:

@@ -3,8 +3,8 @@
 A checkpoint holds the global arrays (in the strategy's own dtype: FedAdam computes in
 float64 and goes on from the arrays it sent, so a float32 copy would drift), the strategy's state (FedAdam's moments, FedAvgM's
 momentum, the DP wrappers' clipping norm and accountant...), the report rows so far,
-the federation's id (clients key their privacy ledgers by it) and the server's random
-state. Strategy state is taken generically, as every attribute of the strategy and of
+the federation's id (clients key their privacy ledgers by it), the server's random
+state and the release candidate (the best round so far and its arrays). Strategy state is taken generically, as every attribute of the strategy and of
 the strategies it wraps that is not a function, so a strategy added later is covered.
 """
 
@@ -38,6 +38,8 @@ class Checkpoint:
     federation_id: str
     run_config: dict[str, Any]
     random_state: dict[str, Any] = field(default_factory=dict)
+    # release=best: the best round so far by validation, {"round", "arrays"}; None otherwise
+    release: dict[str, Any] | None = None
 
     def save(self, out_dir: Path) -> Path:
         """Atomically: a server killed while writing leaves the previous checkpoint."""

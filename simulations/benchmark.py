@@ -3,9 +3,11 @@
     python -m simulations.benchmark [--rounds R] [--clients N] [--data-dir D] [--out DIR]
                                     [--set KEY=VALUE ...]
 
-Runs, on the same corpus, split and seed: the default federation (sample-level DP,
-target epsilon 8) whose round 0 is the zero-shot encoder, the same federation without
-DP and at epsilon 1, and the central fine-tune without and with DP (the upper bounds).
+Runs, on the same corpus, split and seed: the zero-shot encoder (no back end, no
+training), the back end alone (`--rounds 0`: the devices' DP mean, no training), the
+default federation (sample-level DP, target epsilon 8, back end at round 0 and after the
+last round), the same federation without DP and at epsilon 1, and the central fine-tune
+without and with DP (the upper bounds).
 Federations go through Flower's Simulation Engine. Prints each run's figures and the
 ratios the README quotes, each against its aim. Nothing is timed in the tests; the
 figures come from here.
@@ -48,6 +50,9 @@ def main() -> None:
 
     results = {}
     for name, settings, run in (
+        ("zero_shot", base.replace(rounds=0, backend=False, dp=False, out_dir=str(out / "zero_shot")),
+         run_central),
+        ("backend_alone", base.replace(rounds=0, out_dir=str(out / "backend_alone")), run_federation),
         ("federated_dp", base.replace(out_dir=str(out / "federated_dp")), run_federation),
         ("federated", base.replace(dp=False, out_dir=str(out / "federated")), run_federation),
         ("federated_dp_eps1", base.replace(epsilon=1.0, out_dir=str(out / "federated_dp_eps1")),
@@ -59,22 +64,20 @@ def main() -> None:
         run(settings, on_round=lambda line: print("  " + line, flush=True))
         results[name] = json.loads((Path(settings.out_dir) / "summary.json").read_text())
 
-    start = results["federated_dp"]["start"]
+    start = results["zero_shot"]["final"]
     rows = [r for r in read_rounds(out / "federated_dp" / "rounds.csv") if r["round"] > 0]
     print(f"\nsettings: model {base.model}, {base.num_clients} clients, {base.rounds} rounds, "
           f"{base.partition} alpha {base.alpha}, {base.local_epochs} local epoch(s), lr {base.lr}"
           f"{f', head lr {base.head_lr}' if base.head_lr else ''}, DP epsilon {base.epsilon} "
           f"delta {base.delta}; {results['federated_dp']['verification']['chosen']}")
-    print(f"{'run':18s} {'accuracy':>9s} {'voiceprint':>10s} {'EER':>7s} {'minDCF':>7s} "
+    print(f"{'run':18s} {'voiceprint':>10s} {'EER':>7s} {'minDCF':>7s} {'head':>6s} "
           f"{'epsilon':>8s} {'wall s':>7s}")
-    print(f"{'zero-shot (rnd 0)':18s} {start['accuracy']:9.3f} {start['voiceprint_accuracy']:10.3f} "
-          f"{start['eer']:7.3f} {start['min_dcf']:7.3f} {'':>8s} {'':>7s}")
     for name, summary in results.items():
         final = summary["final"]
         eps = final.get("epsilon_max")
-        print(f"{name:18s} {final['accuracy']:9.3f} {final['voiceprint_accuracy']:10.3f} "
-              f"{final['eer']:7.3f} {final['min_dcf']:7.3f} "
-              f"{eps if eps is not None else math.nan:8.2f} {summary['wall_seconds']:7.1f}")
+        print(f"{name:18s} {final['voiceprint_accuracy']:10.3f} {final['eer']:7.3f} {final['min_dcf']:7.3f} "
+              f"{final['accuracy']:6.3f} {eps if eps is not None else math.nan:8.2f} "
+              f"{summary['wall_seconds']:7.1f}")
 
     dp, plain, eps1 = (results[k]["final"] for k in ("federated_dp", "federated", "federated_dp_eps1"))
     central = results["central"]["final"]

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
+from client.backend import backend_statistics
 from fedspeaker.config import RunSettings
+from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
+from fedspeaker.evaluation.release import released_row
 from fedspeaker.evaluation.scoring import EvaluationSet, evaluate
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from fedspeaker.data.partition import client_shards
+
+
+def _adapt(settings: RunSettings, model, feats, labels, ledger: PrivacyLedger) -> dict[str, float]:
+    """The scoring back end from the one party's data, released and accounted as a device's."""
+    if not settings.backend:
+        return {}
+    sums, metrics = backend_statistics(settings, model, feats, labels, ledger)
+    if sums is None:
+        return {}
+    install_backend(model, mean_of_sums(*sums), encoder_fingerprint(model), sums.count)
+    row = {"backend_devices": 1.0}
+    if "epsilon" in metrics:
+        row["epsilon_max"] = row["epsilon_mean"] = float(metrics["epsilon"])
+    return row
 
 
 def run_central(settings: RunSettings, on_round=print) -> dict:
@@ -28,25 +46,34 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     ledger = PrivacyLedger(settings.accountant)
     report = RunReport(settings.out_dir_path)
     started = time.monotonic()
+    adapted = _adapt(settings, trainer.model, feats, labels, ledger)
     scores = evaluate(trainer.model, evaluation)
-    row = {"round": 0, **scores, "round_seconds": time.monotonic() - started,
+    row = {"round": 0, **scores, **adapted, "round_seconds": time.monotonic() - started,
            "seconds": time.monotonic() - started}  # the starting model
+    if settings.rounds:  # training changes the weights in place: the back end is theirs no more
+        trainer.model.backend.clear()
     report.add_round(row)
     on_round(progress_line(row))
+    released = copy.deepcopy(trainer.model.state_dict())  # release=best: the best round's, so far
     for epoch_round in range(1, settings.rounds + 1):
         round_started = time.monotonic()
         loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
                              seeded_noise=settings.seeded_noise,
                              planned_epochs=settings.rounds * settings.local_epochs)
         train_seconds = time.monotonic() - round_started
+        adapted = _adapt(settings, trainer.model, feats, labels, ledger) if epoch_round == settings.rounds else {}
         scores = evaluate(trainer.model, evaluation)
         eps = ledger.epsilon(settings.delta) if settings.dp else float("nan")
         now = time.monotonic()
         row = {"round": epoch_round, **scores, "epsilon_max": eps, "epsilon_mean": eps,
                "train_loss": loss, "clients": 1, "client_train_seconds": train_seconds,
-               "round_seconds": now - round_started, "seconds": now - started}
+               "round_seconds": now - round_started, "seconds": now - started, **adapted}
         report.add_round(row)
         on_round(progress_line(row))
+        if released_row(report.rows, settings.release) is row:
+            released = copy.deepcopy(trainer.model.state_dict())
+    trainer.model.load_state_dict(released)
+    scores = evaluate(trainer.model, evaluation)
     summary = run_summary(settings, data, report.rows, time.monotonic() - started, mode="central",
                           evaluation=evaluation)
     report.finish(summary, model_bundle(settings, data.split.speakers, trainer.model, scores, evaluation))

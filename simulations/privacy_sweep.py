@@ -34,7 +34,9 @@ def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int]
                 description="FedAvg without DP, with sample-level DP-SGD at each target epsilon, "
                             "and with user-level DP (Flower's server-side fixed clipping) at each "
                             "noise multiplier",
-                strategies=["fedavg"], seeds=seeds, central=False, options=options or {},
+                strategies=["fedavg"], seeds=seeds, central=False,
+                # the audit attacks the model whose (final-round) figures the sweep reports
+                options={"release": "last", **(options or {})},
                 partitions={"default": {}}, scenarios=scenarios)
 
 

@@ -94,3 +94,14 @@ def test_a_ledger_on_disk_never_silently_restarts(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(FedSpeakerError, match="unreadable privacy ledger"):
         PrivacyLedger.load(path, "rdp")
+
+
+def test_the_checkpoint_keeps_the_release_candidate(tmp_path: Path) -> None:
+    settings = RunSettings(out_dir=str(tmp_path), rounds=5)
+    checkpoint = checkpoint_for(settings, 3)
+    checkpoint.release = {"round": 1, "arrays": {"w": np.array([1.5, -2.0], np.float32)}}
+    checkpoint.save(tmp_path)
+    release = Checkpoint.load(settings.replace(resume=True)).release
+    assert release["round"] == 1 and np.array_equal(release["arrays"]["w"], [1.5, -2.0])
+    checkpoint_for(settings, 3).save(tmp_path)  # release=last keeps none
+    assert Checkpoint.load(settings.replace(resume=True)).release is None

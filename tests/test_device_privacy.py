@@ -240,8 +240,8 @@ def test_a_deployment_summary_carries_no_simulated_group_bound(synthetic_corpus,
     settings = small(synthetic_corpus.root, cache_dir)
     data = load_speaker_data(settings)
     evaluation = EvaluationSet.of(data, settings)
-    rows = [{"round": 0.0, "accuracy": 0.1, "eer": 0.4},
-            {"round": 1.0, "accuracy": 0.2, "eer": 0.3, "epsilon_max": 1.5, "epsilon_mean": 1.5,
+    rows = [{"round": 0.0, "accuracy": 0.1, "eer": 0.4, "val_frr": 0.5},
+            {"round": 1.0, "accuracy": 0.2, "eer": 0.3, "val_frr": 0.4, "epsilon_max": 1.5, "epsilon_mean": 1.5,
              "lifetime_epsilon_max": 4.0}]
     simulated = run_summary(settings, data, rows, 1.0, mode="federated", evaluation=evaluation)
     deployed = run_summary(settings, data, rows, 1.0, mode="federated", evaluation=evaluation, simulated=False)
@@ -249,3 +249,20 @@ def test_a_deployment_summary_carries_no_simulated_group_bound(synthetic_corpus,
     assert "group" not in deployed["privacy"]
     assert "lifetime epsilon of at most 4.00" in deployed["privacy"]
     assert deployed["lifetime_epsilon_max"] == 4.0
+
+
+def test_a_round_asked_again_after_a_server_crash_is_answered_again_and_spends_no_more_ledger(
+        synthetic_corpus, cache_dir, tmp_path):
+    from client.app import train
+
+    settings = small(synthetic_corpus.root, cache_dir)
+    phone = device(settings, synthetic_corpus.root, tmp_path / "phone")
+    first = train(train_message(settings, synthetic_corpus.speakers, 1, "fed"), phone)
+    again = train(train_message(settings, synthetic_corpus.speakers, 1, "fed"), phone)  # a resumed run
+    assert torch.equal(weights(first), weights(again))
+    assert again.content["metrics"][wire.EPSILON] == first.content["metrics"][wire.EPSILON]
+    runs = json.loads((tmp_path / "phone" / "privacy-ledger.json").read_text())["runs"]
+    assert PrivacyLedger.from_lists("rdp", runs["fed"]).epsilon(settings.delta) == pytest.approx(
+        first.content["metrics"][wire.EPSILON])  # the ledger holds one round's steps, not two
+    nxt = train(train_message(settings, synthetic_corpus.speakers, 2, "fed"), phone)  # a new round trains
+    assert nxt.content["metrics"][wire.EPSILON] > first.content["metrics"][wire.EPSILON]

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedspeaker.model.bundle import SpeakerModel
 from tests.conftest import TEST_MARKER
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "dspspeech20-mini"
@@ -87,6 +89,37 @@ def test_fine_tuning_the_pretrained_encoder_does_not_end_worse_than_it_started(f
     rows = list(csv.DictReader(open(out / "rounds.csv")))
     assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
     assert float(rows[0]["voiceprint_accuracy"]) > 0.5  # pretrained: far above chance at round 0
+
+
+def test_the_released_model_is_the_best_round_by_validation_with_its_operating_point(federation) -> None:
+    out, result = federation
+    rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(out / "rounds.csv"))]
+    summary = json.loads((out / "summary.json").read_text())
+    best = min(rows, key=lambda r: r["val_frr"])  # the first of ties, round 0 competing
+    released = summary["released"]
+    assert released["round"] == best["round"] and "validation" in released["why"]
+    assert released["eer"] == pytest.approx(best["eer"], abs=1e-5)  # the reported figures are its
+    for name, row in (("start", rows[0]), ("released", best)):
+        point = summary[name]["operating_point"]
+        assert point["target"] == "far:0.01"
+        for key in ("threshold", "far", "frr", "frr_at_far_1pct"):
+            assert point[key] == pytest.approx(row[key], abs=1e-5), (name, key)
+        assert 0 < summary[name]["cllr"]
+    bundle = torch.load(out / "global_model.pt", weights_only=True)
+    assert bundle["verification"]["threshold"] == pytest.approx(best["threshold"], abs=1e-5)
+    assert f"released round {int(best['round'])}" in result.stdout
+
+
+def test_round_zero_and_the_last_round_score_with_the_devices_back_end(federation) -> None:
+    """The devices' statistics are asked for at round 0 and after the last round (all 3
+    devices count), the saved model holds the last back end, and the privacy sentence says
+    how epsilon was split between it and DP-SGD."""
+    out, _ = federation
+    rows = list(csv.DictReader(open(out / "rounds.csv")))
+    assert [r["backend_devices"] for r in rows] == ["3", "nan", "nan", "3"]
+    backend = SpeakerModel.load(out / "global_model.pt").model.backend
+    assert backend.active and 0 < float(backend.mean.norm()) < 3
+    assert "is split" in json.loads((out / "summary.json").read_text())["privacy"]
 
 
 def test_client_epsilon_accumulates_across_rounds(federation) -> None:
@@ -265,7 +298,8 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
 
     common = ["--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "1", "--no-dp",
               "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "channels=32",
-              "--set", "local-epochs=1", "--set", "dropout=0.5"]
+              "--set", "local-epochs=1", "--set", "dropout=0.5",
+              "--set", "release=last"]  # the trained round's models are compared, not the best round's
     secure = run_cli("simulate", *common, "--out", str(tmp_path / "secure"), "--set", "secagg=true")
     assert secure.returncode == 0, secure.stdout + secure.stderr
     plain = run_cli("simulate", *common, "--out", str(tmp_path / "plain"))

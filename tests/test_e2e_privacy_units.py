@@ -28,7 +28,8 @@ def test_speaker_level_dp_sgd_under_poisson_sampled_device_dp(tiny_corpus: Path,
                      "--set", f"cache-dir={cache}", "--set", "speakers-per-client=3",
                      "--set", "dp-unit=speaker", "--set", "user-dp=server-fixed",
                      "--set", "client-sampling=poisson", "--set", "fraction-train=0.5",
-                     "--set", "user-noise-multiplier=0.8", "--set", "batch-size=2")
+                     "--set", "user-noise-multiplier=0.8", "--set", "batch-size=2",
+                     "--set", "backend=false")  # the training's units alone (the back end: test_backend.py)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if float(r["round"]) > 0]
     for r, row in enumerate(rows, 1):  # every round counts, however many devices it drew
@@ -38,7 +39,8 @@ def test_speaker_level_dp_sgd_under_poisson_sampled_device_dp(tiny_corpus: Path,
     releases = torch.load(out / "checkpoint.pt", weights_only=False)["strategy"][0]["device_releases"]
     assert [(noise, population, rate) for noise, _, population, rate in releases] == [(0.8, 4, 0.5)] * 3
     assert [int(float(r["clients"])) for r in rows] == [sampled for _, sampled, _, _ in releases]
-    ledgers = [json.loads(p.read_text()) for p in (cache / "client-state").glob("partition-*/ledgers/*.json")]
+    ledgers = [run for p in (cache / "client-state").glob("*/partition-*/privacy-ledger.json")
+               for run in json.loads(p.read_text())["runs"].values()]  # one simulated device per run
     assert ledgers and all(ledger["unit"] == "speaker" for ledger in ledgers)
     # 3 speakers a client in batches of up to 2: 2 batches an epoch, sample rate 1/2 of speakers
     assert all(rate == 0.5 for ledger in ledgers for rate in ledger["rate"])

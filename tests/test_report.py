@@ -23,4 +23,4 @@ def test_round_zero_is_the_first_row_line_and_point(tmp_path):
     assert math.isnan(float(rows[0]["epsilon_max"]))  # nothing spent before the first round
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "global_model.pt").exists()
     assert "the starting model" in progress_line(start)
-    assert "voiceprint 0.930" in progress_line(trained[0]) and "minDCF 0.960" in progress_line(trained[0])
+    assert "voiceprint 0.930" in progress_line(trained[0]) and "training head 0.300" in progress_line(trained[0]) and "minDCF 0.960" in progress_line(trained[0])

@@ -24,6 +24,7 @@ from fedspeaker.privacy.accounting import GROUP_DISCRETIZATION, GroupBound, grou
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.reporting.run_report import speaker_group_bound
+from fedspeaker.privacy.backend_stats import backend_noise_multiplier, release_step
 from fedspeaker.training.local import LocalTrainer, dp_plan
 from fedspeaker.training.loops import (
     CropDataset,
@@ -174,7 +175,12 @@ def test_the_summary_bounds_the_speaker_with_the_most_utterances_in_one_client()
     parties = [["a"] * 3 + ["b"] * 9, ["c"] * 12 + ["d"] * 10, ["e"] * 5]
     bound = speaker_group_bound(settings, parties, rounds=3)
     plan = tuple(dp_plan(settings, 22))  # that client's DP-SGD: 22 utterances
-    assert bound == GroupBound(12, pytest.approx(group_epsilon(history=[plan] * 3, size=12, delta=1e-5)), 1e-5)
+    releases = [tuple(release_step(backend_noise_multiplier(settings)))] * 2  # and the back end's, rate 1
+    assert bound == GroupBound(12, pytest.approx(group_epsilon(history=[plan] * 3 + releases, size=12,
+                                                               delta=1e-5)), 1e-5)
+    alone = speaker_group_bound(settings.replace(backend=False), parties, rounds=3)
+    assert alone == GroupBound(12, pytest.approx(group_epsilon(history=[plan] * 3, size=12, delta=1e-5)), 1e-5)
+    assert alone.epsilon < bound.epsilon
     assert speaker_group_bound(settings, [["a", "b"], ["c"]], rounds=3) is None  # nobody has two
     text = guarantee_sentence(settings, 4.0, group=bound)
     assert "the unit is one utterance" in text and "(12 utterances) is protected only at epsilon=" in text

@@ -55,7 +55,8 @@ def verify(args: argparse.Namespace) -> int:
                       Path(args.audio), args.threshold)
     verdict = "accept" if decision.accept else "reject"
     relation = ">=" if decision.accept else "<"
-    print(f"{verdict}: {args.audio} as {args.speaker!r}: score {decision.score:.3f} {relation} "
+    llr = "" if decision.llr is None else f" (LLR {decision.llr:+.2f})"
+    print(f"{verdict}: {args.audio} as {args.speaker!r}: score {decision.score:.3f}{llr} {relation} "
           f"threshold {decision.threshold:.3f} ({decision.threshold_source})")
     return 0 if decision.accept else 1
 
@@ -82,5 +83,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speaker", required=True, help="the claimed speaker")
     p.add_argument("--enrolments", help="enrolment file (default: enrolments.json next to MODEL)")
     p.add_argument("--threshold", type=float, help="accept at or above this cosine score (default: "
-                   "the EER operating point on unseen speakers, saved with the model)")
+                   "the model's operating point, fitted on validation speakers, saved with it)")
     p.add_argument("audio", help="the recording to verify")

@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="corpus root: <root>/<speaker>/<utterance>.{wav,flac} "
                        "(default: the bundled DSPSpeech-20 mini)")
         p.add_argument("--clients", type=_positive(int), help=f"number of clients (default {d.num_clients})")
-        p.add_argument("--rounds", type=_rounds, help=f"federated rounds (default {d.rounds}; 0 scores "
-                       "the starting model alone)")
+        p.add_argument("--rounds", type=_rounds, help=f"federated rounds (default {d.rounds}; 0: the "
+                       "starting model and its back end only)")
         p.add_argument("--partition", choices=PARTITIONS, help="how utterances are split "
                        f"across clients (default {d.partition})")
         p.add_argument("--alpha", type=_positive(float), help="Dirichlet concentration over "
@@ -140,7 +140,7 @@ def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
 
 
 def _rounds(text: str) -> int:
-    """--rounds: 0 is allowed (nothing is asked of the clients; the starting model is scored)."""
+    """A number of rounds: 0 or more."""
     try:
         value = int(text)
     except ValueError:

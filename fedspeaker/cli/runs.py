@@ -128,10 +128,19 @@ def _prepare(settings: RunSettings) -> None:
 def _finish(settings: RunSettings) -> int:
     """Say how the run ended; 1 where it trained nobody (summary.json's ``outcome``)."""
     summary = json.loads((settings.out_dir_path / "summary.json").read_text())
-    final = summary["final"]
-    print(f"done in {summary['wall_seconds']:.0f} s: accuracy {final['accuracy']:.3f}, "
-          f"EER {final['eer']:.3f} (best accuracy {summary['best_accuracy']:.3f} at round "
-          f"{summary['best_round']:.0f})")
+    print(f"done in {summary['wall_seconds']:.0f} s: {_figures(summary['final'])}"
+          + (f" (round 0: {_figures(summary['start'])})" if summary.get("start", {}).get("eer") is not None
+             else ""))
+    if "backend" in summary:
+        print(f"back end: {summary['backend']}")
+    released = summary.get("released") or {}
+    op = released.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        print(f"released {released['why']}")
+        print(f"  released model on unseen speakers: EER {released['eer']:.3f}; with {released['enrol_recordings']}-"
+              f"recording voiceprints at {op['target']} (threshold {op['threshold']:.3f}): FAR {op['far']:.3f}, "
+              f"FRR {op['frr']:.3f}, FRR at FAR 1 % {op['frr_at_far_1pct']:.3f}; Cllr {released['cllr']:.3f}, "
+              f"actual DCF {released['act_dcf']:.3f}, minDCF {released['enrol_min_dcf']:.3f}")
     print(f"privacy: {summary['privacy']}")
     if spent := summary.get("epsilon_spent"):
         print(f"epsilon spent by the {spent['devices']} devices that replied: min {spent['min']:.2f}, "
@@ -148,6 +157,15 @@ def _finish(settings: RunSettings) -> int:
         print(f"fedspeaker: {failure_message(outcome)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _figures(scores: dict) -> str:
+    """What a deployment sees first (voiceprint identification, unseen-speaker EER, minDCF),
+    then the training head's accuracy; those a summary lacks are left out."""
+    parts = [f"{name} {scores[key]:.3f}" for key, name in (
+        ("voiceprint_accuracy", "voiceprint identification"), ("eer", "unseen-speaker EER"),
+        ("min_dcf", "minDCF"), ("accuracy", "training head accuracy")) if scores.get(key) is not None]
+    return ", ".join(parts)
 
 
 def _dp_text(settings: RunSettings) -> str:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from fedspeaker.data.decode import decode
 from fedspeaker.errors import AudioError
 
 SAMPLE_RATE = 16_000
@@ -21,17 +20,8 @@ def load_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
 
     Raises AudioError naming the file for anything that is not usable speech.
     """
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        # libsndfile says only "System error." for a missing file
-        reason = f"not readable audio ({exc})" if Path(path).exists() else "no such file"
-        raise AudioError(f"{path}: {reason}") from None
-    if data.size == 0:
-        raise AudioError(f"{path}: empty audio (0 samples)")
-    if not np.isfinite(data).all():
-        raise AudioError(f"{path}: contains NaN or infinite samples")
-    wave = torch.from_numpy(data.mean(axis=1))
+    samples, rate = decode(path)
+    wave = torch.from_numpy(samples)
     if rate != sample_rate:
         wave = AF.resample(wave, orig_freq=rate, new_freq=sample_rate)
     if wave.numel() < MIN_SECONDS * sample_rate:

@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from fedspeaker.device.frontend import SAMPLE_RATE, embed_wave, onnx_session
 from fedspeaker.device.voiceprints import EnrolmentStore, default_enrolments, verify
+from fedspeaker.data.decode import decode
 from fedspeaker.errors import AudioError, FedSpeakerError
 
 ONNX_FILE = "embedder.onnx"
@@ -34,19 +34,10 @@ MIN_SECONDS = 0.3
 
 def load_wave(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """A mono float32 waveform; audio at another rate is refused (resampling needs torch here)."""
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        reason = f"not readable audio ({exc})" if Path(path).exists() else "no such file"
-        raise AudioError(f"{path}: {reason}") from None
-    if data.size == 0:
-        raise AudioError(f"{path}: empty audio (0 samples)")
-    if not np.isfinite(data).all():
-        raise AudioError(f"{path}: contains NaN or infinite samples")
+    wave, rate = decode(path)
     if rate != sample_rate:
         raise AudioError(f"{path}: {rate} Hz; the torch-free path takes {sample_rate} Hz audio only "
                          f"(convert it first, e.g. `sox IN -r {sample_rate} OUT`)")
-    wave = data.mean(axis=1)
     if wave.size < MIN_SECONDS * sample_rate:
         raise AudioError(f"{path}: too short ({wave.size / sample_rate:.2f} s, need at least {MIN_SECONDS} s)")
     return wave
@@ -81,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--speaker", required=True)
         p.add_argument("--enrolments", help="enrolment file (default: enrolments.json in the folder)")
         if name == "verify":
-            p.add_argument("--threshold", type=float, help="default: the EER threshold saved with the model")
+            p.add_argument("--threshold", type=float, help="default: the threshold saved with the model (its operating point)")
         p.add_argument("audio", nargs="+" if name == "enroll" else None)
     args = parser.parse_args(argv)
     model = Path(args.model).expanduser()
@@ -103,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedspeaker: error: {exc}", file=sys.stderr)
         return 2
     verdict, relation = ("accept", ">=") if decision.accept else ("reject", "<")
-    print(f"{verdict}: {args.audio} as {args.speaker!r}: score {decision.score:.3f} {relation} "
+    llr = "" if decision.llr is None else f" (LLR {decision.llr:+.2f})"
+    print(f"{verdict}: {args.audio} as {args.speaker!r}: score {decision.score:.3f}{llr} {relation} "
           f"threshold {decision.threshold:.3f} ({decision.threshold_source})")
     return 0 if decision.accept else 1
 

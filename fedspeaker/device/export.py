@@ -73,7 +73,7 @@ class KaldiFbank(nn.Module):
 
 class WaveformEmbedder(nn.Module):
     """Waveform -> unit-length embedding, scored as the server scores (centre crop to
-    ``max_frames``), so the saved EER threshold applies."""
+    ``max_frames``), so the saved threshold applies."""
 
     def __init__(self, net: SpeakerNet, n_mels: int, sample_rate: int, max_frames: int) -> None:
         super().__init__()
@@ -103,6 +103,7 @@ class GE2EWaveformEmbedder(nn.Module):
 
         self.lstm = ge2e.frozen_encoder().lstm
         self.projection = net.projection
+        self.backend = net.backend  # the scoring back end the bundle holds (identity if none)
         self.sample_rate, self.hop, self.n_fft = ge2e.SAMPLE_RATE, ge2e.HOP_LENGTH, ge2e.N_FFT
         self.partial_frames = ge2e.PARTIAL_FRAMES
         self.frame_step = round(ge2e.SAMPLE_RATE / 1.3 / ge2e.HOP_LENGTH)
@@ -133,7 +134,7 @@ class GE2EWaveformEmbedder(nn.Module):
         windows = torch.stack([mel[s:s + self.partial_frames] for s in starts])
         _, (hidden, _) = self.lstm(windows)
         partial = F.normalize(torch.relu(self.projection(hidden[-1])), dim=1)
-        return F.normalize(partial.mean(dim=0), dim=0)
+        return self.backend(F.normalize(partial.mean(dim=0), dim=0)[None])[0]
 
 
 class GE2EWindowsEmbedder(nn.Module):
@@ -142,13 +143,13 @@ class GE2EWindowsEmbedder(nn.Module):
 
     def __init__(self, whole: GE2EWaveformEmbedder) -> None:
         super().__init__()
-        self.lstm, self.projection = whole.lstm, whole.projection
+        self.lstm, self.projection, self.backend = whole.lstm, whole.projection, whole.backend
         self.register_buffer("mel", whole.mel.clone())
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
         _, (hidden, _) = self.lstm(spectra @ self.mel)
         partial = F.normalize(torch.relu(self.projection(hidden[-1])), dim=1)
-        return F.normalize(partial.mean(dim=0), dim=0)
+        return self.backend(F.normalize(partial.mean(dim=0), dim=0)[None])[0]
 
 
 def export_onnx(whole: GE2EWaveformEmbedder, scripted: torch.jit.ScriptModule, path: Path) -> float:
@@ -228,6 +229,10 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "features": features,
         "embedding_dim": model.model.embedding_dim,
         "verification": model.verification,
+        "decision": "voiceprint: the unit-length mean of the enrolment recordings' embeddings; "
+                    "accept when its dot product with the recording's embedding is >= "
+                    "verification.threshold; LLR = calibration.scale * score + calibration.offset",
+        "backend": {k: v for k, v in model.model.backend.to_dict().items() if k != "mean"} or None,
         "source_model": str(bundle_path.resolve()),
         "source_sha256": file_sha256(bundle_path),
         "size_bytes": size,

@@ -2,8 +2,10 @@
 
 A voiceprint is the mean of the unit-length embeddings of a speaker's enrolment files,
 made unit-length again; a trial's score is its cosine with the test file's embedding.
-The default threshold is the EER operating point the server measured on speakers it
-never trained on, saved with the model. Enrolments remember which model made them:
+The default threshold is the one saved with the model: the run's operating point (a
+target false-accept rate, or the EER), fitted on validation trials of this very type
+(a voiceprint of a few recordings against one), with a calibration of scores to
+log-likelihood ratios fitted on the same trials. Enrolments remember which model made them:
 embeddings of another model are not comparable.
 
 numpy only, so that the torch path (a global_model.pt or a TorchScript export) and the
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedspeaker.errors import AudioError, FedSpeakerError
+from fedspeaker.evaluation.operating_point import Calibration, OperatingPoint, accepts
 from fedspeaker.files import atomic_write
 
 
@@ -108,16 +111,25 @@ class Decision:
     score: float
     threshold: float
     threshold_source: str
+    llr: float | None = None  # the calibrated score; None where the model has no calibration
 
 
 def verify(embedder: Embedder, store: EnrolmentStore, speaker: str, audio: Path,
            threshold: float | None = None) -> Decision:
-    """Is ``audio`` the enrolled ``speaker``? Accept when the cosine score reaches the threshold."""
+    """Is ``audio`` the enrolled ``speaker``? Accept when the cosine score reaches the
+    threshold (:func:`~fedspeaker.evaluation.operating_point.accepts`, the server's rule)."""
     voiceprint = store.voiceprint(speaker)
+    v = embedder.verification or {}
     if threshold is not None:
         source = "given with --threshold"
-    elif embedder.verification:
-        v = embedder.verification
+    elif "operating_point" in v:
+        threshold = float(v["threshold"])
+        unseen = v["unseen"]
+        source = (f"operating point {OperatingPoint.parse(v['operating_point']).describe()}, fitted on "
+                  f"{v['validation_speakers']} validation speakers with {v['enrol_recordings']}-recording "
+                  f"voiceprints; on {unseen['speakers']} unseen speakers FAR {unseen['far']:.3f}, "
+                  f"FRR {unseen['frr']:.3f}")
+    elif v:  # a bundle from before operating points: the EER point of single-recording pairs
         threshold = float(v["threshold"])
         source = (f"the EER operating point on {v['unseen_speakers']} speakers unseen in "
                   f"training, EER {v['eer']:.3f}")
@@ -127,7 +139,8 @@ def verify(embedder: Embedder, store: EnrolmentStore, speaker: str, audio: Path,
     score = float(np.dot(_vector(embedder.embed_file(audio)), voiceprint))
     if not math.isfinite(score):
         raise FedSpeakerError(f"{audio}: the score is not a number")
-    return Decision(score >= threshold, score, threshold, source)
+    llr = Calibration(**v["calibration"]).llr(score) if "calibration" in v else None
+    return Decision(bool(accepts(score, threshold)), score, threshold, source, llr)
 
 
 def _vector(embedding: Any) -> np.ndarray:

@@ -5,7 +5,10 @@ head and by the nearest enrolled voiceprint (a speaker's voiceprint is the norma
 mean embedding of its training utterances). Verification: trials on speakers never
 seen in training (every pair, a seeded sample, or a user's trial list), cosine scoring
 (optionally adaptive s-norm against the training utterances' embeddings), EER and
-minDCF (p_target 0.01, C_miss = C_fa = 1), and the EER threshold saved with the model.
+minDCF (p_target 0.01, C_miss = C_fa = 1). Beside them, trials of the type a device
+decides (evaluation/enrolment.py): the threshold of the run's operating point and the
+calibration, fitted on the training speakers' held-out recordings, and what they give on
+the unseen speakers.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from fedspeaker.config import RunSettings
 from fedspeaker.data.features import FeatureCache
 from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.errors import AudioError, ConfigError
+from fedspeaker.evaluation.enrolment import EnrolmentTrials, operating_figures, unseen_trials, validation_trials
 from fedspeaker.evaluation.metrics import accuracy, eer_operating_point, min_dcf
+from fedspeaker.evaluation.operating_point import OperatingPoint
 from fedspeaker.evaluation.trials import Trials, choose_trials, read_trial_list, trial_scores
 from fedspeaker.training.loops import fit_length
 
 
 @torch.no_grad()
-def embed(model: nn.Module, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+def embed(model: nn.Module, feats: Sequence[torch.Tensor], *, raw: bool = False) -> torch.Tensor:
     """Embeddings of whole utterances (up to the model's ``eval_frames``), batched by
-    equal length."""
+    equal length: through the model's scoring back end, or with ``raw`` before it (what
+    the training head reads and what devices sum for the back end)."""
     model.eval()
     frames = model.eval_frames
     clipped = [f if f.shape[1] <= frames else fit_length(f, frames) for f in feats]
@@ -40,7 +46,8 @@ def embed(model: nn.Module, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         groups[f.shape[1]].append(i)
     out = torch.empty(len(feats), model.embedding_dim)
     for idx in groups.values():
-        out[idx] = model.embed(torch.stack([clipped[i] for i in idx]))
+        batch = torch.stack([clipped[i] for i in idx])
+        out[idx] = model.raw_embed(batch) if raw else model.embed(batch)
     return out
 
 
@@ -67,6 +74,13 @@ class EvaluationSet:
     speakers_scored: int  # distinct speakers in the verification trials
     score_norm: str = "none"
     cohort_top: int = 100
+    # trials in the enrolment configuration (evaluation/enrolment.py): validation on the
+    # training speakers (indices into enrol_feats and test_feats), test on unseen speakers
+    # (indices into unseen_feats, or verify_feats where that is None)
+    validation: EnrolmentTrials | None = None
+    unseen: EnrolmentTrials | None = None
+    unseen_feats: list[torch.Tensor] | None = None
+    operating_point: OperatingPoint = OperatingPoint(0.01)
 
     @classmethod
     def of(cls, data: SpeakerData, settings: RunSettings) -> "EvaluationSet":
@@ -74,6 +88,11 @@ class EvaluationSet:
         of ``max-trials``), or the trials of ``trial-list``."""
         test_feats, test_labels = data.test_examples()
         enrol_feats, enrol_labels = data.train_examples()
+        names = data.split.speakers
+        validation = validation_trials([names[i] for i in enrol_labels], [names[i] for i in test_labels],
+                                       settings.enrol_recordings, settings.seed)
+        unseen_feats, unseen_speakers = data.verification_examples()
+        unseen = unseen_trials(unseen_speakers, settings.enrol_recordings, settings.seed)
         if settings.trial_list:
             verify_feats, trials, scored = _listed_trials(settings)
         else:
@@ -83,8 +102,10 @@ class EvaluationSet:
                             f"{trials.source} of {len(speakers)} utterances of "
                             f"{len(set(speakers))} unseen speakers")
             scored = len(set(speakers))
+            unseen_feats = None  # the same recordings as verify_feats: embedded once
         return cls(test_feats, test_labels, enrol_feats, enrol_labels, data.n_speakers,
-                   verify_feats, trials, scored, settings.score_norm, settings.cohort_top)
+                   verify_feats, trials, scored, settings.score_norm, settings.cohort_top,
+                   validation, unseen, unseen_feats, OperatingPoint.parse(settings.operating_point))
 
 
 def _listed_trials(settings: RunSettings) -> tuple[list[torch.Tensor], Trials, int]:
@@ -116,21 +137,28 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
 
     Returns ``accuracy`` (the head's identification accuracy), ``voiceprint_accuracy``
     (nearest enrolled voiceprint), ``loss`` (the head's cross-entropy), ``eer`` and
-    ``min_dcf`` (with the run's score normalisation), ``trials``, and ``threshold`` with
-    ``threshold_eer``: the cosine at the EER operating point of plain cosine scoring and
-    that EER, what a device compares a voiceprint score with.
+    ``min_dcf`` (with the run's score normalisation) and ``trials`` over the verification
+    trials; and, in the enrolment configuration, ``threshold`` (the cosine a device
+    compares a voiceprint score with, at the run's operating point on validation trials),
+    the calibration and the unseen speakers' figures at that threshold
+    (:func:`~fedspeaker.evaluation.enrolment.operating_figures`).
     """
     e = evaluation
-    test = embed(model, e.test_feats)
+    raw_test = embed(model, e.test_feats, raw=True)
+    test = model.backend(raw_test)
     labels = torch.tensor(list(e.test_labels))
-    logits = model.head(test)
+    logits = model.head(raw_test)  # the training head reads embeddings before the back end
     enrolled = embed(model, e.enrol_feats)
     prints = voiceprints(enrolled, e.enrol_labels, e.n_speakers)
     verify = embed(model, e.verify_feats)
     cosines = trial_scores(verify, e.trials)
-    # the saved threshold is a cosine: what a device computes against a voiceprint
-    eer, threshold = eer_operating_point(cosines, e.trials.target)
-    threshold_eer, scores = eer, cosines
+    eer, scores = eer_operating_point(cosines, e.trials.target)[0], cosines
+    figures = {}
+    if e.validation is not None and e.unseen is not None:  # the threshold is a cosine, as on a device
+        unseen = verify if e.unseen_feats is None else embed(model, e.unseen_feats)
+        figures = operating_figures(
+            e.operating_point, (e.validation.scores(enrolled, test), e.validation.target),
+            (e.unseen.scores(unseen, unseen), e.unseen.target))
     if e.score_norm == "s-norm":
         scores = trial_scores(verify, e.trials, cohort=enrolled, top=e.cohort_top)
         eer = eer_operating_point(scores, e.trials.target)[0]
@@ -140,7 +168,6 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
         "loss": float(F.cross_entropy(logits, labels)),
         "eer": eer,
         "min_dcf": min_dcf(scores, e.trials.target),
-        "threshold": threshold,
-        "threshold_eer": threshold_eer,
         "trials": float(len(e.trials)),
+        **figures,
     }

@@ -2,7 +2,8 @@
 TDNN trained from scratch; how they are built; the saved global model (bundle).
 
 A speaker model maps (batch, channels, frames) inputs to logits over the training
-speakers and has ``embed`` (unit or raw embeddings, for verification), ``head``,
+speakers and has ``raw_embed`` (what the head reads), ``backend`` (the scoring back end,
+model/backend.py), ``embed`` (``raw_embed`` through the back end: what is scored), ``head``,
 ``loss(logits, labels)``, ``train_frames`` (a training crop) and ``eval_frames`` (what
 scoring reads of an utterance). Its state dict is what trains and what travels: GE2E's
 frozen LSTM is not part of it (its output is cached as features), so it never leaves

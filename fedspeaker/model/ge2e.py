@@ -33,6 +33,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from fedspeaker.errors import ModelError
+from fedspeaker.model.backend import attach_backend
 
 SAMPLE_RATE = 16_000
 N_FFT = 400  # 25 ms window (resemblyzer hparams.mel_window_length)
@@ -279,6 +280,7 @@ class GE2ESpeakerNet(nn.Module):
         self.projection = nn.Linear(HIDDEN_SIZE, EMBEDDING_SIZE)
         self.head = CosineHead(EMBEDDING_SIZE, n_speakers, scale)
         self.margin = margin
+        attach_backend(self, EMBEDDING_SIZE)
 
     @classmethod
     def pretrained(cls, n_speakers: int, *, margin: float = 0.2, scale: float = 30.0) -> "GE2ESpeakerNet":
@@ -292,13 +294,18 @@ class GE2ESpeakerNet(nn.Module):
     def embedding_dim(self) -> int:
         return EMBEDDING_SIZE
 
-    def embed(self, states: Tensor) -> Tensor:
-        """(batch, 256, windows) -> unit-length (batch, 256)."""
+    def raw_embed(self, states: Tensor) -> Tensor:
+        """(batch, 256, windows) -> unit-length (batch, 256), before the back end: what
+        the head trains on and what devices sum for the back end."""
         windows = F.normalize(torch.relu(self.projection(states.transpose(1, 2))), dim=-1)
         return F.normalize(windows.mean(dim=1), dim=-1)
 
+    def embed(self, states: Tensor) -> Tensor:
+        """The scoring embedding: :meth:`raw_embed` through the back end (if installed)."""
+        return self.backend(self.raw_embed(states))
+
     def forward(self, states: Tensor) -> Tensor:
-        return self.head(self.embed(states))
+        return self.head(self.raw_embed(states))
 
     def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
         """AAM-softmax: the target's angle widened by ``margin`` before the softmax.

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedspeaker.model.backend import attach_backend
+
 
 def _tdnn_block(c_in: int, c_out: int, kernel: int, dilation: int) -> nn.Sequential:
     return nn.Sequential(
@@ -42,9 +44,14 @@ class SpeakerNet(nn.Module):
         )
         self.embedding = nn.Linear(2 * channels, embedding_dim)
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(embedding_dim, n_speakers))
+        attach_backend(self, embedding_dim)
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) -> (batch, embedding_dim)."""
+        """The scoring embedding: :meth:`raw_embed` through the back end (if installed)."""
+        return self.backend(self.raw_embed(feats))
+
+    def raw_embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> (batch, embedding_dim), before the back end."""
         h = self.frames(feats)
         stats = torch.cat([h.mean(dim=2), (h.var(dim=2, unbiased=False) + 1e-5).sqrt()], dim=1)
         return self.embedding(stats)
@@ -54,7 +61,7 @@ class SpeakerNet(nn.Module):
         return self.embedding.out_features
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(feats))
+        return self.head(self.raw_embed(feats))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits, labels, reduction=reduction)

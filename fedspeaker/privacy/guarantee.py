@@ -27,12 +27,18 @@ def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: floa
     sentences = []
     if settings.dp:
         sentences.append(_sample_level(settings, epsilon, group))
+        if settings.backend_privacy:
+            sentences.append(_backend_split(settings))
         sentences.append(_noise_source(settings, simulated))
         if not math.isnan(lifetime_epsilon):
             sentences.append(f"Over every run ever on their recordings, the devices reported a "
                              f"lifetime epsilon of at most {lifetime_epsilon:.2f} (delta={settings.delta:g}).")
     if settings.user_dp != "off":
         sentences.append(_device_level(settings, user_epsilon))
+        if settings.backend and not settings.secagg:
+            sentences.append("That epsilon includes the scoring back end's releases (one vector of "
+                             "norm at most 1 per device, Gaussian noise of std "
+                             f"{settings.user_noise_multiplier:g} added once by the server to their sum).")
         sentences.append("The server draws that noise itself (NumPy's generator, in Flower's wrapper): "
                          "the guarantee holds against whoever sees the released models, not against "
                          "the server.")
@@ -66,6 +72,17 @@ def _sample_level(s: RunSettings, epsilon: float, group: GroupBound | None) -> s
     return text
 
 
+def _backend_split(s: RunSettings) -> str:
+    if s.rounds == 0:
+        return ("No round trained: the epsilon above is that of the scoring back end's one release "
+                "alone (each client's sum of clipped embeddings and their count, Gaussian noise "
+                "added on the client, one step at sample rate 1 in its ledger).")
+    releases = "one release" if s.backend_releases == 1 else f"{s.backend_releases} releases"
+    return (f"The run's epsilon={s.epsilon:g} is split: {s.backend_privacy:g} for the scoring back end's "
+            f"{releases} (each client's sum of clipped {s.dp_unit} embeddings and their count, Gaussian "
+            f"noise added on the client, accounted as steps at sample rate 1 in the same ledger and "
+            f"accountant) and {s.dpsgd_epsilon:g} for DP-SGD, whose noise is calibrated for it; the "
+            f"epsilon above composes both.")
 def _noise_source(s: RunSettings, simulated: bool) -> str:
     if simulated and s.seeded_noise:
         return ("The DP-SGD noise and sampling were seeded from the run config (seeded-noise, "

@@ -101,6 +101,14 @@ class DevicePolicy:
         return None
 
 
+    def backend_refusal(self, settings: RunSettings, ledger: PrivacyLedger, release: DPSteps | None) -> str | None:
+        """Why this device will not send the scoring back end's statistics (``release``:
+        their noise, None where the run adds none on the device), or None."""
+        if not self.backend_statistics:
+            return "backend: this device's policy sends no back-end statistics (backend-statistics = false)"
+        return self.refusal(settings, ledger, release)
+
+
 def device_policy(node_config: Mapping[str, Any], state_dir: Path | None) -> DevicePolicy:
     """The policy a device set for itself: the file named by node-config ``privacy-policy``,
     else ``privacy-policy.toml`` in its state-dir, else the defaults."""

@@ -17,13 +17,17 @@ def pyplot() -> Any:
     return plt
 
 
+LABELS = {"accuracy": "training head", "voiceprint_accuracy": "voiceprint", "eer": "EER", "min_dcf": "minDCF"}
+
+
 def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "",
                 chance: float | None = None) -> None:
     """Accuracy (head and voiceprint), EER and minDCF, and epsilon against rounds; round 0
     is the starting model, drawn as a dotted line across each panel."""
     plt = pyplot()
-    panels = [(("accuracy", "voiceprint_accuracy"), "identification accuracy", (0, 1)),
-              (("eer", "min_dcf"), "verification EER, minDCF", (0, 1))]
+    # the deployment's figures first; EER/minDCF zoomed to the data, where differences show
+    panels = [(("eer", "min_dcf"), "unseen-speaker EER, minDCF", None),
+              (("voiceprint_accuracy", "accuracy"), "identification (voiceprint; training head)", (0, 1))]
     if any(not math.isnan(r.get("epsilon_max", math.nan)) for r in rows):
         panels.append((("epsilon_max", "epsilon_mean"), "client ε spent (max, mean)", None))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
@@ -34,10 +38,10 @@ def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "",
             if all(math.isnan(v) for v in values):
                 continue
             line, = ax.plot([r["round"] for r in rows], values, marker="o", ms=3,
-                            label=key.replace("_", " "))
+                            label=LABELS.get(key, key.replace("_", " ")))
             if start is not None and not math.isnan(start.get(key, math.nan)):
                 ax.axhline(start[key], ls=":", c=line.get_color(), lw=1.2, label=f"{key.replace('_', ' ')}, round 0")
-        if keys[0] == "accuracy" and chance:
+        if keys[1] == "accuracy" and chance:
             ax.axhline(chance, ls="--", c="gray", lw=1, label="chance")
         if limits:
             ax.set_ylim(*limits)

@@ -12,12 +12,14 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData
+from fedspeaker.evaluation.release import release_reason, released_row
 from fedspeaker.evaluation.scoring import EvaluationSet
 from fedspeaker.model.bundle import save_bundle
+from fedspeaker.privacy.backend_stats import backend_noise_multiplier, release_step
 from fedspeaker.privacy.accounting import GroupBound, group_epsilon, largest_speaker
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.reporting.plots import plot_curves
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
            "train_loss",
+           # decisions as a device makes them (voiceprints of enrol-recordings recordings): the
+           # threshold fitted on validation, the unseen speakers' FAR and FRR there, FRR at FAR
+           # 1 %, EER, minDCF, Cllr and actual DCF; the validation FRR the release is chosen by
+           "threshold", "far", "frr", "frr_at_far_1pct", "enrol_eer", "enrol_min_dcf", "cllr",
+           "act_dcf", "val_frr",
            # the largest lifetime epsilon a device reported (its ledger over every run)
            "lifetime_epsilon_max",
            "clients", "sat_out",
@@ -41,6 +48,8 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
            "device_accuracy", "device_frr", "device_far", "device_target_trials",
            "device_impostor_trials", "devices_evaluated",
            "server_peak_rss_mb",  # the ServerApp's process (in simulation, Flower's engine with it)
+           # the scoring back end, where this round computed one: devices counted, seconds taken
+           "backend_devices", "backend_seconds",
            "round_seconds", "seconds")
 
 
@@ -93,12 +102,18 @@ def progress_line(row: dict[str, float]) -> str:
                     f"FRR {row['device_frr']:.3f} FAR {row['device_far']:.3f}")
     if int(row["round"]) == 0:
         replies = "  (the starting model, before any round)"
-    scores = f"accuracy {row['accuracy']:.3f}"
+    # what a deployment sees first: identification by voiceprint, unseen-speaker EER/minDCF
+    scores = ""
     if not math.isnan(row.get("voiceprint_accuracy", math.nan)):
-        scores += f" (voiceprint {row['voiceprint_accuracy']:.3f})"
-    scores += f"  EER {row['eer']:.3f}"
+        scores += f"voiceprint {row['voiceprint_accuracy']:.3f}  "
+    scores += f"EER {row['eer']:.3f}"
     if not math.isnan(row.get("min_dcf", math.nan)):
         scores += f"  minDCF {row['min_dcf']:.3f}"
+    if not math.isnan(row.get("far", math.nan)):
+        scores += f"  FAR {row['far']:.3f} FRR {row['frr']:.3f} (FRR@FAR1% {row['frr_at_far_1pct']:.3f})"
+    scores += f"  (training head {row['accuracy']:.3f})"
+    if not math.isnan(row.get("backend_devices", math.nan)):
+        replies += f"  back end from {int(row['backend_devices'])} devices"
     return f"round {int(row['round']):3d}  {scores}{eps}{replies}  {row['round_seconds']:.1f} s"
 
 
@@ -115,8 +130,9 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                 seconds: float, *, mode: str, evaluation: EvaluationSet,
                 simulated: bool = True, device_epsilons: tuple[list[float], int] | None = None
                 ) -> dict[str, Any]:
-    """summary.json: the starting (round 0), final and best figures, the data and trials
-    used, and the DP guarantee.
+    """summary.json: the starting (round 0), final and released figures (with the
+    operating point's), the best head accuracy, the data and trials used, and the DP
+    guarantee.
 
     ``simulated``: a simulation or `central`, whose parties' data the server knows: under
     utterance-level DP the summary adds the group bound of the speaker with the most
@@ -127,21 +143,31 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
     final = rows[-1] if rows else {}
     start = rows[0] if rows and rows[0]["round"] == 0 else {}
     best = max(rows, key=lambda r: r["accuracy"]) if rows else {}
+    released = released_row(rows, settings.release) if rows else {}
     eps = final.get("epsilon_max", math.nan)
     return {
         "title": (f"federated ({settings.strategy}, {settings.num_clients} clients, "
                   f"{settings.partition}" if mode == "federated" else "central (")
         + (f", DP ε≤{settings.epsilon:g})" if settings.dp and not settings.noise_multiplier else ")"),
         "mode": mode,
-        "final": {k: final.get(k) for k in ("round", "accuracy", "voiceprint_accuracy", "eer",
-                                            "min_dcf", "epsilon_max", "epsilon_mean", "user_epsilon")},
-        "start": {k: start.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
+        "final": {**{k: final.get(k) for k in ("round", "accuracy", "voiceprint_accuracy", "eer",
+                                               "min_dcf", "epsilon_max", "epsilon_mean", "user_epsilon")},
+                  **_decisions(final, settings)},
+        "start": {**{k: start.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
+                  **_decisions(start, settings)},
+        # the model saved in global_model.pt: its figures are the run's reported ones
+        "released": {"round": released.get("round"),
+                     "why": release_reason(released, rows, settings.release, settings.operating_point)
+                     if rows else None,
+                     **{k: released.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
+                     **_decisions(released, settings)},
         "best_accuracy": best.get("accuracy"),
         "best_round": best.get("round"),
         "wall_seconds": round(seconds, 2),
         "client_train_seconds": round(sum(r.get("client_train_seconds", 0.0) for r in rows), 2),
         "sat_out_for_budget": int(sum(r.get("sat_out", 0.0) for r in rows
                                       if not math.isnan(r.get("sat_out", math.nan)))),
+        "backend": _backend_words(settings, rows),
         "refused_by_device_policy": refusals(rows),
         "epsilon_spent": epsilon_spread(settings, *device_epsilons) if device_epsilons else None,
         "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
@@ -163,9 +189,25 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         },
         "verification": {"trials": len(evaluation.trials), "chosen": evaluation.trials.source,
                          "speakers": evaluation.speakers_scored, "score_norm": settings.score_norm,
-                         "min_dcf": "p_target 0.01, C_miss = C_fa = 1"},
+                         "min_dcf": "p_target 0.01, C_miss = C_fa = 1",
+                         "enrolment_trials": {
+                             "test": f"{len(evaluation.unseen):,} trials: {evaluation.unseen.source}",
+                             "validation": f"{len(evaluation.validation):,} trials: "
+                                           f"{evaluation.validation.source}",
+                             "calibration": "logistic regression of the validation trials' cosines "
+                                            "to log-likelihood ratios, prior 0.5; Cllr in bits, "
+                                            "actual DCF at p_target 0.01"}},
         "settings": settings.to_run_config(),
     }
+
+
+def _backend_words(settings: RunSettings, rows: list[dict[str, float]]) -> str:
+    """Which rounds were scored with the devices' back end (the mean embedding subtracted)."""
+    adapted = [int(r["round"]) for r in rows if not math.isnan(r.get("backend_devices", math.nan))]
+    if not adapted:
+        return "none: every round scored the encoder's embeddings as they are"
+    return (f"rounds {', '.join(map(str, adapted))} scored with the devices' in-domain mean embedding "
+            "subtracted (the other rounds without it); the saved model holds the last one")
 
 
 def epsilon_spread(settings: RunSettings, epsilons: list[float], sat_out: int) -> dict[str, Any] | None:
@@ -196,6 +238,15 @@ def _largest(rows: list[dict[str, float]], key: str) -> float | None:
     return max(values) if values else None
 
 
+def _decisions(row: Mapping[str, float], settings: RunSettings) -> dict[str, Any]:
+    """A round's figures in the enrolment configuration, on unseen speakers: at the stored
+    threshold (``operating_point``), and of the calibrated scores."""
+    return {"operating_point": {"target": settings.operating_point,
+                                **{k: row.get(k) for k in ("threshold", "far", "frr", "frr_at_far_1pct")}},
+            "enrol_recordings": settings.enrol_recordings,
+            **{k: row.get(k) for k in ("enrol_eer", "enrol_min_dcf", "cllr", "act_dcf", "val_frr")}}
+
+
 def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]], *, rounds: int
                         ) -> GroupBound | None:
     """Under utterance-level DP-SGD, the privacy of the speaker with the most utterances in
@@ -216,8 +267,11 @@ def speaker_group_bound(settings: RunSettings, parties: Sequence[Sequence[str]],
     size = max((largest_speaker(p) for p in parties), default=0)
     if rounds < 1 or size < 2:
         return None
+    # the scoring back end's releases: the speaker's utterances all in each, at sample rate 1
+    releases = ([tuple(release_step(backend_noise_multiplier(settings)))] * settings.backend_releases
+                if settings.backend_privacy else [])
     try:
-        epsilons = [group_epsilon(history=[tuple(dp_plan(settings, n))] * rounds, size=size,
+        epsilons = [group_epsilon(history=[tuple(dp_plan(settings, n))] * rounds + releases, size=size,
                                   delta=settings.delta)
                     for n in sorted({len(p) for p in parties if largest_speaker(p) == size})]
     except Exception as exc:  # noqa: BLE001 - a figure of the summary must not cost the run's outputs

@@ -60,7 +60,7 @@ def dp_plan(settings: RunSettings, n_examples: int, *, epochs: int | None = None
     noise = 0.0
     if s.dp:
         noise = s.noise_multiplier or calibrate_noise(
-            s.epsilon, s.delta, sample_rate, planned_epochs or planned_rounds(s) * s.local_epochs,
+            s.dpsgd_epsilon, s.delta, sample_rate, planned_epochs or planned_rounds(s) * s.local_epochs,
             s.accountant)
     return DPSteps(noise, sample_rate, steps)
 
