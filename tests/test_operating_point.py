@@ -26,7 +26,7 @@ from fedspeaker.evaluation.operating_point import (
     rates_at,
     threshold_at_far,
 )
-from fedspeaker.evaluation.release import released_row
+from fedspeaker.evaluation.release import release_reason, released_row
 
 
 def _gaussian_trials(n_target: int = 2000, n_nontarget: int = 20000, sigma: float = 0.5, seed: int = 0):
@@ -116,6 +116,11 @@ class _Identity(torch.nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, :, 0]
 
+    raw_embed = embed
+
+    def backend(self, e: torch.Tensor) -> torch.Tensor:
+        return e
+
     def head(self, e: torch.Tensor) -> torch.Tensor:
         return e
 
@@ -198,3 +203,7 @@ def test_the_release_is_chosen_by_validation_alone_and_round_0_competes() -> Non
     assert released_row(shuffled, "best")["round"] == 2  # the test figures play no part
     assert released_row([_row(0, 0.3, 0.2), _row(1, 0.5, 0.1)], "best")["round"] == 0
     assert released_row(rows, "last")["round"] == 3
+    # with a back end at round 0 and the last round, only those compete
+    rows[0]["backend_devices"] = rows[3]["backend_devices"] = 10.0
+    assert released_row(rows, "best")["round"] == 3  # round 2 (0.38, first of the tie) has none
+    assert "those scored with the devices' back end" in release_reason(rows[3], rows, "best", "far:0.01")
