@@ -44,7 +44,7 @@ privacy-sweep: setup
 	$(BIN)/fedspeaker privacy-sweep $(ARGS)
 
 test: check-lock setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
