@@ -9,7 +9,7 @@ ARGS ?=
 # Use the machine's Python; never download one.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock check-lock simulate central compare privacy-sweep test test-fast bench clean
+.PHONY: setup lock check-lock simulate central compare privacy-sweep test test-e2e test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -43,11 +43,15 @@ compare: setup
 privacy-sweep: setup
 	$(BIN)/fedspeaker privacy-sweep $(ARGS)
 
+# make test: everything but the launches of whole federations and deployments (minutes);
+# make test-e2e: those (marker e2e); CI runs both (.ci/run), make test-all too.
 test: check-lock setup
-	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -m "not e2e" $(ARGS)
 
-test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
+test-e2e: setup
+	$(BIN)/python -m pytest -q --durations=15 -m e2e $(ARGS)
+
+test-all: test test-e2e
 
 bench: setup
 	$(BIN)/python -m simulations.benchmark $(ARGS)

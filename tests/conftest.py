@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +135,64 @@ def flower_task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# Shared by the end-to-end and deployment test modules.
+BUNDLED = BUNDLED_CORPUS
+FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 real speakers x 12 utterances, plus an unreadable and an empty file."""
+    root = tmp_path_factory.mktemp("corpus")
+    for spk in sorted(p for p in BUNDLED.iterdir() if p.is_dir())[:8]:
+        (root / spk.name).mkdir()
+        for f in sorted(spk.glob("*.flac"))[:12]:
+            shutil.copy(f, root / spk.name / f.name)
+    first = sorted(p for p in root.iterdir())[0]
+    (first / "corrupt.wav").write_bytes(b"this is not audio")
+    (first / "empty.flac").write_bytes(b"")
+    return root
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedspeaker.cli", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+def flower_processes() -> list[str]:
+    """Flower and Ray processes this test session started (they carry its marker) that are
+    still running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                ours = TEST_MARKER.encode() in (entry / "environ").read_bytes()
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except (OSError, IndexError):
+                continue
+            if ours and not zombie and any(name in cmd for name in FLOWER_PROCESSES):
+                found.append(f"{entry.name}: {cmd[:120]}")
+    return found
+
+
+def nginx_or_skip() -> None:
+    """Tests that need nginx skip without it, except in CI, where .ci/run installs it."""
+    from fedspeaker.deploy.proxy import find_nginx
+    from fedspeaker.errors import FedSpeakerError
+
+    try:
+        find_nginx()
+    except FedSpeakerError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            raise
+        pytest.skip("nginx is not installed (Debian/Ubuntu: apt-get install nginx-light)")
+
+
+class EightNodes:
+    """Just enough of a Flower Grid for configure_train to sample from."""
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, 9))

@@ -14,7 +14,7 @@ from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.privacy.ledger import PrivacyLedger
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.strategies import build_strategy, user_epsilon
-from tests.test_strategies import EightNodes
+from tests.conftest import EightNodes
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

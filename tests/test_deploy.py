@@ -30,17 +30,9 @@ from fedspeaker.deploy.certs import CertificatePaths, make_certificates, make_no
 from fedspeaker.deploy.flower import SuperLinkOptions, SuperNodeOptions
 from fedspeaker.deploy.proxy import FLEET_ROUTES, PublicEndpoint, find_nginx
 from fedspeaker.errors import CorpusError, FedSpeakerError
-from tests.conftest import write_tone
+from tests.conftest import nginx_or_skip, write_tone
 
 
-def nginx_or_skip() -> None:
-    """Tests that need nginx skip without it, except in CI, where .ci/run installs it."""
-    try:
-        find_nginx()
-    except FedSpeakerError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            raise
-        pytest.skip("nginx is not installed (Debian/Ubuntu: apt-get install nginx-light)")
 
 
 def tiny_app(folder: Path, reply: str = "42") -> Path:

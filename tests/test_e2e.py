@@ -5,57 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedspeaker.model.bundle import SpeakerModel
-from tests.conftest import TEST_MARKER
-
-BUNDLED = Path(__file__).resolve().parent.parent / "data" / "dspspeech20-mini"
-FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+from tests.conftest import BUNDLED, flower_processes, run_cli  # noqa: F401  (tiny_corpus: a conftest fixture)
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 real speakers x 12 utterances, plus an unreadable and an empty file."""
-    root = tmp_path_factory.mktemp("corpus")
-    for spk in sorted(p for p in BUNDLED.iterdir() if p.is_dir())[:8]:
-        (root / spk.name).mkdir()
-        for f in sorted(spk.glob("*.flac"))[:12]:
-            shutil.copy(f, root / spk.name / f.name)
-    first = sorted(p for p in root.iterdir())[0]
-    (first / "corrupt.wav").write_bytes(b"this is not audio")
-    (first / "empty.flac").write_bytes(b"")
-    return root
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedspeaker.cli", *args], capture_output=True,
-                          text=True, timeout=900)
-
-
-def flower_processes() -> list[str]:
-    """Flower and Ray processes this test session started (they carry its marker) that are
-    still running."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                ours = TEST_MARKER.encode() in (entry / "environ").read_bytes()
-                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-            except (OSError, IndexError):
-                continue
-            if ours and not zombie and any(name in cmd for name in FLOWER_PROCESSES):
-                found.append(f"{entry.name}: {cmd[:120]}")
-    return found
 
 
 @pytest.fixture(scope="module")

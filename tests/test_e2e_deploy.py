@@ -26,9 +26,9 @@ from fedspeaker.deploy.flower import BIN, flower_env
 from fedspeaker.deploy.processes import Child, _process_table
 from fedspeaker.reporting.run_report import read_rounds
 from simulations.loopback import APP_DIR, CONNECTION, Device, LoopbackDeployment, device_folders
-from tests.test_deploy import nginx_or_skip
+from tests.conftest import nginx_or_skip
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("nginx", "shared_feature_cache")]
+pytestmark = [pytest.mark.e2e, pytest.mark.deploy, pytest.mark.usefixtures("nginx", "shared_feature_cache")]
 
 
 @pytest.fixture

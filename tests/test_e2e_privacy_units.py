@@ -16,7 +16,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from tests.test_e2e import run_cli, tiny_corpus  # noqa: F401  (the fixture)
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e
 

@@ -63,6 +63,7 @@ def tiny_corpus(tmp_path: Path) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.ray
 def test_a_federation_on_a_two_node_ray_cluster_completes_on_both_nodes_and_leaves_nothing_running(
         tiny_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fedspeaker.deploy.processes import _process_table
-from tests.test_e2e import BUNDLED, flower_processes
+from tests.conftest import BUNDLED, flower_processes
 
 pytestmark = pytest.mark.e2e
 

@@ -11,16 +11,12 @@ from fedspeaker.config import STRATEGIES, RunSettings
 from fedspeaker.training.local import LocalTrainer
 from fedspeaker.privacy.ledger import PrivacyLedger
 from server.strategies import build_strategy
+from tests.conftest import EightNodes
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-class EightNodes:
-    """Just enough of a Flower Grid for configure_train to sample from."""
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, 9))
 
 
 def metrics_mean(replies, weight_key):
