@@ -43,7 +43,12 @@ RELEASES = ("best", "last")
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Settings of one run; field names are the run-config keys with '-' for '_'."""
+    """Settings of one run; field names are the run-config keys with '-' for '_'.
+
+    A field's trailing comment is its help in docs/configuration.md; a comment line above
+    fields, capitalised, opens a section there. After a change, regenerate the reference:
+    ``.venv/bin/python -m fedspeaker.cli.reference`` (tests/test_docs.py checks it).
+    """
 
     # Data
     data_dir: str = ""  # empty: the bundled corpus

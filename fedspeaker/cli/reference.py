@@ -113,7 +113,10 @@ def sections() -> list[Section]:
         key = name.replace("_", "-")
         inline = comments.get(node.lineno, "") if node.lineno not in alone else ""
         block = " ".join(comments[i] for i in range(previous_end + 1, node.lineno) if i in alone)
-        option = Option(key, str(spec.type), spec.default, spec.metadata.get("help", inline),
+        default = spec.default
+        if default is dataclasses.MISSING:
+            default = spec.default_factory()  # type: ignore[misc]
+        option = Option(key, str(spec.type), default, spec.metadata.get("help", inline),
                         rules.get(key, ""), flags.get(key, ""))
         if block and block[0].islower():
             if inline and last is not None:
@@ -182,13 +185,16 @@ def render() -> str:
         for o in section.options:
             meaning = o.help + (f" ({o.rule})" if o.rule and o.help else o.rule)
             flag = f"`{o.flag}`" if o.flag else ""
-            lines.append(f"| `{o.key}` | {o.kind} | `{_cell(_literal(o.default))}` | {flag} | {_cell(meaning)} |")
+            default = _cell(_literal(o.default))
+            lines.append(f"| `{o.key}` | {o.kind} | `{default}` | {flag} | {_cell(meaning)} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedspeaker.cli.reference", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="file to write (default docs/configuration.md)")
+    parser = argparse.ArgumentParser(prog="python -m fedspeaker.cli.reference",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="file to write (default docs/configuration.md)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs")
     args = parser.parse_args(argv)
     text = render()
