@@ -159,3 +159,21 @@ def test_the_guides_are_linked_from_the_readme():
     readme = (REPO / "README.md").read_text()
     missing = [p.name for p in DOCS[1:] if f"](docs/{p.name}" not in readme]
     assert not missing, f"README.md links to no guide {missing}"
+
+
+def test_every_module_and_make_target_named_exists():
+    """`python -m MODULE` of this project, and `make TARGET`, as the guides write them."""
+    import importlib.util
+
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), flags=re.M))
+    wrong = []
+    for doc in DOCS:
+        for command in _code(doc.read_text()):
+            command = re.sub(r"\s#.*", "", command)  # a shell comment is prose
+            for module in re.findall(r"python -m ((?:fedspeaker|simulations|server|client)[\w.]*)", command):
+                if importlib.util.find_spec(module) is None:
+                    wrong.append(f"{doc.relative_to(REPO)}: no module {module} (in `{command.strip()}`)")
+            for target in re.findall(r"(?:^|[\s(])make ([a-z][a-z-]*)", command):
+                if target not in targets:
+                    wrong.append(f"{doc.relative_to(REPO)}: no make target {target} (in `{command.strip()}`)")
+    assert not wrong, "\n".join(wrong)
