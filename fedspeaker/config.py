@@ -43,29 +43,34 @@ RELEASES = ("best", "last")
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Settings of one run; field names are the run-config keys with '-' for '_'."""
+    """Settings of one run; field names are the run-config keys with '-' for '_'.
+
+    A field's trailing comment is its help in docs/configuration.md; a comment line above
+    fields, capitalised, opens a section there. After a change, regenerate the reference:
+    ``.venv/bin/python -m fedspeaker.cli.reference`` (tests/test_docs.py checks it).
+    """
 
     # Data
     data_dir: str = ""  # empty: the bundled corpus
     cache_dir: str = ""  # empty: $FEDSPEAKER_CACHE or ~/.cache/fedspeaker
-    seed: int = 0
+    seed: int = 0  # the speaker split, client shards, initial model and scenario roles
     unseen_speakers: int = 0  # 0: a quarter of the speakers, at least 2
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # share of a training speaker's utterances held out
     # Model: the pretrained GE2E encoder fine-tuned at the top, or a TDNN from scratch
-    model: str = "ge2e"
+    model: str = "ge2e"  # ge2e: the pretrained encoder; tdnn: the from-scratch network
     margin: float = 0.2  # GE2E: additive angular margin of the AAM-softmax loss (radians)
     scale: float = 30.0  # GE2E: scale of the cosine logits
     # GE2E: which class vectors a device trains against. shared: every training speaker's
     # (AAM-softmax, the others as negatives); own: only its own speakers' (FedAwS: a
     # positive-only loss on the device, the server spreading the class vectors apart)
-    class_vectors: str = "shared"
+    class_vectors: str = "shared"  # shared, or own (FedAwS)
     spreadout_cosine: float = 0.0  # own: the server pushes apart class vectors above this cosine
     # TDNN only: its features and size
-    features: str = "fbank"
-    n_mels: int = 40
-    crop_frames: int = 200
-    channels: int = 128
-    embedding_dim: int = 128
+    features: str = "fbank"  # Kaldi-compatible log-mel filterbanks, or MFCCs
+    n_mels: int = 40  # mel bands
+    crop_frames: int = 200  # frames in a training crop (10 ms each)
+    channels: int = 128  # width of the TDNN's layers
+    embedding_dim: int = 128  # size of the speaker embedding
     # Evaluation (verification trials on unseen speakers)
     max_trials: int = 0  # 0: every pair of unseen-speaker utterances; N: a seeded sample of N
     trial_list: str = ""  # a VoxCeleb-format list (label enrol test), paths under data-dir
@@ -73,31 +78,31 @@ class RunSettings:
     cohort_top: int = 100  # s-norm: the closest cohort scores each side is normalised by
     # Decisions on a device: a voiceprint of enrol-recordings recordings against one; the
     # threshold meets operating-point ("eer" or "far:X") on validation trials
-    operating_point: str = "far:0.01"
-    enrol_recordings: int = 3
+    operating_point: str = "far:0.01"  # far:X, at most a share X of false accepts; or eer
+    enrol_recordings: int = 3  # recordings in a voiceprint
     release: str = "best"  # the model saved: the best round by validation, or the last
     # Evaluation on the devices, without central data (Flower's evaluate messages)
     fraction_evaluate: float = 0.0  # share of clients that score the model each round; 0: none
     cohort_size: int = 200  # impostor embeddings the server sends them (from its public cohort)
     # Federation
-    strategy: str = "fedavg"
-    num_clients: int = 10  # Flower's default local federation has 10 SuperNodes
-    rounds: int = 10
+    strategy: str = "fedavg"  # one of Flower's strategies (flwr.serverapp.strategy)
+    num_clients: int = 10  # clients the server waits for (Flower's local federation: 10 SuperNodes)
+    rounds: int = 10  # 0: score the starting model (and its back end) only
     fraction_train: float = 1.0  # share of the clients sampled each round
     client_sampling: str = "fixed"  # fixed: that share, drawn without replacement (Flower's);
     # poisson: each client independently with probability fraction-train
     min_train_nodes: int = 1  # sample at least this many, whatever fraction-train says
     # Strategy hyperparameters (server/strategies.py says which strategy reads which)
     server_lr: float = 0.0  # 0: the strategy's own default
-    server_momentum: float = 0.9
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 1e-3
-    proximal_mu: float = 0.01
-    trim_fraction: float = 0.2
-    num_malicious: int = 0
-    krum_select: int = 1
-    q: float = 0.1
+    server_momentum: float = 0.9  # fedavgm
+    beta_1: float = 0.9  # fedadam, fedyogi
+    beta_2: float = 0.99  # fedadam, fedyogi
+    tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity
+    proximal_mu: float = 0.01  # fedprox: the proximal term's weight
+    trim_fraction: float = 0.2  # fedtrimmedavg: share cut at each end
+    num_malicious: int = 0  # krum, multikrum, bulyan: attackers to tolerate
+    krum_select: int = 1  # multikrum: updates kept
+    q: float = 0.1  # qfedavg: fairness exponent
     # Scenarios (simulation only; simulations/scenarios.py)
     dropout: float = 0.0  # probability that a sampled client fails a round
     dropout_mode: str = "raise"  # raise: it fails; silent: it never answers in time
@@ -105,34 +110,34 @@ class RunSettings:
     straggler_fraction: float = 0.0  # share of clients that complete only straggler-steps
     straggler_steps: float = 0.25  # share of its local steps a straggler completes
     byzantine_fraction: float = 0.0  # share of clients that send poisoned updates
-    attack: str = "sign-flip"
-    attack_scale: float = 10.0
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    speakers_per_client: int = 2
+    attack: str = "sign-flip"  # what a byzantine client sends
+    attack_scale: float = 10.0  # scale and noise attacks: how large
+    partition: str = "dirichlet"  # how training utterances are split across clients
+    alpha: float = 0.5  # dirichlet partition: concentration; smaller is more skewed
+    speakers_per_client: int = 2  # pathological partition: speakers a client gets
     household_size: int = 1  # natural partition: speakers per device (1: one owner each)
     size_exponent: float = 1.0  # power-law partition: client k of n holds a share ~ k^-exponent
     # Local training
-    local_epochs: int = 1
-    batch_size: int = 64
+    local_epochs: int = 1  # a client's epochs over its data per round
+    batch_size: int = 64  # expected batch (Poisson sampling under DP)
     optimizer: str = "sgd"  # momentum 0.9; under DP noise it learns where Adam stalls
-    lr: float = 0.02
+    lr: float = 0.02  # learning rate (of the projection, for the pretrained encoder)
     head_lr: float = 1.0  # the classifier head's learning rate; 0: the same as lr
     # Differential privacy (sample level, Opacus DP-SGD)
-    dp: bool = True
+    dp: bool = True  # DP-SGD in every client
     epsilon: float = 8.0  # target over the whole run; used when noise_multiplier is 0
     epsilon_budget: float = 0.0  # > 0: a client sits out a round that would take it past this
     # under client sampling, a client's noise is calibrated for the rounds it is expected to
     # train plus this many standard deviations; drawn more often, it sits out at the target
     plan_margin: float = 0.0
-    delta: float = 1e-5
-    noise_multiplier: float = 0.0
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    delta: float = 1e-5  # DP delta
+    noise_multiplier: float = 0.0  # > 0: this noise, instead of a target epsilon
+    max_grad_norm: float = 1.0  # per-sample (or per-speaker) clipping norm
+    accountant: str = "rdp"  # Opacus's accountant
     dp_unit: str = "utterance"  # what DP-SGD protects: one utterance, or one speaker's utterances
     # Scoring back end: the devices' in-domain mean embedding, asked for at round 0 and
     # after the last round, subtracted before cosine scoring (fedspeaker/model/backend.py)
-    backend: bool = True
+    backend: bool = True  # compute and apply the back end
     backend_epsilon: float = 0.0  # under DP, the share of epsilon its releases spend; 0: epsilon/8
     # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
     # (and the server could regenerate them); a deployed device always draws them from the
@@ -140,17 +145,17 @@ class RunSettings:
     seeded_noise: bool = True
     # Differential privacy (user level: a client's whole data; Flower's DP wrappers)
     user_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
-    user_noise_multiplier: float = 1.0
+    user_noise_multiplier: float = 1.0  # noise std relative to user-clip-norm
     user_clip_norm: float = 1.0  # the fixed norm, or the adaptive one's starting value
     # Secure aggregation (Flower's SecAgg+): the server learns only the sum of the updates
-    secagg: bool = False
+    secagg: bool = False  # every round through SecAgg+
     secagg_shares: float = 1.0  # share of the sampled clients a client's key is split among
     secagg_threshold: float = 0.67  # share of those shares needed to rebuild a dropped client's mask
     # Deployment: the operator's ed25519 signature of the app bundle this run ships to the
     # devices (`fedspeaker sign-app`); a device checks it before it runs any of the app's code
-    fab_signature: str = ""
+    fab_signature: str = ""  # the signature `fedspeaker sign-app` prints
     # Output
-    out_dir: str = ""
+    out_dir: str = ""  # the run's folder; empty: runs/<date-time>
     resume: bool = False  # go on from out-dir's checkpoint.pt, after the last finished round
 
     @classmethod

@@ -9,7 +9,7 @@ default federation (sample-level DP, target epsilon 8, back end at round 0 and a
 last round), the same federation without DP and at epsilon 1, and the central fine-tune
 without and with DP (the upper bounds).
 Federations go through Flower's Simulation Engine. Prints each run's figures and the
-ratios the README quotes, each against its aim. Nothing is timed in the tests; the
+ratios docs/benchmarks.md quotes, each against its aim. Nothing is timed in the tests; the
 figures come from here.
 """
 

@@ -1,7 +1,7 @@
 """A Ray cluster of several nodes on this machine, every one of them on 127.0.0.1.
 
 For trying and testing `RAY_ADDRESS=... fedspeaker simulate` on one machine. A real
-cluster is started with Ray's own `ray start` on each machine (README, "Beyond one
+cluster is started with Ray's own `ray start` on each machine (docs/ray-cluster.md, "Beyond one
 machine: a Ray cluster"). On one machine, plain `ray start` cannot stay on loopback: it
 replaces 127.0.0.1 by the machine's outward address (so that other machines could
 reach it), and its GCS and raylets then listen on every interface; Ray's servers listen
