@@ -165,7 +165,7 @@ def test_every_module_and_make_target_named_exists():
     """`python -m MODULE` of this project, and `make TARGET`, as the guides write them."""
     import importlib.util
 
-    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), flags=re.M))
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", (REPO / "Makefile").read_text(), flags=re.M))
     wrong = []
     for doc in DOCS:
         for command in _code(doc.read_text()):
@@ -173,7 +173,7 @@ def test_every_module_and_make_target_named_exists():
             for module in re.findall(r"python -m ((?:fedspeaker|simulations|server|client)[\w.]*)", command):
                 if importlib.util.find_spec(module) is None:
                     wrong.append(f"{doc.relative_to(REPO)}: no module {module} (in `{command.strip()}`)")
-            for target in re.findall(r"(?:^|[\s(])make ([a-z][a-z-]*)", command):
+            for target in re.findall(r"(?:^|[\s(])make ([a-z][a-z0-9-]*)", command):
                 if target not in targets:
                     wrong.append(f"{doc.relative_to(REPO)}: no make target {target} (in `{command.strip()}`)")
     assert not wrong, "\n".join(wrong)
