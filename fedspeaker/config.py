@@ -138,7 +138,7 @@ class RunSettings:
     # Scoring back end: the devices' in-domain mean embedding, asked for at round 0 and
     # after the last round, subtracted before cosine scoring (fedspeaker/model/backend.py)
     backend: bool = True  # compute and apply the back end
-    backend_epsilon: float = 0.0  # under DP, the share of epsilon its releases spend; 0: epsilon/8
+    backend_epsilon: float = 0.0  # under DP (sample- or device-level), the epsilon the back end's releases are calibrated to; 0: epsilon/8
     # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
     # (and the server could regenerate them); a deployed device always draws them from the
     # operating system's entropy, whatever this says
@@ -297,11 +297,16 @@ class RunSettings:
         return 2 if self.rounds > 0 else 1
 
     @property
+    def backend_share(self) -> float:
+        """The epsilon the back end's releases alone are calibrated to (its share of the run's)."""
+        return self.backend_epsilon or self.epsilon / 8
+
+    @property
     def backend_privacy(self) -> float:
         """The epsilon the back end's releases spend under sample-level DP (0 without)."""
         if not (self.backend and self.dp and not self.secagg and self.user_dp == "off"):
             return 0.0
-        return self.backend_epsilon or self.epsilon / 8
+        return self.backend_share
 
     @property
     def dpsgd_epsilon(self) -> float:

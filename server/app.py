@@ -26,6 +26,7 @@ from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
 from fedspeaker.evaluation.release import released_row
 from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
+from fedspeaker.privacy.backend_stats import device_backend_noise_multiplier
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
@@ -229,10 +230,11 @@ class RoundTracker:
             flwr_log(WARNING, "backend: %s", exc)
             return {}
         if s.user_dp != "off":
-            collected = device_level_noise(collected, s.user_noise_multiplier)
+            noise = device_backend_noise_multiplier(s)
+            collected = device_level_noise(collected, noise)
             screened = _screened(self.strategy)
             if screened is not None and screened.device_dp is not None:
-                screened.device_releases.append((s.user_noise_multiplier, collected.devices,
+                screened.device_releases.append((noise, collected.devices,
                                                  collected.devices, 1.0))
         install_backend(self.model, mean_of_sums(*collected.sums), fingerprint, collected.sums.count)
         row = {"backend_devices": float(collected.devices), "backend_refused": float(collected.refused),

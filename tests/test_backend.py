@@ -214,3 +214,16 @@ def test_a_device_policy_decides_whether_the_back_end_statistics_leave():
     refusal = Message(RecordDict({wire.REFUSAL: ConfigRecord({wire.REASON: "backend: no"})}), reply_to=_query())
     collected = combine([refusal, _reply(torch.ones(DIM), 2.0, "f")], "f")
     assert collected.refused == 1 and collected.devices == 1
+
+
+def test_under_device_level_dp_the_back_end_spends_its_own_share_not_the_rounds_noise():
+    """Device-level DP: the server's noise on the devices' sum is calibrated so that the
+    back end's releases (every device in each) alone spend backend-epsilon (default
+    epsilon/8), whatever noise multiplier the rounds use."""
+    from fedspeaker.privacy.backend_stats import device_backend_noise_multiplier
+
+    for share in (0.0, 2.0):
+        settings = RunSettings(dp=False, user_dp="server-fixed", user_noise_multiplier=1.0, backend_epsilon=share)
+        z = device_backend_noise_multiplier(settings)
+        spent = epsilon_of("rdp", [(z, 1.0, 1)] * settings.backend_releases, settings.delta)
+        assert spent == pytest.approx(settings.backend_share, rel=0.02) and z > settings.user_noise_multiplier

@@ -58,6 +58,14 @@ def backend_noise_multiplier(settings: RunSettings) -> float:
                            settings.accountant)
 
 
+def device_backend_noise_multiplier(settings: RunSettings) -> float:
+    """Under device-level DP: z (the noise's std, each device's vector having norm <= 1)
+    such that the back end's releases alone, every device in each, spend ``backend_share``
+    epsilon; the device-level accountant composes them with the rounds'."""
+    return calibrate_noise(settings.backend_share, settings.delta, 1.0, settings.backend_releases,
+                           settings.accountant)
+
+
 def release_step(noise_multiplier: float) -> DPSteps:
     """One back-end release as the party's accountant records it."""
     return DPSteps(noise_multiplier, 1.0, 1)

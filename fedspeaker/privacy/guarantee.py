@@ -8,6 +8,7 @@ import math
 
 from fedspeaker.config import RunSettings
 from fedspeaker.privacy.accounting import GroupBound, accountant_words
+from fedspeaker.privacy.backend_stats import device_backend_noise_multiplier
 
 
 def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: float = math.nan, *,
@@ -38,7 +39,9 @@ def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: floa
         if settings.backend and not settings.secagg:
             sentences.append("That epsilon includes the scoring back end's releases (one vector of "
                              "norm at most 1 per device, Gaussian noise of std "
-                             f"{settings.user_noise_multiplier:g} added once by the server to their sum).")
+                             f"{device_backend_noise_multiplier(settings):.2f} added once by the server "
+                             f"to their sum, calibrated so that they alone spend epsilon "
+                             f"{settings.backend_share:g}).")
         sentences.append("The server draws that noise itself (NumPy's generator, in Flower's wrapper): "
                          "the guarantee holds against whoever sees the released models, not against "
                          "the server.")

@@ -207,7 +207,7 @@ def _backend_words(settings: RunSettings, rows: list[dict[str, float]]) -> str:
     if not adapted:
         return "none: every round scored the encoder's embeddings as they are"
     return (f"rounds {', '.join(map(str, adapted))} scored with the devices' in-domain mean embedding "
-            "subtracted (the other rounds without it); the saved model holds the last one")
+            "subtracted (the other rounds without it); the released model holds its round's")
 
 
 def epsilon_spread(settings: RunSettings, epsilons: list[float], sat_out: int) -> dict[str, Any] | None:
