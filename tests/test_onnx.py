@@ -31,14 +31,23 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "dspspeech20-mini"
 
 
-def _export(root: Path, *, backend: bool) -> Path:
-    """The pretrained GE2E model on the bundled corpus (its threshold measured on its unseen
-    speakers), exported; with ``backend``, with a scoring back end (the training utterances'
-    mean), which ONNX must apply as TorchScript does."""
-    settings = RunSettings()
-    data = load_speaker_data(settings)
-    model = build_model(settings, data.n_speakers)
-    evaluation = EvaluationSet.of(data, settings)
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory):
+    """The pretrained GE2E model on the bundled corpus, its data and trials, loaded once for
+    the module (the features in a cache of its own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDSPEAKER_CACHE", str(tmp_path_factory.mktemp("onnx-cache")))
+        settings = RunSettings()
+        data = load_speaker_data(settings)
+        return settings, data, build_model(settings, data.n_speakers), EvaluationSet.of(data, settings)
+
+
+def _export(root: Path, pretrained, *, backend: bool) -> Path:
+    """The pretrained model (its threshold measured on its unseen speakers), exported; with
+    ``backend``, with a scoring back end (the training utterances' mean), which ONNX must
+    apply as TorchScript does."""
+    settings, data, model, evaluation = pretrained
+    model.backend.clear()
     if backend:
         sums = clipped_sums(embed(model, evaluation.enrol_feats, raw=True), evaluation.enrol_labels, "utterance")
         install_backend(model, sums.total / sums.count, encoder_fingerprint(model), sums.count)
@@ -49,13 +58,13 @@ def _export(root: Path, *, backend: bool) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tmp_path_factory.mktemp("onnx"), backend=False)
+def exported(tmp_path_factory: pytest.TempPathFactory, pretrained) -> Path:
+    return _export(tmp_path_factory.mktemp("onnx"), pretrained, backend=False)
 
 
 @pytest.fixture(scope="module")
-def exported_with_backend(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tmp_path_factory.mktemp("onnx-backend"), backend=True)
+def exported_with_backend(tmp_path_factory: pytest.TempPathFactory, pretrained) -> Path:
+    return _export(tmp_path_factory.mktemp("onnx-backend"), pretrained, backend=True)
 
 
 def recordings(speaker: str) -> list[Path]:
