@@ -92,7 +92,7 @@ def test_two_devices_train_over_tls_and_an_unregistered_device_is_refused(tmp_pa
         children = deployment.children
         ports = (deployment.port, deployment.link_port)
         superexec = deployment.server["superexec"]
-        out = deployment.run(settings, on_round=lambda line: superexec.remember_descendants(), timeout=300)
+        out = deployment.run(settings, on_round=lambda line: superexec.remember_descendants(), timeout=900)
 
         intruder = deployment.nodes["intruder"]
         assert intruder.proc.wait(timeout=60) != 0
