@@ -16,10 +16,14 @@ from flwr.app import Message
 
 from fedspeaker import wire
 
-NO_REPLY = "no-reply/error"  # Flower's error reply (app refused, node gone, client raised) or none
+NO_REPLY = "no-reply/error"  # Flower's error reply (node gone, client raised) or none
 SAT_OUT = "sat-out"  # stopped for its privacy budget
 DROPPED = "dropped"  # replied with weights the server left out (NaN, or unchanged)
 POLICY = "policy"  # the default kind of a device's refusal (wire.REFUSAL)
+APP_REFUSED = "app-refused"  # the device's runner refused an app the operator did not sign
+# How Flower's ClientApp runner words the error reply when our app check raised
+# (fedspeaker/deploy/apprunner.py): "<class '...AppVerificationError'>:<'why'>"
+_APP_CHECK_ERROR = "AppVerificationError'>:<'"
 
 
 @dataclass
@@ -46,6 +50,9 @@ def reply_reason(reply: Message) -> tuple[str, str] | None:
     """(reason, detail) of a reply from a client that did not train; None if it trained."""
     if reply.has_error():
         error = reply.error
+        if _APP_CHECK_ERROR in error.reason:  # a refusal, not a failure: counted as one
+            why = error.reason.split(_APP_CHECK_ERROR, 1)[1].removesuffix("'>")
+            return APP_REFUSED, f"the device refused the app (not signed by the operator): {why}"
         return NO_REPLY, f"Flower error {error.code}: {error.reason}".strip()
     if not reply.has_content():
         return NO_REPLY, "an empty reply"
@@ -80,7 +87,7 @@ def round_outcome(asked: int, replies: Sequence[Message], dropped: Iterable[Mess
 
 def row_counts(outcome: RoundOutcome) -> dict[str, float]:
     """The round's rounds.csv columns: asked, trained (``clients``), and the others by reason
-    (``refused``: every kind of device refusal, policy or other)."""
+    (``refused``: every kind of device refusal: policy, app signature, other)."""
     known = (NO_REPLY, SAT_OUT, DROPPED)
     return {"asked": float(outcome.asked), "clients": float(outcome.trained),
             "sat_out": float(outcome.not_trained[SAT_OUT]),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import time
 import zipfile
@@ -41,6 +42,14 @@ from simulations.launch import show_new_rounds
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "loopback"  # the SuperLink connection's name in the operator's FLWR_HOME
+
+
+class RunNotCompleted(FedSpeakerError):
+    """A run Flower reports as not completed (failed, stopped): its status and details."""
+
+    def __init__(self, run_id: str, status: str, details: str) -> None:
+        super().__init__(f"run {run_id} {status}: {details}")
+        self.run_id, self.status, self.details = run_id, status, details
 
 
 @dataclass(frozen=True)
@@ -168,23 +177,46 @@ class LoopbackDeployment(contextlib.ExitStack):
         return str(json.loads(out)["run-id"])
 
     def run(self, settings: RunSettings, on_round: Callable[[str], None] = print,
-            timeout: float = 600.0) -> Path:
-        """`flwr run` the signed app on this deployment; returns the run's output folder."""
+            timeout: float = 600.0, *, app_dir: Path | None = None, signature: str | None = None) -> Path:
+        """`flwr run --stream` the signed app (or ``app_dir`` with ``signature``, as for
+        submit) on this deployment, until the run has finished; the run's output folder.
+        `flwr run` exits 0 whatever became of the run, so this asks the SuperLink, as an
+        operator would, and raises RunNotCompleted with Flower's status and its details
+        (a failed ServerApp's error: ``RUN FAILED: ...``) unless the run completed."""
+        app_dir = app_dir or self.app_dir
         out_dir = settings.out_dir_path
-        config = self._run_config(settings.replace(out_dir=str(out_dir)), self.sign())
-        cmd = [str(BIN / "flwr"), "run", str(self.app_dir), CONNECTION, "--run-config", str(config), "--stream"]
+        config = self._run_config(settings.replace(out_dir=str(out_dir)),
+                                  self.sign(app_dir) if signature is None else signature)
+        cmd = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(config), "--stream"]
+        log_path = self.log_path("flwr-run")
         # `flwr run` lives as long as this call, however it ends
-        with open(self.log_path("flwr-run"), "w") as log, \
-                child_process(cmd, flower_env(self.home), log) as run:
+        with open(log_path, "w") as log, child_process(cmd, flower_env(self.home), log) as run:
             deadline, shown = time.monotonic() + timeout, 0
-            while not (out_dir / "summary.json").exists():
-                if time.monotonic() > deadline or run.poll() is not None or self.link.poll() is not None:
+            while run.poll() is None:  # the log stream ends when the run has finished
+                if time.monotonic() > deadline or self.link.poll() is not None:
                     raise FedSpeakerError(f"the run did not finish; see the logs in {self.folder}:\n"
-                                          + _tail(self.log_path("flwr-run")))
+                                          + _tail(log_path))
                 time.sleep(0.5)
                 shown = show_new_rounds(out_dir / "rounds.csv", shown, on_round)
             show_new_rounds(out_dir / "rounds.csv", shown, on_round)
+        started = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
+        if run.proc.returncode or started is None:
+            raise FedSpeakerError(f"flwr run failed (status {run.proc.returncode}):\n" + _tail(log_path))
+        status, details = self.run_status(started.group(1))
+        if status != "finished:completed":
+            raise RunNotCompleted(started.group(1), status, details)
         return out_dir
+
+    def run_status(self, run_id: str, wait: float = 30.0) -> tuple[str, str]:
+        """(status, details) of a run as the SuperLink reports it (`flwr ls --run-id`),
+        once it has finished (within ``wait`` seconds)."""
+        deadline = time.monotonic() + wait
+        while True:
+            (row,) = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json"))["runs"]
+            status = str(row.get("status", ""))
+            if status.startswith("finished") or time.monotonic() > deadline:
+                return status, str(row.get("status-details", ""))
+            time.sleep(0.5)
 
     def _run_config(self, settings: RunSettings, signature: str) -> Path:
         settings = settings.replace(data_dir=str(settings.corpus_dir.resolve()),

@@ -11,6 +11,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -196,14 +197,24 @@ def test_the_launcher_runs_the_checking_runner_with_the_operators_keys(tmp_path:
 
 def test_superlink_listens_on_loopback_with_tls_and_node_authentication(tmp_path: Path) -> None:
     paths = make_certificates(tmp_path / "certs", ["localhost"])
-    cmd = SuperLinkOptions(certs=paths.folder, port=9999).command()
+    options = SuperLinkOptions(certs=paths.folder, port=9999, superexec_secret=tmp_path / "run" / "secret")
+    cmd = options.command()
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--ssl-certfile") + 1] == str(paths.server_cert)
+    # ServerApps are started (and reaped) by fedspeaker's SuperExec, which shares the secret
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    options.prepare()
+    assert stat.S_IMODE(options.superexec_secret.stat().st_mode) == 0o600
+    superexec = options.superexec_command(1234)
+    assert superexec[:5] == [sys.executable, "-P", "-m", "fedspeaker.deploy.superexec", "--serverapp"]
+    assert "127.0.0.1:9999" in superexec and str(paths.ca_cert) in superexec
+    assert str(options.superexec_secret) in superexec and superexec[-2:] == ["--parent-pid", "1234"]
     with pytest.raises(FedSpeakerError, match="loopback only"):
         SuperLinkOptions(certs=paths.folder, host="0.0.0.0").command()
     insecure = SuperLinkOptions(certs=None, insecure=True, host="0.0.0.0").command()
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    assert insecure[insecure.index("--isolation") + 1] == "subprocess"  # Flower's SuperExec, as is
     with pytest.raises(FedSpeakerError, match="needs --certs"):
         SuperLinkOptions(certs=None).command()
     with pytest.raises(FedSpeakerError, match="fedspeaker certs"):
@@ -264,6 +275,38 @@ def test_the_superexec_starts_nothing_without_an_executable_runner(tmp_path: Pat
     assert superexec.main(["--clientapp", str(tmp_path / "missing"), "--runtime-api-address", "x"]) == 1
 
 
+def test_the_servers_superexec_starts_serverapps_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supercore.cli as flower_cli
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    from fedspeaker.deploy import superexec
+
+    for task, command in list(TASK_TYPE_TO_COMMAND.items()):
+        monkeypatch.setitem(TASK_TYPE_TO_COMMAND, task, command)  # restored after the test
+    table: dict = {}
+    monkeypatch.setattr(flower_cli, "flower_superexec", lambda: table.update(TASK_TYPE_TO_COMMAND))
+    monkeypatch.setattr(superexec, "reap_finished_children", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["superexec"])
+    assert superexec.main(["--serverapp", "--runtime-api-address", "127.0.0.1:1"]) == 0
+    assert table[TaskType.SERVER_APP] == str(Path(sys.executable).parent / "flwr-serverapp")
+    assert Path(table[TaskType.SERVER_APP]).is_file()
+    assert all(table[t] == "/bin/false" for t in TaskType if t != TaskType.SERVER_APP)
+    assert sys.argv == ["superexec", "--runtime-api-address", "127.0.0.1:1"]  # Flower's own arguments
+
+
+def test_the_superexec_reaps_an_app_process_whose_handle_was_dropped() -> None:
+    from fedspeaker.deploy.processes import _is_zombie
+    from fedspeaker.deploy.superexec import reap_finished_children
+
+    reap_finished_children(interval=0.1)
+    pid = subprocess.Popen(["sleep", "0.3"]).pid  # dropped at once, as Flower's SuperExec does
+    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists(), "still <defunct>" if _is_zombie(pid) else "still running"
+
+
 def test_insecure_mode_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture) -> None:
     ran: list[list[str]] = []
@@ -318,7 +361,6 @@ def test_a_device_trains_on_its_own_folder_labelled_by_the_servers_speakers(
 
 def test_the_superlink_command_starts_the_server_side_and_stops_all_of_it(tmp_path: Path) -> None:
     import signal
-    import time
 
     from fedspeaker.deploy.flower import flower_env
     from fedspeaker.deploy.processes import child_process, free_port

@@ -25,7 +25,8 @@ from fedspeaker.deploy.certs import make_certificates, make_node_key
 from fedspeaker.deploy.flower import BIN, flower_env
 from fedspeaker.deploy.processes import Child, _process_table
 from fedspeaker.reporting.run_report import read_rounds
-from simulations.loopback import APP_DIR, CONNECTION, Device, LoopbackDeployment, device_folders
+from simulations.loopback import (APP_DIR, CONNECTION, Device, LoopbackDeployment, RunNotCompleted,
+                                  device_folders)
 from tests.conftest import nginx_or_skip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.deploy, pytest.mark.usefixtures("nginx", "shared_feature_cache")]
@@ -57,6 +58,26 @@ def alive(children: list[Child]) -> list[int]:
     return pids
 
 
+def unreaped(children: list[Child], wait: float = 10.0) -> list[str]:
+    """Processes started by ``children`` (or by theirs) that finished but stay <defunct>
+    (State: Z), after ``wait`` seconds for their parents to reap them: "PID name" each.
+    (``children`` themselves are reaped by this process's own Popen.)"""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for child in children:
+            child.remember_descendants()
+            for pid in child.seen:
+                with contextlib.suppress(OSError):
+                    fields = dict(line.split(":\t", 1) for line in
+                                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+                    if fields.get("State", "").startswith("Z"):
+                        found.append(f"{pid} {fields.get('Name', '?')}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -70,7 +91,8 @@ def test_two_devices_train_over_tls_and_an_unregistered_device_is_refused(tmp_pa
     with LoopbackDeployment(tmp_path / "deployment", devices) as deployment:
         children = deployment.children
         ports = (deployment.port, deployment.link_port)
-        out = deployment.run(settings, on_round=lambda line: None, timeout=300)
+        superexec = deployment.server["superexec"]
+        out = deployment.run(settings, on_round=lambda line: superexec.remember_descendants(), timeout=900)
 
         intruder = deployment.nodes["intruder"]
         assert intruder.proc.wait(timeout=60) != 0
@@ -78,6 +100,9 @@ def test_two_devices_train_over_tls_and_an_unregistered_device_is_refused(tmp_pa
         assert len(deployment.online_nodes()) == 2  # the two registered devices only
         for name in ("phone", "doorlock"):  # each checked the app before running it
             assert "is signed by the operator" in deployment.device_log(name)
+        # the finished ServerApp and ClientApps were reaped, not left <defunct> until the next run
+        assert unreaped(children) == []
+        assert deployment.server["superexec"].seen  # the ServerApp ran under fedspeaker's SuperExec
 
     rows = read_rounds(out / "rounds.csv")
     assert [r["round"] for r in rows] == [0, 1, 2]  # 0: the starting model
@@ -101,7 +126,7 @@ def test_every_process_is_stopped_when_the_body_fails(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="test failure"):
         with LoopbackDeployment(tmp_path / "deployment", [Device("phone", folder)]) as deployment:
             children = deployment.children
-            assert len(children) == 4  # SuperLink, nginx, the device's SuperNode and SuperExec
+            assert len(children) == 5  # SuperLink, its SuperExec, nginx, the device's SuperNode and SuperExec
             raise RuntimeError("test failure")
     assert alive(children) == []
     assert not listening(deployment.port) and not listening(deployment.link_port)
@@ -129,16 +154,6 @@ def post(port: int, path: str, context: ssl.SSLContext | None) -> tuple[int, str
         return response.status, response.read().decode(errors="replace")
     finally:
         conn.close()
-
-
-def time_limit(seconds: float):
-    """A poll: sleeps a little, and says False once ``seconds`` have passed."""
-    end = time.monotonic() + seconds
-
-    def poll() -> bool:
-        time.sleep(0.5)
-        return time.monotonic() < end
-    return poll
 
 
 def one_byte_apart(app: Path, folder: Path, marker: Path) -> tuple[Path, Path]:
@@ -198,11 +213,24 @@ def test_only_the_operator_controls_the_server_and_devices_run_only_the_signed_a
         verify_fab(build_app(signed), signature, load_public_keys(deployment.app_key.with_suffix(".pub")),
                    claimed_hash=fab_digest(build_app(signed)), fab_id="fedspeaker/fedspeaker",
                    fab_version="0.1.0")  # the signature is good for the app it was made for
-        deployment.submit(settings, app_dir=tampered, signature=signature)
-        deadline = time_limit(180)
-        while "APP REFUSED" not in deployment.device_log("phone"):
-            assert deadline(), "the device never refused the tampered app:\n" + deployment.device_log("phone")[-3000:]
-        deployment.stop_runs()  # if its ServerApp still waits for replies
+        # The run fails, and says so where the operator looks: Flower's run status, the
+        # ServerApp's log that `flwr run --stream` prints, the summary and the round rows
+        with pytest.raises(RunNotCompleted) as failed:
+            deployment.run(settings, on_round=lambda line: None, timeout=300, app_dir=tampered,
+                           signature=signature)
+        assert failed.value.status == "finished:failed"
+        assert "RUN FAILED: no client trained in any of the 1 round(s)" in failed.value.details
+        assert "app-refused" in failed.value.details
+        streamed = deployment.log_path("flwr-run").read_text()
+        assert "RUN FAILED" in streamed and "the device refused the app" in streamed
+        assert "APP REFUSED" in deployment.device_log("phone")
+        outcome = json.loads((tmp_path / "run" / "summary.json").read_text())["outcome"]
+        assert outcome["status"] == "failed" and outcome["rounds_trained"] == 0
+        assert outcome["not_trained"] == {"app-refused": 1}
+        assert "starting model" in outcome["released_model"]
+        (_, trained_round) = read_rounds(tmp_path / "run" / "rounds.csv")
+        assert trained_round["clients"] == 0 and trained_round["refused"] == 1
+        assert deployment.stop_runs() == []  # nothing left running
         apps = deployment.device_home("phone") / "apps"
         assert not any(apps.glob(f"*.{fab_digest(build_app(tampered))[:8]}"))  # never installed
     assert not marker.exists()  # and none of its code ran
@@ -220,9 +248,9 @@ def test_a_serverapp_killed_on_the_superlink_resumes_where_it_stopped(tmp_path: 
     def kill_the_server_after_round_one(line: str) -> None:
         if line.startswith("round   1"):
             killed = []
-            link = deployment.link  # only this deployment's ServerApp, by PID
-            link.remember_descendants()
-            for pid, started in link.seen.items():
+            superexec = deployment.server["superexec"]  # only this deployment's ServerApp, by PID
+            superexec.remember_descendants()
+            for pid, started in superexec.seen.items():
                 with contextlib.suppress(OSError):
                     if (_process_table().get(pid, (0, ""))[1] == started
                             and b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()):

@@ -62,6 +62,22 @@ def test_round_outcome_counts_every_reason() -> None:
     assert outcome.describe() == "1 dropped, 2 no-reply/error, 2 policy, 1 sat-out"
 
 
+def test_an_app_the_device_refused_counts_as_a_refusal() -> None:
+    from server.outcomes import APP_REFUSED, row_counts
+
+    # Flower's runner words our app check's exception so (fedspeaker/deploy/apprunner.py)
+    refusal = flower_error("<class 'fedspeaker.deploy.appsign.AppVerificationError'>:<'the bundle's "
+                           "signature does not verify'>")
+    outcome = round_outcome(2, [refusal, flower_error("<class 'ZeroDivisionError'>:<'division by zero'>")])
+    assert outcome.not_trained == Counter({APP_REFUSED: 1, NO_REPLY: 1})
+    assert outcome.details == Counter({
+        "app-refused: the device refused the app (not signed by the operator): the bundle's signature "
+        "does not verify": 1,
+        f"no-reply/error: Flower error {ErrorCode.CLIENT_APP_CRASHED}: <class 'ZeroDivisionError'>:<'division by zero'>": 1})
+    counts = row_counts(outcome)
+    assert counts["refused"] == 1 and counts["no_reply"] == 1 and counts["clients"] == 0
+
+
 def test_refusal_kind_is_the_text_before_the_colon() -> None:
     outcome = round_outcome(2, [refused("hardware: too little memory"), refused("no colon here")])
     assert outcome.not_trained == Counter({"hardware": 1, "no colon here": 1})

@@ -98,7 +98,8 @@ def superlink(args: argparse.Namespace) -> int:
         run_dir=Path(args.run_dir or f"~/.cache/fedspeaker/superlink-{args.port}").expanduser())
     certs_dir = options.certs.resolve()
     where = "this machine's name" if args.host in ("0.0.0.0", "::") else args.host
-    lines = [f"server side up: SuperLink on 127.0.0.1:{options.link_port}, nginx ({options.run_dir})",
+    lines = [f"server side up: SuperLink on 127.0.0.1:{options.link_port} and the SuperExec that starts "
+             f"its ServerApps, nginx ({options.run_dir})",
              f"  devices connect to {where}:{args.port} (Fleet API only; trust {certs_dir}/ca.crt)",
              f"  the operator's flwr, on this machine: address = \"127.0.0.1:{options.link_port}\", "
              f"root-certificates = \"{certs_dir}/ca.crt\""]

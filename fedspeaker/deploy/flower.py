@@ -1,7 +1,9 @@
 """Flower's Deployment Engine commands: a SuperLink on 127.0.0.1, and a device's SuperNode.
 
 The SuperLink listens on 127.0.0.1 only, with TLS and SuperNode authentication (devices
-reach it through the public endpoint, fedspeaker/deploy/proxy.py). A SuperNode runs in
+reach it through the public endpoint, fedspeaker/deploy/proxy.py), in Flower's
+``process`` isolation mode beside fedspeaker's SuperExec, which starts ServerApps and
+reaps them when they finish (Flower's own left them <defunct> until the next run). A SuperNode runs in
 Flower's ``process`` isolation mode beside fedspeaker's own SuperExec
 (fedspeaker/deploy/superexec.py), which starts every ClientApp through the runner that
 checks the operator's signature (fedspeaker/deploy/apprunner.py); the two share a
@@ -62,10 +64,18 @@ class SuperLinkOptions:
     database: Path | None = None  # Flower keeps runs and registered nodes here
     insecure: bool = False
     host: str = "127.0.0.1"  # anything but loopback only with insecure
+    # with it (not insecure), ServerApps are started by superexec_command(), which shares
+    # this secret; without it, by the SuperExec Flower's SuperLink starts by itself
+    superexec_secret: Path | None = None
+
+    @property
+    def own_superexec(self) -> bool:
+        return self.superexec_secret is not None and not self.insecure
 
     def command(self) -> list[str]:
-        cmd = [str(BIN / "flower-superlink"), "--isolation", "subprocess",
-               "--disable-runtime-dependency-installation",
+        isolation = (["--isolation", "process", "--superexec-auth-secret-file", str(self.superexec_secret)]
+                     if self.own_superexec else ["--isolation", "subprocess"])
+        cmd = [str(BIN / "flower-superlink"), *isolation, "--disable-runtime-dependency-installation",
                "--host", self.host, "--port", str(self.port)]
         if self.database:
             cmd += ["--database", str(self.database)]
@@ -82,6 +92,23 @@ class SuperLinkOptions:
         paths.require_server_files()
         return cmd + ["--ssl-ca-certfile", str(paths.ca_cert), "--ssl-certfile", str(paths.server_cert),
                       "--ssl-keyfile", str(paths.server_key), "--enable-supernode-auth"]
+
+    def superexec_command(self, superlink_pid: int) -> list[str]:
+        """fedspeaker's SuperExec beside the SuperLink: it starts ServerApps (Flower's
+        flwr-serverapp, over TLS to the SuperLink's loopback port) and reaps them."""
+        if not self.own_superexec or self.certs is None:
+            raise FedSpeakerError("fedspeaker's SuperExec runs beside a SuperLink with TLS and a "
+                                  "SuperExec secret only")
+        return [sys.executable, "-P", "-m", "fedspeaker.deploy.superexec", "--serverapp",
+                "--runtime-api-address", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(CertificatePaths(self.certs).ca_cert),
+                "--superexec-auth-secret-file", str(self.superexec_secret), "--parent-pid", str(superlink_pid)]
+
+    def prepare(self) -> None:
+        """Before starting: a fresh SuperExec secret, owner-only."""
+        if self.own_superexec:
+            self.superexec_secret.parent.mkdir(parents=True, exist_ok=True)
+            write_file(self.superexec_secret, secrets.token_bytes(32), private=True)
 
 
 @dataclass(frozen=True, kw_only=True)

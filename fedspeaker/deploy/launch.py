@@ -1,7 +1,7 @@
 """Start the whole server side, or a device's side, as children stopped by PID.
 
-The server side is two processes: the SuperLink on 127.0.0.1 and nginx, the public
-endpoint in front of it. A device's side is the SuperNode and fedspeaker's SuperExec
+The server side is three processes: the SuperLink on 127.0.0.1, fedspeaker's SuperExec
+beside it (it starts the ServerApps), and nginx, the public endpoint in front of it. A device's side is the SuperNode and fedspeaker's SuperExec
 beside it. `fedspeaker superlink` / `supernode` and the loopback deployment both start
 them here, into an ExitStack that stops every one of them, by PID, however it closes.
 """
@@ -32,7 +32,8 @@ class ServerOptions:
     database: Path | None = None
 
     def superlink(self) -> SuperLinkOptions:
-        return SuperLinkOptions(certs=self.certs, port=self.link_port, database=self.database)
+        return SuperLinkOptions(certs=self.certs, port=self.link_port, database=self.database,
+                                superexec_secret=self.run_dir / "superexec.secret")
 
     def endpoint(self) -> PublicEndpoint:
         return PublicEndpoint(certs=CertificatePaths(self.certs), run_dir=self.run_dir, host=self.host,
@@ -41,17 +42,22 @@ class ServerOptions:
 
 def start_server(stack: contextlib.ExitStack, options: ServerOptions, *, env: dict[str, str],
                  log_for: LogFor) -> dict[str, Child]:
-    """The SuperLink, then nginx; both listening when this returns."""
-    superlink_cmd = options.superlink().command()
+    """The SuperLink and its SuperExec, then nginx; the SuperLink and nginx listening when
+    this returns."""
+    superlink = options.superlink()
+    superlink_cmd = superlink.command()
     endpoint = options.endpoint()
     endpoint.write()  # checked by `nginx -t` before anything starts
+    superlink.prepare()
     link = stack.enter_context(child_process(superlink_cmd, env, log_for("superlink")))
     wait_for_port(options.link_port, link, "the SuperLink")
+    superexec = stack.enter_context(
+        child_process(superlink.superexec_command(link.proc.pid), env, log_for("superexec")))
     nginx = stack.enter_context(child_process(endpoint.command(), env, log_for("nginx")))
     for port in (options.port, options.operator_port):
         if port is not None:
             wait_for_port(port, nginx, "nginx (the public endpoint)", host=options.host)
-    return {"superlink": link, "nginx": nginx}
+    return {"superlink": link, "superexec": superexec, "nginx": nginx}
 
 
 def start_supernode(stack: contextlib.ExitStack, options: SuperNodeOptions, *, env: dict[str, str],
