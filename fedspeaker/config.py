@@ -71,6 +71,9 @@ class RunSettings:
     trial_list: str = ""  # a VoxCeleb-format list (label enrol test), paths under data-dir
     score_norm: str = "none"  # "s-norm": adaptive s-norm against training-speaker embeddings
     cohort_top: int = 100  # s-norm: the closest cohort scores each side is normalised by
+    # degraded trials: the same trials with the test side degraded (evaluation/conditions.py):
+    # "standard", or conditions such as babble5, white5, room0.3-0.9, room0.3-0.9+babble10
+    test_conditions: str = ""
     # Decisions on a device: a voiceprint of enrol-recordings recordings against one; the
     # threshold meets operating-point ("eer" or "far:X") on validation trials
     operating_point: str = "far:0.01"
@@ -118,6 +121,11 @@ class RunSettings:
     optimizer: str = "sgd"  # momentum 0.9; under DP noise it learns where Adam stalls
     lr: float = 0.02
     head_lr: float = 1.0  # the classifier head's learning rate; 0: the same as lr
+    # on-device augmentation (data/augment.py): "" (none), "standard" (babble, noise, room),
+    # or families of babble, white, pink, brown, noise, room; augment-copies degraded copies
+    # of each recording, made once, one of them (or the clean one) drawn for each example
+    augment: str = ""
+    augment_copies: int = 4
     # Differential privacy (sample level, Opacus DP-SGD)
     dp: bool = True
     epsilon: float = 8.0  # target over the whole run; used when noise_multiplier is 0
@@ -203,6 +211,11 @@ class RunSettings:
         _at_least("max-trials", self.max_trials, 0)
         _at_least("cohort-top", self.cohort_top, 2)
         _at_least("cohort-size", self.cohort_size, 1)
+        from fedspeaker.data.degrade import parse_conditions, parse_families
+
+        parse_conditions(self.test_conditions)
+        parse_families(self.augment)
+        _at_least("augment-copies", self.augment_copies, 1)
         from fedspeaker.evaluation.operating_point import OperatingPoint
 
         OperatingPoint.parse(self.operating_point)
