@@ -24,6 +24,7 @@ from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
+from fedspeaker.evaluation.conditions import condition_columns
 from fedspeaker.evaluation.release import released_row
 from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
 from fedspeaker.model.bundle import model_bundle
@@ -52,7 +53,8 @@ def main(grid: Grid, context: Context) -> None:
     data = load_speaker_data(settings)
     model = build_model(settings, data.n_speakers)
     checkpoint = Checkpoint.load(settings) if settings.resume else None
-    report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [])
+    report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [],
+                       condition_columns(settings))
     rounds = RoundTracker(settings, data, model, report, checkpoint, grid=grid,
                           simulated=isinstance(grid, InMemoryGrid))
     if settings.secagg:

@@ -14,6 +14,7 @@ from fedspeaker.evaluation.release import released_row
 from fedspeaker.evaluation.scoring import EvaluationSet, evaluate
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.privacy.ledger import PrivacyLedger
+from fedspeaker.evaluation.conditions import condition_columns
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from fedspeaker.data.partition import client_shards
 
@@ -44,7 +45,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     evaluation = EvaluationSet.of(data, settings)
     trainer = LocalTrainer(settings, data.n_speakers)
     ledger = PrivacyLedger(settings.accountant)
-    report = RunReport(settings.out_dir_path)
+    report = RunReport(settings.out_dir_path, extra_columns=condition_columns(settings))
     started = time.monotonic()
     adapted = _adapt(settings, trainer.model, feats, labels, ledger)
     scores = evaluate(trainer.model, evaluation)
