@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
     started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     request = TrainRequest.of(msg)
-    feats, labels = training_examples(settings, context, request.speakers)
+    feats, labels = training_examples(settings, context, request.speakers, augmented=True)
     n_speakers = len(request.speakers) or len(load_split(settings).speakers)
     if settings.dp:  # Opacus is imported lazily; its ~1 s belongs to start-up, not training
         importlib.import_module("opacus")

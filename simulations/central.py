@@ -8,6 +8,7 @@ import time
 from client.backend import backend_statistics
 from fedspeaker.config import RunSettings
 from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
+from fedspeaker.data.augment import augmented_examples
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
 from fedspeaker.evaluation.release import released_row
@@ -41,7 +42,13 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     """
     data = load_speaker_data(settings)
     shards = client_shards(settings)
-    feats, labels = data.train_examples(sorted(i for shard in shards for i in shard))
+    indices = sorted(i for shard in shards for i in shard)
+    feats, labels = data.train_examples(indices)
+    train_feats = feats
+    if settings.augment:  # one party holding every recording: babble from all its other speakers
+        train_feats, _ = augmented_examples(settings.augment, settings.augment_copies, settings.seed,
+                                            settings.feature_spec, settings.feature_cache_dir,
+                                            [data.split.train[i] for i in indices], labels)
     evaluation = EvaluationSet.of(data, settings)
     trainer = LocalTrainer(settings, data.n_speakers)
     ledger = PrivacyLedger(settings.accountant)
@@ -58,7 +65,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     released = copy.deepcopy(trainer.model.state_dict())  # release=best: the best round's, so far
     for epoch_round in range(1, settings.rounds + 1):
         round_started = time.monotonic()
-        loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
+        loss = trainer.train(train_feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
                              seeded_noise=settings.seeded_noise,
                              planned_epochs=settings.rounds * settings.local_epochs)
         train_seconds = time.monotonic() - round_started
