@@ -142,6 +142,9 @@ class RunSettings:
     # after the last round, subtracted before cosine scoring (fedspeaker/model/backend.py)
     backend: bool = True
     backend_epsilon: float = 0.0  # under DP, the share of epsilon its releases spend; 0: epsilon/8
+    # the devices also release the scatter of their recordings' augmented copies (augment),
+    # and the back end whitens it away: degradation's directions shrunk before cosine scoring
+    backend_whiten: bool = False
     # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
     # (and the server could regenerate them); a deployed device always draws them from the
     # operating system's entropy, whatever this says
@@ -216,6 +219,10 @@ class RunSettings:
         parse_conditions(self.test_conditions)
         parse_families(self.augment)
         _at_least("augment-copies", self.augment_copies, 1)
+        if self.backend_whiten and not (self.backend and self.augment and self.user_dp == "off"):
+            raise ConfigError("backend-whiten whitens the scatter of each device's augmented copies: "
+                              "it needs backend=true and augment, and not user-dp (each device's "
+                              "statistics are noised on the device)")
         from fedspeaker.evaluation.operating_point import OperatingPoint
 
         OperatingPoint.parse(self.operating_point)

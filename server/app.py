@@ -26,7 +26,13 @@ from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
 from fedspeaker.evaluation.conditions import condition_columns
 from fedspeaker.evaluation.release import released_row
-from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
+from fedspeaker.model.backend import (
+    encoder_fingerprint,
+    install_backend,
+    install_saved_backend,
+    mean_of_sums,
+    whitening_of_scatter,
+)
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
@@ -236,7 +242,10 @@ class RoundTracker:
             if screened is not None and screened.device_dp is not None:
                 screened.device_releases.append((s.user_noise_multiplier, collected.devices,
                                                  collected.devices, 1.0))
-        install_backend(self.model, mean_of_sums(*collected.sums), fingerprint, collected.sums.count)
+        sums = collected.sums
+        whiten = (whitening_of_scatter(sums.scatter, sums.count, len(sums.total))
+                  if sums.scatter is not None else None)
+        install_backend(self.model, mean_of_sums(sums.total, sums.count), fingerprint, sums.count, whiten)
         row = {"backend_devices": float(collected.devices), "backend_refused": float(collected.refused),
                "backend_seconds": time.monotonic() - started}
         if not math.isnan(collected.epsilon_max):  # the devices' ledgers after this release
@@ -291,7 +300,7 @@ class RoundTracker:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         if release is not None and release.get("backend"):  # the released round's own back end
             backend = release["backend"]
-            install_backend(self.model, backend["mean"], backend["fingerprint"], backend["count"])
+            install_saved_backend(self.model, backend)
         scores = evaluate(self.model, self.evaluation)
         summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
                               mode="federated", evaluation=self.evaluation, simulated=self.simulated,

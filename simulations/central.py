@@ -7,7 +7,7 @@ import time
 
 from client.backend import backend_statistics
 from fedspeaker.config import RunSettings
-from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
+from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums, whitening_of_scatter
 from fedspeaker.data.augment import augmented_examples
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
@@ -20,14 +20,16 @@ from fedspeaker.reporting.run_report import RunReport, progress_line, run_summar
 from fedspeaker.data.partition import client_shards
 
 
-def _adapt(settings: RunSettings, model, feats, labels, ledger: PrivacyLedger) -> dict[str, float]:
+def _adapt(settings: RunSettings, model, feats, labels, ledger: PrivacyLedger, copies=None) -> dict[str, float]:
     """The scoring back end from the one party's data, released and accounted as a device's."""
     if not settings.backend:
         return {}
-    sums, metrics = backend_statistics(settings, model, feats, labels, ledger)
+    sums, metrics = backend_statistics(settings, model, feats, labels, ledger,
+                                       copies=copies if settings.backend_whiten else None)
     if sums is None:
         return {}
-    install_backend(model, mean_of_sums(*sums), encoder_fingerprint(model), sums.count)
+    whiten = whitening_of_scatter(sums.scatter, sums.count, len(sums.total)) if sums.scatter is not None else None
+    install_backend(model, mean_of_sums(sums.total, sums.count), encoder_fingerprint(model), sums.count, whiten)
     row = {"backend_devices": 1.0}
     if "epsilon" in metrics:
         row["epsilon_max"] = row["epsilon_mean"] = float(metrics["epsilon"])
@@ -54,7 +56,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     ledger = PrivacyLedger(settings.accountant)
     report = RunReport(settings.out_dir_path, extra_columns=condition_columns(settings))
     started = time.monotonic()
-    adapted = _adapt(settings, trainer.model, feats, labels, ledger)
+    adapted = _adapt(settings, trainer.model, feats, labels, ledger, train_feats)
     scores = evaluate(trainer.model, evaluation)
     row = {"round": 0, **scores, **adapted, "round_seconds": time.monotonic() - started,
            "seconds": time.monotonic() - started}  # the starting model
@@ -69,7 +71,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
                              seeded_noise=settings.seeded_noise,
                              planned_epochs=settings.rounds * settings.local_epochs)
         train_seconds = time.monotonic() - round_started
-        adapted = _adapt(settings, trainer.model, feats, labels, ledger) if epoch_round == settings.rounds else {}
+        adapted = _adapt(settings, trainer.model, feats, labels, ledger, train_feats) if epoch_round == settings.rounds else {}
         scores = evaluate(trainer.model, evaluation)
         eps = ledger.epsilon(settings.delta) if settings.dp else float("nan")
         now = time.monotonic()

@@ -94,3 +94,53 @@ def test_augment_is_checked():
         RunSettings.from_run_config({"augment": "echo"})
     with pytest.raises(ConfigError, match="augment-copies"):
         RunSettings.from_run_config({"augment": "standard", "augment-copies": 0})
+
+
+def test_each_units_scatter_is_clipped_and_the_release_noised_at_sqrt3_z():
+    from fedspeaker.privacy.backend_stats import SCATTER_CLIP, Sums, noised, unit_scatters
+
+    copies = torch.randn(40, 5, 16)
+    scatters = unit_scatters(copies, list(range(40)), "utterance")
+    rows, cols = torch.triu_indices(16, 16)
+    unit = torch.nn.functional.normalize(copies, dim=-1)
+    deviations = unit - unit.mean(dim=1, keepdim=True)
+    for scatter, d in zip(scatters, deviations):
+        full = torch.zeros(16, 16)
+        full[rows, cols] = scatter
+        exact = d.T @ d / 5
+        assert torch.linalg.norm(full + full.T - torch.diag(full.diagonal())) <= SCATTER_CLIP + 1e-5
+        assert torch.allclose(full[rows, cols] / full[0, 0], exact[rows, cols] / exact[0, 0], atol=1e-4)
+    small = unit_scatters(copies * 0 + torch.randn(1, 1, 16) + 0.01 * torch.randn(40, 5, 16), [0] * 40,
+                          "utterance")  # copies close together: below the clip, kept exactly
+    assert torch.linalg.norm(small, dim=1).max() < SCATTER_CLIP
+    zeros = Sums(torch.zeros(64), 0.0, torch.zeros(20_000))
+    released = noised(zeros, 2.0, torch.Generator().manual_seed(0))
+    assert float(released.total.std()) == pytest.approx(3 ** 0.5 * 2.0, rel=0.2)
+    assert float(released.scatter.std()) == pytest.approx(3 ** 0.5 * 2.0 * SCATTER_CLIP, rel=0.03)
+
+
+def test_whitening_shrinks_the_direction_degradation_moves_along():
+    from fedspeaker.model import build_model
+    from fedspeaker.model.backend import encoder_fingerprint, install_backend, install_saved_backend, \
+        whitening_of_scatter
+
+    dim = 256
+    nuisance = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+    rows, cols = torch.triu_indices(dim, dim)
+    scatter = 0.2 * torch.outer(nuisance, nuisance) + 1e-3 * torch.eye(dim)
+    whiten = whitening_of_scatter(scatter[rows, cols] * 10, 10, dim)
+    model = build_model(RunSettings(), 4)
+    install_backend(model, torch.zeros(dim), encoder_fingerprint(model), 10, whiten)
+    clean = torch.nn.functional.normalize(torch.rand(dim), dim=0)
+    degraded = clean + 0.5 * nuisance  # the same voice, moved along the nuisance direction
+    other = torch.nn.functional.normalize(torch.rand(dim), dim=0)
+    cos = torch.nn.functional.cosine_similarity
+    before = float(cos(clean, degraded, dim=0))
+    after = float(cos(model.backend(clean[None])[0], model.backend(degraded[None])[0], dim=0))
+    assert after > before and after > 0.99
+    saved = model.backend.to_dict()
+    again = build_model(RunSettings(), 4)
+    install_saved_backend(again, saved)
+    assert torch.equal(again.backend(other[None]), model.backend(other[None]))
+    with pytest.raises(Exception, match="backend-whiten"):
+        RunSettings.from_run_config({"backend-whiten": True})
