@@ -96,8 +96,8 @@ def test_augment_is_checked():
         RunSettings.from_run_config({"augment": "standard", "augment-copies": 0})
 
 
-def test_each_units_scatter_is_clipped_and_the_release_noised_at_sqrt3_z():
-    from fedspeaker.privacy.backend_stats import SCATTER_CLIP, Sums, noised, unit_scatters
+def test_each_units_scatter_is_clipped_and_the_release_noised_for_its_sensitivity():
+    from fedspeaker.privacy.backend_stats import SCATTER_CLIP, SCATTER_WEIGHT, Sums, noised, unit_scatters
 
     copies = torch.randn(40, 5, 16)
     scatters = unit_scatters(copies, list(range(40)), "utterance")
@@ -115,8 +115,10 @@ def test_each_units_scatter_is_clipped_and_the_release_noised_at_sqrt3_z():
     assert torch.linalg.norm(small, dim=1).max() < SCATTER_CLIP
     zeros = Sums(torch.zeros(64), 0.0, torch.zeros(20_000))
     released = noised(zeros, 2.0, torch.Generator().manual_seed(0))
-    assert float(released.total.std()) == pytest.approx(3 ** 0.5 * 2.0, rel=0.2)
-    assert float(released.scatter.std()) == pytest.approx(3 ** 0.5 * 2.0 * SCATTER_CLIP, rel=0.03)
+    # one unit moves (sum, count, scatter / (clip / weight)) by at most sqrt(1 + 1 + weight^2)
+    std = (2 + SCATTER_WEIGHT ** 2) ** 0.5 * 2.0
+    assert float(released.total.std()) == pytest.approx(std, rel=0.2)
+    assert float(released.scatter.std()) == pytest.approx(std * SCATTER_CLIP / SCATTER_WEIGHT, rel=0.03)
 
 
 def test_whitening_shrinks_the_direction_degradation_moves_along():
