@@ -7,7 +7,13 @@ import time
 
 from client.backend import backend_statistics
 from fedspeaker.config import RunSettings
-from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums, whitening_of_scatter
+from fedspeaker.model.backend import (
+    encoder_fingerprint,
+    install_backend,
+    install_saved_backend,
+    mean_of_sums,
+    whitening_of_scatter,
+)
 from fedspeaker.data.augment import augmented_examples
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
@@ -60,11 +66,12 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     scores = evaluate(trainer.model, evaluation)
     row = {"round": 0, **scores, **adapted, "round_seconds": time.monotonic() - started,
            "seconds": time.monotonic() - started}  # the starting model
+    # release=best: the best round's weights so far, with that round's own back end
+    released = copy.deepcopy((trainer.model.state_dict(), trainer.model.backend.to_dict()))
     if settings.rounds:  # training changes the weights in place: the back end is theirs no more
         trainer.model.backend.clear()
     report.add_round(row)
     on_round(progress_line(row))
-    released = copy.deepcopy(trainer.model.state_dict())  # release=best: the best round's, so far
     for epoch_round in range(1, settings.rounds + 1):
         round_started = time.monotonic()
         loss = trainer.train(train_feats, labels, ledger, seed=round_seed(settings.seed, 0, epoch_round),
@@ -81,8 +88,10 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
         report.add_round(row)
         on_round(progress_line(row))
         if released_row(report.rows, settings.release) is row:
-            released = copy.deepcopy(trainer.model.state_dict())
-    trainer.model.load_state_dict(released)
+            released = copy.deepcopy((trainer.model.state_dict(), trainer.model.backend.to_dict()))
+    trainer.model.load_state_dict(released[0])
+    if released[1]:  # loading other weights dropped the last round's back end: the released round's
+        install_saved_backend(trainer.model, released[1])
     scores = evaluate(trainer.model, evaluation)
     summary = run_summary(settings, data, report.rows, time.monotonic() - started, mode="central",
                           evaluation=evaluation)
