@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
     started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     request = TrainRequest.of(msg)
-    feats, labels = training_examples(settings, context, request.speakers)
+    feats, labels = training_examples(settings, context, request.speakers, augmented=True)
     n_speakers = len(request.speakers) or len(load_split(settings).speakers)
     if settings.dp:  # Opacus is imported lazily; its ~1 s belongs to start-up, not training
         importlib.import_module("opacus")
@@ -134,13 +134,18 @@ def backend(msg: Message, context: Context) -> Message:
     speakers = wire.speakers_from_config(config)
     model = build_model(settings, len(speakers))
     model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
-    feats, labels = training_examples(settings, context, speakers)
+    copies = None
+    if settings.backend_whiten:  # the recordings with their augmented copies, the clean ones first
+        copies, labels = training_examples(settings, context, speakers, augmented=True)
+        feats = [c[0] for c in copies]
+    else:
+        feats, labels = training_examples(settings, context, speakers)
     run = str(config.get(wire.FEDERATION_ID, "")) or f"run-{context.run_id}"
     device_ledger = DeviceLedger(ledger_path(settings, context, run))
     ledger = device_ledger.open(run, settings.accountant)
     policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
     sums, metrics = backend_statistics(
-        settings, model, feats, labels, ledger,
+        settings, model, feats, labels, ledger, copies=copies,
         refusal=(lambda step: policy.backend_refusal(settings, ledger, step)) if policy else None)
     if wire.REFUSAL in metrics:
         return Message(content=RecordDict({wire.REFUSAL: ConfigRecord({wire.REASON: metrics[wire.REFUSAL]})}),
@@ -150,7 +155,10 @@ def backend(msg: Message, context: Context) -> Message:
     if sums is not None:
         if settings.backend_privacy:
             device_ledger.record(run, ledger)
-        content[wire.BACKEND] = ArrayRecord({wire.BACKEND_SUM: sums.total.contiguous()})
+        arrays = {wire.BACKEND_SUM: sums.total.contiguous()}
+        if sums.scatter is not None:
+            arrays[wire.BACKEND_SCATTER] = sums.scatter.contiguous()
+        content[wire.BACKEND] = ArrayRecord(arrays)
     return Message(content=content, reply_to=msg)
 
 

@@ -13,7 +13,14 @@ from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import embed
-from fedspeaker.privacy.backend_stats import Sums, backend_noise_multiplier, clipped_sums, noised, release_step
+from fedspeaker.privacy.backend_stats import (
+    Sums,
+    backend_noise_multiplier,
+    clipped_sums,
+    noised,
+    release_step,
+    unit_scatters,
+)
 from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
 from fedspeaker.privacy.noise import noise_generator
 from fedspeaker.training.local import spend_cap
@@ -29,16 +36,22 @@ def release_unit(settings: RunSettings) -> str:
 
 def backend_statistics(settings: RunSettings, model: nn.Module, feats: list[torch.Tensor],
                        labels: list[int], ledger: PrivacyLedger, *,
+                       copies: list[torch.Tensor] | None = None,
                        refusal: Callable[[DPSteps | None], str | None] | None = None,
                        generator: torch.Generator | None = None) -> tuple[Sums | None, dict[str, float]]:
     """This party's release and its metrics; ``None`` where it would pass the party's
     spending cap (metrics: sat out), or where ``refusal`` (a device's privacy policy)
     gives a reason (metrics: only ``wire.REFUSAL``, the reason). Under
-    sample-level DP ``ledger`` gains the release (the caller records it)."""
+    sample-level DP ``ledger`` gains the release (the caller records it). ``copies``
+    (backend-whiten): each recording with its augmented copies, whose scatter is released too."""
     step = release_step(backend_noise_multiplier(settings)) if settings.backend_privacy else None
     if refusal and (reason := refusal(step)):
         return None, {wire.REFUSAL: reason}
     sums = clipped_sums(embed(model, feats, raw=True), labels, release_unit(settings))
+    if copies is not None:
+        embedded = torch.stack([embed(model, [c[k] for c in copies], raw=True)
+                                for k in range(copies[0].shape[0])], dim=1)
+        sums = sums._replace(scatter=unit_scatters(embedded, labels, release_unit(settings)).sum(dim=0))
     if step is None:
         return sums, {wire.BACKEND_COUNT: sums.count}
     cap = spend_cap(settings)

@@ -9,7 +9,7 @@ from flwr.app import Context
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.corpus import Utterance
-from fedspeaker.data.speakers import load_device_examples, load_examples, load_split
+from fedspeaker.data.speakers import device_utterances, load_device_examples, load_examples, load_split
 from fedspeaker.errors import CorpusError
 
 
@@ -18,10 +18,14 @@ def is_simulated(context: Context) -> bool:
     return "data-dir" not in context.node_config
 
 
-def training_examples(settings: RunSettings, context: Context,
-                      speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+def training_examples(settings: RunSettings, context: Context, speakers: list[str], *,
+                      augmented: bool = False) -> tuple[list[torch.Tensor], list[int]]:
     """This node's training utterances and labels: a device's own folder (node-config
-    ``data-dir``), or in simulation its shard of the corpus (by partition-id)."""
+    ``data-dir``), or in simulation its shard of the corpus (by partition-id).
+    ``augmented`` (what training reads, under ``augment``): each recording with its
+    augmented copies, (1 + augment-copies, channels, frames)."""
+    if augmented and settings.augment:
+        return _augmented(settings, context, speakers)
     if not is_simulated(context):
         part = "train" if settings.fraction_evaluate else "all"  # held-out ones score models
         return _device(settings, context, speakers, part)
@@ -50,6 +54,31 @@ def _device(settings: RunSettings, context: Context, speakers: list[str],
     return load_device_examples(Path(str(context.node_config["data-dir"])).expanduser(),
                                 Path(str(state_dir)) if state_dir else settings.feature_cache_dir,
                                 settings.feature_spec, speakers, part=part)
+
+
+def _augmented(settings: RunSettings, context: Context,
+               speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """This node's training recordings with their augmented copies (data/augment.py),
+    babble made of its own other speakers' recordings."""
+    from fedspeaker.data.augment import augmented_examples
+
+    if is_simulated(context):
+        utterances, labels = _simulated_shard(settings, context)
+        cache_dir = settings.feature_cache_dir
+    else:
+        if not speakers:
+            raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
+        part = "train" if settings.fraction_evaluate else "all"
+        utterances = device_utterances(Path(str(context.node_config["data-dir"])).expanduser(), speakers,
+                                       part=part)
+        labels = [speakers.index(u.speaker) for u in utterances]
+        state_dir = context.node_config.get("state-dir")
+        cache_dir = Path(str(state_dir)) if state_dir else settings.feature_cache_dir
+    feats, labels = augmented_examples(settings.augment, settings.augment_copies, settings.seed,
+                                       settings.feature_spec, cache_dir, utterances, labels)
+    if not feats:
+        raise CorpusError("no usable recordings of the federation's speakers on this device")
+    return feats, labels
 
 
 def training_labels(settings: RunSettings, context: Context, speakers: list[str]) -> list[int]:

@@ -76,6 +76,9 @@ class RunSettings:
     trial_list: str = ""  # a VoxCeleb-format list (label enrol test), paths under data-dir
     score_norm: str = "none"  # "s-norm": adaptive s-norm against training-speaker embeddings
     cohort_top: int = 100  # s-norm: the closest cohort scores each side is normalised by
+    # degraded trials: the same trials with the test side degraded (evaluation/conditions.py):
+    # "standard", or conditions such as babble5, white5, room0.3-0.9, room0.3-0.9+babble10
+    test_conditions: str = ""
     # Decisions on a device: a voiceprint of enrol-recordings recordings against one; the
     # threshold meets operating-point ("eer" or "far:X") on validation trials
     operating_point: str = "far:0.01"  # far:X, at most a share X of false accepts; or eer
@@ -123,6 +126,11 @@ class RunSettings:
     optimizer: str = "sgd"  # momentum 0.9; under DP noise it learns where Adam stalls
     lr: float = 0.02  # learning rate (of the projection, for the pretrained encoder)
     head_lr: float = 1.0  # the classifier head's learning rate; 0: the same as lr
+    # on-device augmentation (data/augment.py): "" (none), "standard" (babble, noise, room),
+    # or families of babble, white, pink, brown, noise, room; augment-copies degraded copies
+    # of each recording, made once, one of them (or the clean one) drawn for each example
+    augment: str = ""
+    augment_copies: int = 4
     # Differential privacy (sample level, Opacus DP-SGD)
     dp: bool = True  # DP-SGD in every client
     epsilon: float = 8.0  # target over the whole run; used when noise_multiplier is 0
@@ -139,6 +147,9 @@ class RunSettings:
     # after the last round, subtracted before cosine scoring (fedspeaker/model/backend.py)
     backend: bool = True  # compute and apply the back end
     backend_epsilon: float = 0.0  # under DP (sample- or device-level), the epsilon the back end's releases are calibrated to; 0: epsilon/8
+    # the devices also release the scatter of their recordings' augmented copies (augment),
+    # and the back end whitens it away: degradation's directions shrunk before cosine scoring
+    backend_whiten: bool = False
     # simulation only: DP noise and sampling seeded from `seed`, so a run repeats bit for bit
     # (and the server could regenerate them); a deployed device always draws them from the
     # operating system's entropy, whatever this says
@@ -208,6 +219,15 @@ class RunSettings:
         _at_least("max-trials", self.max_trials, 0)
         _at_least("cohort-top", self.cohort_top, 2)
         _at_least("cohort-size", self.cohort_size, 1)
+        from fedspeaker.data.degrade import parse_conditions, parse_families
+
+        parse_conditions(self.test_conditions)
+        parse_families(self.augment)
+        _at_least("augment-copies", self.augment_copies, 1)
+        if self.backend_whiten and not (self.backend and self.augment and self.user_dp == "off"):
+            raise ConfigError("backend-whiten whitens the scatter of each device's augmented copies: "
+                              "it needs backend=true and augment, and not user-dp (each device's "
+                              "statistics are noised on the device)")
         from fedspeaker.evaluation.operating_point import OperatingPoint
 
         OperatingPoint.parse(self.operating_point)

@@ -141,6 +141,7 @@ PARTITION_ID = "partition-id"
 QUERY_BACKEND = "query.backend"  # answered with BACKEND (sum), METRICS (count) and CONFIG
 BACKEND = "backend"
 BACKEND_SUM = "sum"
+BACKEND_SCATTER = "scatter"  # backend-whiten: the summed scatter of augmented copies (upper triangle)
 BACKEND_COUNT = "count"
 FINGERPRINT = "fingerprint"
 

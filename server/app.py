@@ -24,8 +24,15 @@ from fedspeaker.data.speakers import SpeakerData, load_speaker_data
 from fedspeaker.model import build_model
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
+from fedspeaker.evaluation.conditions import condition_columns
 from fedspeaker.evaluation.release import released_row
-from fedspeaker.model.backend import encoder_fingerprint, install_backend, mean_of_sums
+from fedspeaker.model.backend import (
+    encoder_fingerprint,
+    install_backend,
+    install_saved_backend,
+    mean_of_sums,
+    whitening_of_scatter,
+)
 from fedspeaker.privacy.backend_stats import device_backend_noise_multiplier
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
@@ -53,7 +60,8 @@ def main(grid: Grid, context: Context) -> None:
     data = load_speaker_data(settings)
     model = build_model(settings, data.n_speakers)
     checkpoint = Checkpoint.load(settings) if settings.resume else None
-    report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [])
+    report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [],
+                       condition_columns(settings))
     rounds = RoundTracker(settings, data, model, report, checkpoint, grid=grid,
                           simulated=isinstance(grid, InMemoryGrid))
     if settings.secagg:
@@ -236,7 +244,10 @@ class RoundTracker:
             if screened is not None and screened.device_dp is not None:
                 screened.device_releases.append((noise, collected.devices,
                                                  collected.devices, 1.0))
-        install_backend(self.model, mean_of_sums(*collected.sums), fingerprint, collected.sums.count)
+        sums = collected.sums
+        whiten = (whitening_of_scatter(sums.scatter, sums.count, len(sums.total))
+                  if sums.scatter is not None else None)
+        install_backend(self.model, mean_of_sums(sums.total, sums.count), fingerprint, sums.count, whiten)
         row = {"backend_devices": float(collected.devices), "backend_refused": float(collected.refused),
                "backend_seconds": time.monotonic() - started}
         if not math.isnan(collected.epsilon_max):  # the devices' ledgers after this release
@@ -291,7 +302,7 @@ class RoundTracker:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         if release is not None and release.get("backend"):  # the released round's own back end
             backend = release["backend"]
-            install_backend(self.model, backend["mean"], backend["fingerprint"], backend["count"])
+            install_saved_backend(self.model, backend)
         scores = evaluate(self.model, self.evaluation)
         summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
                               mode="federated", evaluation=self.evaluation, simulated=self.simulated,

@@ -44,6 +44,7 @@ def combine(replies: Iterable[Message], fingerprint: str) -> Collected:
     """The sum over the replies that count (see the module's docstring), in an order set by
     their content, not by arrival: float sums depend on it, and a run without DP repeats."""
     total, count, devices, eps, refused = None, 0.0, 0, [], 0
+    scatter, without_scatter = None, 0
     for reply in sorted(replies, key=_content_key):
         if reply.has_content() and wire.refusal(reply.content) is not None:
             refused += 1
@@ -55,6 +56,11 @@ def combine(replies: Iterable[Message], fingerprint: str) -> Collected:
             continue  # computed under other weights
         vector = torch.from_numpy(content[wire.BACKEND][wire.BACKEND_SUM].numpy().copy()).float()
         total = vector if total is None else total + vector
+        if wire.BACKEND_SCATTER in content[wire.BACKEND]:
+            part = torch.from_numpy(content[wire.BACKEND][wire.BACKEND_SCATTER].numpy().copy()).float()
+            scatter = part if scatter is None else scatter + part
+        else:
+            without_scatter += 1
         metrics = content[wire.METRICS]
         count += float(metrics[wire.BACKEND_COUNT])
         devices += 1
@@ -64,7 +70,9 @@ def combine(replies: Iterable[Message], fingerprint: str) -> Collected:
         raise FedSpeakerError("no device answered the back end's query with statistics of the "
                               f"current model ({refused} refused by their privacy policy); the run "
                               "goes on without a back end")
-    return Collected(Sums(total, count), devices, max(eps) if eps else float("nan"),
+    if scatter is not None and without_scatter:  # older devices: the whitening would be theirs only
+        scatter = None
+    return Collected(Sums(total, count, scatter), devices, max(eps) if eps else float("nan"),
                      sum(eps) / len(eps) if eps else float("nan"), refused)
 
 

@@ -70,6 +70,7 @@ TABLE = [
     ("final_voiceprint_accuracy", "final voiceprint accuracy", "{:.3f}", max, 1.0),
     ("final_eer", "final EER", "{:.3f}", min, 1.0),
     ("final_min_dcf", "final minDCF", "{:.3f}", min, 1.0),
+    ("final_degraded_eer", "final degraded EER (test-conditions' mean)", "{:.3f}", min, 1.0),
     ("best_accuracy", "best training head accuracy", "{:.3f}", max, 1.0),
     ("rounds_to_90pct_central", "rounds to 90 % of central", "{:.1f}", min, 1.0),
     ("upload_bytes", "MB uploaded", "{:.1f}", None, 1e-6),
@@ -127,13 +128,14 @@ def report_markdown(grid: ComparisonGrid, results: list[CellResult], failed: lis
         start = Summary("start", [r for s in summaries for r in s.runs])
         lines.append("| *round 0: the starting model* | " + " | ".join(
             [start.text(f"start_{c.removeprefix('final_')}", fmt, scale)
-             if c in ("final_accuracy", "final_voiceprint_accuracy", "final_eer") else "–"
+             if c in ("final_accuracy", "final_voiceprint_accuracy", "final_eer", "final_degraded_eer") else "–"
              for c, _, fmt, _, scale in TABLE]) + " | – |")
         central = central_summary(results, partition)
         if central.runs:
             lines.append("| *central baseline* | " + " | ".join(
                 [central.text(c, fmt, scale) if c in ("final_accuracy", "final_voiceprint_accuracy",
-                                                           "final_eer", "final_min_dcf", "best_accuracy",
+                                                           "final_eer", "final_min_dcf", "final_degraded_eer",
+                                                           "best_accuracy",
                                                            "wall_seconds", "max_epsilon") else "–"
                  for c, _, fmt, _, scale in TABLE]) + " | – |")
         ranking = sorted(summaries, key=lambda s: -s.mean("final_accuracy"))

@@ -32,6 +32,9 @@ class CellResult:
     upload_bytes: int
     wall_seconds: float  # the whole cell, start-up of Flower and Ray included
     max_epsilon: float  # NaN: no DP
+    # test-conditions: the mean EER over the degraded conditions (NaN: none scored)
+    start_degraded_eer: float
+    final_degraded_eer: float
     rounds: list[dict[str, float]]  # the cell's rounds.csv, for the plots; not a column
 
     @property
@@ -76,6 +79,8 @@ def collect_results(grid: ComparisonGrid, out: Path) -> list[CellResult]:
                                  if not math.isnan(r.get("upload_bytes", math.nan)))),
             wall_seconds=summary["wall_seconds"],
             max_epsilon=max(eps) if eps else math.nan,
+            start_degraded_eer=_number(summary.get("start", {}).get("degraded_eer_mean")),
+            final_degraded_eer=_number(summary["final"].get("degraded_eer_mean")),
             rounds=rows,
         ))
     return results

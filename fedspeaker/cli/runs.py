@@ -141,6 +141,16 @@ def _finish(settings: RunSettings) -> int:
               f"recording voiceprints at {op['target']} (threshold {op['threshold']:.3f}): FAR {op['far']:.3f}, "
               f"FRR {op['frr']:.3f}, FRR at FAR 1 % {op['frr_at_far_1pct']:.3f}; Cllr {released['cllr']:.3f}, "
               f"actual DCF {released['act_dcf']:.3f}, minDCF {released['enrol_min_dcf']:.3f}")
+    start = summary.get("start") or {}
+    if released.get("conditions") and start.get("conditions"):
+        print("degraded trials (EER, minDCF; the test side degraded): round 0 -> released")
+        for name, now in released["conditions"].items():
+            was = start["conditions"].get(name, {})
+            print(f"  {name:<24} EER {was.get('eer', float('nan')):.3f} -> {now['eer']:.3f}   "
+                  f"minDCF {was.get('min_dcf', float('nan')):.3f} -> {now['min_dcf']:.3f}")
+        print(f"  {'mean':<24} EER {start['degraded_eer_mean']:.3f} -> {released['degraded_eer_mean']:.3f} "
+              f"({released['degraded_eer_mean'] / start['degraded_eer_mean']:.2f} x round 0; clean "
+              f"{start['eer']:.3f} -> {released['eer']:.3f})")
     print(f"privacy: {summary['privacy']}")
     if spent := summary.get("epsilon_spent"):
         print(f"epsilon spent by the {spent['devices']} devices that replied: min {spent['min']:.2f}, "

@@ -13,6 +13,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,6 +62,16 @@ def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     return feats.T.contiguous()
 
 
+class Variant(Protocol):
+    """A changed copy of a recording (degraded, augmented) whose features are cached
+    under the file's key and the variant's ``id``."""
+
+    id: str
+
+    def apply(self, wave: torch.Tensor, key: str) -> torch.Tensor:
+        """The changed wave; ``key`` (the file's content hash) seeds its random choices."""
+
+
 class FeatureCache:
     """Features of audio files, from ``<root>/<spec id>/`` when already computed."""
 
@@ -85,13 +96,16 @@ class FeatureCache:
             return False
         return True
 
-    def get(self, path: Path) -> torch.Tensor:
-        """Features of one file; raises AudioError (also from cache) if it is unusable."""
+    def get(self, path: Path, variant: Variant | None = None) -> torch.Tensor:
+        """Features of one file, or of its ``variant``; raises AudioError (also from cache)
+        if it is unusable."""
         try:
             content = path.read_bytes()
         except OSError as exc:
             raise AudioError(f"{path}: cannot read ({exc.strerror})") from None
-        key = hashlib.sha256(content).hexdigest()[:40]
+        key = content_key = hashlib.sha256(content).hexdigest()[:40]
+        if variant is not None:
+            key = hashlib.sha256(f"{content_key}|{variant.id}".encode()).hexdigest()[:40]
         npy, err = self.dir / f"{key}.npy", self.dir / f"{key}.err"
         if npy.exists():
             return torch.from_numpy(np.load(npy))
@@ -99,7 +113,10 @@ class FeatureCache:
             raise AudioError(f"{path}: {err.read_text()}")
         self.decoded += 1
         try:
-            feats = compute_features(audio.load_audio(path, self.spec.sample_rate), self.spec)
+            wave = audio.load_audio(path, self.spec.sample_rate)
+            if variant is not None:
+                wave = variant.apply(wave, content_key)
+            feats = compute_features(wave, self.spec)
         except AudioError as exc:
             reason = str(exc).removeprefix(f"{path}: ")
             atomic_write(err, lambda f: f.write(reason.encode()))

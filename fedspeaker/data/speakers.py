@@ -130,28 +130,35 @@ def held_out(path: Path) -> bool:
     return int(hashlib.sha256(path.read_bytes()).hexdigest()[:8], 16) % HELD_OUT_ONE_IN == 0
 
 
-def load_device_examples(root: Path, cache_dir: Path, spec: FeatureSpec, speakers: list[str], *,
-                         part: str = "all") -> tuple[list[torch.Tensor], list[int]]:
-    """One device's recordings of the federation's speakers, as features and labels:
-    ``all`` of them, or (when the federation scores models on the devices) the ``train``
-    part or the ``held-out`` part (:func:`held_out`).
-
-    A real client holds its own folder (<root>/<speaker>/<utterance>); the server's
-    speaker list is the label space. Recordings of other speakers and unreadable
-    files are logged and left out; a device with nothing usable to train on says so.
-    """
+def device_utterances(root: Path, speakers: list[str], *, part: str = "all") -> list[Utterance]:
+    """One device's recordings of the federation's speakers: ``all`` of them, or (when the
+    federation scores models on the devices) the ``train`` part or the ``held-out`` part
+    (:func:`held_out`). Recordings of other speakers are logged and left out."""
     utterances, _ = scan_corpus(root)
     labels = {speaker: i for i, speaker in enumerate(speakers)}
     unknown = sorted({u.speaker for u in utterances if u.speaker not in labels})
     if unknown:
         log.warning("%s: leaving out speaker folder(s) %s: not among the federation's %d "
                     "training speakers", root, ", ".join(unknown), len(speakers))
+    return [u for u in utterances if u.speaker in labels
+            and (part == "all" or held_out(u.path) == (part == "held-out"))]
+
+
+def load_device_examples(root: Path, cache_dir: Path, spec: FeatureSpec, speakers: list[str], *,
+                         part: str = "all") -> tuple[list[torch.Tensor], list[int]]:
+    """One device's recordings of the federation's speakers (:func:`device_utterances`),
+    as features and labels.
+
+    A real client holds its own folder (<root>/<speaker>/<utterance>); the server's
+    speaker list is the label space. Unreadable files are logged and left out; a device
+    with nothing usable to train on says so.
+    """
+    labels = {speaker: i for i, speaker in enumerate(speakers)}
     cache = FeatureCache(cache_dir, spec)
     feats: list[torch.Tensor] = []
     ys: list[int] = []
-    for utt in utterances:
-        if utt.speaker not in labels or (part != "all" and held_out(utt.path) != (part == "held-out")):
-            continue
+    found = device_utterances(root, speakers, part=part)
+    for utt in found:
         try:
             feats.append(cache.get(utt.path))
             ys.append(labels[utt.speaker])
@@ -159,6 +166,6 @@ def load_device_examples(root: Path, cache_dir: Path, spec: FeatureSpec, speaker
             log.warning("skipping %s", exc)
     if not feats and part != "held-out":
         raise CorpusError(f"{root}: no usable recordings of the federation's speakers "
-                          f"({len(utterances)} audio file(s) found; expected "
-                          "<speaker>/<utterance>.wav|.flac with speaker folders named as on the server)")
+                          f"({len(found)} of theirs found; expected <speaker>/<utterance>.wav|.flac with speaker folders named as "
+                          "on the server)")
     return feats, ys

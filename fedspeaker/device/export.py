@@ -232,7 +232,7 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
         "decision": "voiceprint: the unit-length mean of the enrolment recordings' embeddings; "
                     "accept when its dot product with the recording's embedding is >= "
                     "verification.threshold; LLR = calibration.scale * score + calibration.offset",
-        "backend": {k: v for k, v in model.model.backend.to_dict().items() if k != "mean"} or None,
+        "backend": {k: v for k, v in model.model.backend.to_dict().items() if k not in ("mean", "whiten")} or None,
         "source_model": str(bundle_path.resolve()),
         "source_sha256": file_sha256(bundle_path),
         "size_bytes": size,

@@ -14,7 +14,7 @@ the unseen speakers.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,7 @@ from fedspeaker.config import RunSettings
 from fedspeaker.data.features import FeatureCache
 from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.errors import AudioError, ConfigError
+from fedspeaker.evaluation.conditions import babble_talkers, condition_figures, degraded_test_features
 from fedspeaker.evaluation.enrolment import EnrolmentTrials, operating_figures, unseen_trials, validation_trials
 from fedspeaker.evaluation.metrics import accuracy, eer_operating_point, min_dcf
 from fedspeaker.evaluation.operating_point import OperatingPoint
@@ -81,6 +82,8 @@ class EvaluationSet:
     unseen: EnrolmentTrials | None = None
     unseen_feats: list[torch.Tensor] | None = None
     operating_point: OperatingPoint = OperatingPoint(0.01)
+    # test-conditions: each condition's degraded copy of verify_feats (evaluation/conditions.py)
+    conditions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, data: SpeakerData, settings: RunSettings) -> "EvaluationSet":
@@ -93,9 +96,13 @@ class EvaluationSet:
                                        settings.enrol_recordings, settings.seed)
         unseen_feats, unseen_speakers = data.verification_examples()
         unseen = unseen_trials(unseen_speakers, settings.enrol_recordings, settings.seed)
+        train_talkers = [(u.path, u.speaker) for u in data.split.train]
         if settings.trial_list:
-            verify_feats, trials, scored = _listed_trials(settings)
+            verify_feats, trials, scored, verify_paths = _listed_trials(settings)
+            trial_speakers = {_speaker_folder(p, settings.corpus_dir) for p in verify_paths}
         else:
+            verify_paths = [u.path for u in data.split.verification]
+            trial_speakers = {u.speaker for u in data.split.verification}
             verify_feats, speakers = data.verification_examples()
             trials = choose_trials(speakers, settings.max_trials, settings.seed)
             trials = Trials(trials.enrol, trials.test, trials.target,
@@ -103,14 +110,17 @@ class EvaluationSet:
                             f"{len(set(speakers))} unseen speakers")
             scored = len(set(speakers))
             unseen_feats = None  # the same recordings as verify_feats: embedded once
+        conditions = degraded_test_features(settings, verify_paths,
+                                            babble_talkers(train_talkers, trial_speakers))
         return cls(test_feats, test_labels, enrol_feats, enrol_labels, data.n_speakers,
                    verify_feats, trials, scored, settings.score_norm, settings.cohort_top,
-                   validation, unseen, unseen_feats, OperatingPoint.parse(settings.operating_point))
+                   validation, unseen, unseen_feats, OperatingPoint.parse(settings.operating_point),
+                   conditions)
 
 
-def _listed_trials(settings: RunSettings) -> tuple[list[torch.Tensor], Trials, int]:
-    """The features of a trial list's files, its trials, and how many speaker folders
-    they come from."""
+def _listed_trials(settings: RunSettings) -> tuple[list[torch.Tensor], Trials, int, list[Path]]:
+    """The features of a trial list's files, its trials, how many speaker folders they
+    come from, and the files."""
     files, trials = read_trial_list(Path(settings.trial_list).expanduser(), settings.corpus_dir)
     cache = FeatureCache(settings.feature_cache_dir, settings.feature_spec)
     feats = []
@@ -119,7 +129,7 @@ def _listed_trials(settings: RunSettings) -> tuple[list[torch.Tensor], Trials, i
             feats.append(cache.get(path))
         except AudioError as exc:
             raise ConfigError(f"trial-list {settings.trial_list}: {exc}") from None
-    return feats, trials, len({_speaker_folder(path, settings.corpus_dir) for path in files})
+    return feats, trials, len({_speaker_folder(path, settings.corpus_dir) for path in files}), files
 
 
 def _speaker_folder(path: Path, root: Path) -> str:
@@ -141,7 +151,9 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
     trials; and, in the enrolment configuration, ``threshold`` (the cosine a device
     compares a voiceprint score with, at the run's operating point on validation trials),
     the calibration and the unseen speakers' figures at that threshold
-    (:func:`~fedspeaker.evaluation.enrolment.operating_figures`).
+    (:func:`~fedspeaker.evaluation.enrolment.operating_figures`); with ``test-conditions``,
+    ``eer_<condition>``, ``min_dcf_<condition>`` and ``degraded_eer_mean``
+    (:func:`~fedspeaker.evaluation.conditions.condition_figures`).
     """
     e = evaluation
     raw_test = embed(model, e.test_feats, raw=True)
@@ -159,9 +171,13 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
         figures = operating_figures(
             e.operating_point, (e.validation.scores(enrolled, test), e.validation.target),
             (e.unseen.scores(unseen, unseen), e.unseen.target))
-    if e.score_norm == "s-norm":
-        scores = trial_scores(verify, e.trials, cohort=enrolled, top=e.cohort_top)
+    cohort = enrolled if e.score_norm == "s-norm" else None
+    if cohort is not None:
+        scores = trial_scores(verify, e.trials, cohort=cohort, top=e.cohort_top)
         eer = eer_operating_point(scores, e.trials.target)[0]
+    if e.conditions:  # the same trials, the test side degraded
+        figures.update(condition_figures(verify, {name: embed(model, feats) for name, feats in e.conditions.items()},
+                                         e.trials, cohort=cohort, top=e.cohort_top))
     return {
         "accuracy": accuracy(logits, labels),
         "voiceprint_accuracy": accuracy(F.normalize(test, dim=1) @ prints.T, labels),

@@ -119,20 +119,27 @@ def read_trial_list(path: Path, root: Path) -> tuple[list[Path], Trials]:
 
 
 def trial_scores(embeddings: torch.Tensor, trials: Trials, cohort: torch.Tensor | None = None,
-                 top: int = 100) -> np.ndarray:
+                 top: int = 100, *, test_embeddings: torch.Tensor | None = None) -> np.ndarray:
     """Cosine score of each trial; with a cohort, adaptive s-norm: each side's score is
-    standardised by its ``top`` closest cohort scores, and the two are averaged."""
+    standardised by its ``top`` closest cohort scores, and the two are averaged.
+    ``test_embeddings``: the test side's own embeddings (a degraded copy of the same
+    utterances), the enrolment side's staying ``embeddings``."""
     e = F.normalize(embeddings.float(), dim=1)
+    t = e if test_embeddings is None else F.normalize(test_embeddings.float(), dim=1)
     enrol, test = torch.from_numpy(trials.enrol), torch.from_numpy(trials.test)
     if len(e) <= MATRIX_UP_TO:  # one matrix product, then a lookup: far faster than gathering
-        scores = (e @ e.T)[enrol, test]
+        scores = (e @ t.T)[enrol, test]
     else:
-        scores = torch.cat([(e[enrol[i:i + CHUNK]] * e[test[i:i + CHUNK]]).sum(dim=1)
+        scores = torch.cat([(e[enrol[i:i + CHUNK]] * t[test[i:i + CHUNK]]).sum(dim=1)
                             for i in range(0, len(enrol), CHUNK)])
     if cohort is None:
         return scores.numpy()
-    against = e @ F.normalize(cohort.float(), dim=1).T
-    closest = against.topk(min(top, against.shape[1]), dim=1).values
-    mean, std = closest.mean(dim=1), closest.std(dim=1).clamp_min(1e-6)
-    normed = 0.5 * ((scores - mean[enrol]) / std[enrol] + (scores - mean[test]) / std[test])
+    c = F.normalize(cohort.float(), dim=1)
+
+    def stats(side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        closest = (side @ c.T).topk(min(top, len(c)), dim=1).values
+        return closest.mean(dim=1), closest.std(dim=1).clamp_min(1e-6)
+
+    (e_mean, e_std), (t_mean, t_std) = stats(e), stats(t)
+    normed = 0.5 * ((scores - e_mean[enrol]) / e_std[enrol] + (scores - t_mean[test]) / t_std[test])
     return normed.numpy()

@@ -21,7 +21,7 @@ from fedspeaker.files import file_sha256
 from fedspeaker.data.features import compute_features
 from fedspeaker.evaluation.scoring import EvaluationSet, embed
 from fedspeaker.model import build_model
-from fedspeaker.model.backend import install_backend
+from fedspeaker.model.backend import install_saved_backend
 
 
 def model_bundle(settings: RunSettings, speakers: Sequence[str], model: torch.nn.Module,
@@ -71,8 +71,7 @@ class SpeakerModel:
             model = build_model(settings, len(bundle["speakers"]))
             model.load_state_dict(bundle["state_dict"])
             if bundle.get("backend"):  # older bundles, and runs with backend=false, hold none
-                b = bundle["backend"]
-                install_backend(model, b["mean"], b["fingerprint"], b.get("count", 0.0))
+                install_saved_backend(model, bundle["backend"])
         except FileNotFoundError:
             raise FedSpeakerError(f"{path}: no such model file") from None
         except (KeyError, RuntimeError, TypeError, ValueError, OSError, ModelError) as exc:

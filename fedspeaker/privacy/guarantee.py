@@ -81,8 +81,10 @@ def _backend_split(s: RunSettings) -> str:
                 "alone (each client's sum of clipped embeddings and their count, Gaussian noise "
                 "added on the client, one step at sample rate 1 in its ledger).")
     releases = "one release" if s.backend_releases == 1 else f"{s.backend_releases} releases"
+    scatter = (f", with backend-whiten the sum of each {s.dp_unit}'s clipped scatter of its augmented "
+               "copies too" if s.backend_whiten else "")
     return (f"The run's epsilon={s.epsilon:g} is split: {s.backend_privacy:g} for the scoring back end's "
-            f"{releases} (each client's sum of clipped {s.dp_unit} embeddings and their count, Gaussian "
+            f"{releases} (each client's sum of clipped {s.dp_unit} embeddings and their count{scatter}, Gaussian "
             f"noise added on the client, accounted as steps at sample rate 1 in the same ledger and "
             f"accountant) and {s.dpsgd_epsilon:g} for DP-SGD, whose noise is calibrated for it; the "
             f"epsilon above composes both.")

@@ -17,7 +17,8 @@ def pyplot() -> Any:
     return plt
 
 
-LABELS = {"accuracy": "training head", "voiceprint_accuracy": "voiceprint", "eer": "EER", "min_dcf": "minDCF"}
+LABELS = {"accuracy": "training head", "voiceprint_accuracy": "voiceprint", "eer": "EER", "min_dcf": "minDCF",
+          "degraded_eer_mean": "EER, degraded (mean of test-conditions)"}
 
 
 def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "",
@@ -26,7 +27,7 @@ def plot_curves(rows: list[dict[str, float]], path: Path, title: str = "",
     is the starting model, drawn as a dotted line across each panel."""
     plt = pyplot()
     # the deployment's figures first; EER/minDCF zoomed to the data, where differences show
-    panels = [(("eer", "min_dcf"), "unseen-speaker EER, minDCF", None),
+    panels = [(("eer", "min_dcf", "degraded_eer_mean"), "unseen-speaker EER, minDCF", None),
               (("voiceprint_accuracy", "accuracy"), "identification (voiceprint; training head)", (0, 1))]
     if any(not math.isnan(r.get("epsilon_max", math.nan)) for r in rows):
         panels.append((("epsilon_max", "epsilon_mean"), "client ε spent (max, mean)", None))

@@ -54,13 +54,16 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
 
 
 class RunReport:
-    def __init__(self, out_dir: Path, rows: list[dict[str, float]] | None = None) -> None:
-        """A new rounds.csv, holding ``rows`` (those of a resumed run's finished rounds)."""
+    def __init__(self, out_dir: Path, rows: list[dict[str, float]] | None = None,
+                 extra_columns: Sequence[str] = ()) -> None:
+        """A new rounds.csv, holding ``rows`` (those of a resumed run's finished rounds);
+        ``extra_columns``: the run's own (its test conditions'), before the seconds."""
         self.out_dir = out_dir
+        self.columns = (*COLUMNS[:-2], *extra_columns, *COLUMNS[-2:])
         self.rows: list[dict[str, float]] = []
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.rounds_csv, "w", newline="") as f:
-            csv.writer(f).writerow(COLUMNS)
+            csv.writer(f).writerow(self.columns)
         for row in rows or []:
             self.add_round(row)
 
@@ -71,7 +74,7 @@ class RunReport:
     def add_round(self, row: dict[str, float]) -> None:
         self.rows.append(row)
         with open(self.rounds_csv, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(c, math.nan)) for c in COLUMNS])
+            csv.writer(f).writerow([_fmt(row.get(c, math.nan)) for c in self.columns])
 
     def finish(self, summary: dict[str, Any], model_bundle: dict[str, Any]) -> None:
         save_bundle(model_bundle, self.out_dir / "global_model.pt")
@@ -112,9 +115,25 @@ def progress_line(row: dict[str, float]) -> str:
     if not math.isnan(row.get("far", math.nan)):
         scores += f"  FAR {row['far']:.3f} FRR {row['frr']:.3f} (FRR@FAR1% {row['frr_at_far_1pct']:.3f})"
     scores += f"  (training head {row['accuracy']:.3f})"
+    degraded = conditions(row)
+    if degraded:
+        scores += (f"  degraded EER mean {row['degraded_eer_mean']:.3f} ("
+                   + ", ".join(f"{name} {c['eer']:.3f}" for name, c in degraded.items()) + ")")
     if not math.isnan(row.get("backend_devices", math.nan)):
         replies += f"  back end from {int(row['backend_devices'])} devices"
     return f"round {int(row['round']):3d}  {scores}{eps}{replies}  {row['round_seconds']:.1f} s"
+
+
+def conditions(row: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """A round's degraded trial conditions (test-conditions): name -> its EER and minDCF."""
+    return {key.removeprefix("eer_"): {"eer": value, "min_dcf": row.get("min_dcf_" + key.removeprefix("eer_"))}
+            for key, value in row.items() if key.startswith("eer_") and not math.isnan(value)}
+
+
+def _degraded(row: Mapping[str, float]) -> dict[str, Any]:
+    """summary.json's figures of the degraded conditions, where the run scored any."""
+    found = conditions(row)
+    return {"conditions": found, "degraded_eer_mean": row.get("degraded_eer_mean")} if found else {}
 
 
 def read_rounds(path: Path) -> list[dict[str, float]]:
@@ -152,15 +171,15 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "mode": mode,
         "final": {**{k: final.get(k) for k in ("round", "accuracy", "voiceprint_accuracy", "eer",
                                                "min_dcf", "epsilon_max", "epsilon_mean", "user_epsilon")},
-                  **_decisions(final, settings)},
+                  **_decisions(final, settings), **_degraded(final)},
         "start": {**{k: start.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
-                  **_decisions(start, settings)},
+                  **_decisions(start, settings), **_degraded(start)},
         # the model saved in global_model.pt: its figures are the run's reported ones
         "released": {"round": released.get("round"),
                      "why": release_reason(released, rows, settings.release, settings.operating_point)
                      if rows else None,
                      **{k: released.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
-                     **_decisions(released, settings)},
+                     **_decisions(released, settings), **_degraded(released)},
         "best_accuracy": best.get("accuracy"),
         "best_round": best.get("round"),
         "wall_seconds": round(seconds, 2),
@@ -189,6 +208,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         },
         "verification": {"trials": len(evaluation.trials), "chosen": evaluation.trials.source,
                          "speakers": evaluation.speakers_scored, "score_norm": settings.score_norm,
+                         "test_conditions": _condition_words(settings),
                          "min_dcf": "p_target 0.01, C_miss = C_fa = 1",
                          "enrolment_trials": {
                              "test": f"{len(evaluation.unseen):,} trials: {evaluation.unseen.source}",
@@ -199,6 +219,18 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
                                             "actual DCF at p_target 0.01"}},
         "settings": settings.to_run_config(),
     }
+
+
+def _condition_words(settings: RunSettings) -> str | None:
+    """How the degraded trial conditions were made, where the run has any."""
+    if not settings.test_conditions:
+        return None
+    return (f"{settings.test_conditions}: the same trials, the enrolment side clean and the test "
+            "side degraded once from the seed and cached; babble: 3 recordings of training speakers "
+            "(none in the trials) at equal power; white/pink/brown: Gaussian noise; SNR over the "
+            "whole clip; rooms: pyroomacoustics image-method shoeboxes (3-8 x 3-6 x 2.4-3.2 m), "
+            "RT60 drawn in the range and measured on the impulse response (T30, within 5 %), "
+            "noise added after the room")
 
 
 def _backend_words(settings: RunSettings, rows: list[dict[str, float]]) -> str:

@@ -24,7 +24,12 @@ def fit_length(feats: torch.Tensor, frames: int, start: int | None = None) -> to
 
 
 class CropDataset(Dataset):
-    """Random fixed-length crops: augmentation and equal-size batches in one."""
+    """Random fixed-length crops: augmentation and equal-size batches in one.
+
+    An utterance given as (copies, channels, frames), its clean features and augmented
+    copies (data/augment.py), is still one item: each draw takes one copy at random,
+    then a crop of it, so a DP-SGD sample stays one recording however many copies it has.
+    """
 
     def __init__(self, feats: Sequence[torch.Tensor], labels: Sequence[int], frames: int):
         self.feats, self.labels, self.frames = feats, labels, frames
@@ -34,6 +39,8 @@ class CropDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         f = self.feats[i]
+        if f.dim() == 3:  # one of the recording's copies
+            f = f[int(torch.randint(0, f.shape[0], ()))]
         start = int(torch.randint(0, max(1, f.shape[1] - self.frames + 1), ()))
         return fit_length(f, self.frames, start), self.labels[i]
 
