@@ -55,25 +55,28 @@ class FakeRunner:
 
 def test_every_shipped_grid_loads_and_every_cell_is_valid(tmp_path: Path) -> None:
     names = sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
-    assert {"default", "robust", "strategies", "attacks", "realistic", "smoke"} <= set(names)
+    assert {"default", "robust", "strategies", "attacks", "realistic", "smoke", "default-tdnn"} <= set(names)
     for name in names:
         grid = ComparisonGrid.load(name)
         for cell in grid.cells():
-            grid.settings(cell, {}, tmp_path / cell.key)  # raises on a bad option
+            settings = grid.settings(cell, {}, tmp_path / cell.key)  # raises on a bad option
+            # the model people use, unless the grid's name says it is the TDNN's
+            assert settings.model == ("tdnn" if "tdnn" in name else "ge2e"), (name, cell.label)
 
 
-def test_cells_of_one_seed_share_shards_model_and_roles(tmp_path: Path) -> None:
-    grid = ComparisonGrid.load("default")
+@pytest.mark.parametrize("name", ["default", "default-tdnn"])
+def test_cells_of_one_seed_share_shards_model_and_roles(tmp_path: Path, name: str) -> None:
+    grid = ComparisonGrid.load(name)
     by_seed: dict[int, set] = {}
     for cell in grid.cells():
         s = grid.settings(cell, {}, tmp_path)
         # what decides the split, shards, initial model and which clients attack or drop
         by_seed.setdefault(cell.seed, set()).add((s.seed, s.partition, s.alpha, s.num_clients,
                                                   s.channels, s.embedding_dim, s.unseen_speakers))
-    assert len(by_seed) == 3 and all(len(v) == 1 for v in by_seed.values())
+    assert len(by_seed) == len(grid.seeds) and all(len(v) == 1 for v in by_seed.values())
     central = [c for c in grid.cells() if c.strategy == CENTRAL]
     assert grid.cells()[: len(central)] == central  # baselines first
-    assert len(grid.cells()) == 3 + 2 * 3 * 3
+    assert len(grid.cells()) == len(grid.seeds) * (1 + len(grid.strategies) * len(grid.scenarios))
 
 
 def test_command_line_options_reach_every_cell_but_not_strategy_or_seed(tmp_path: Path) -> None:
