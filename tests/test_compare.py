@@ -17,7 +17,7 @@ import pytest
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.reporting.run_report import RunReport
-from simulations.compare import collect_results, run_grid
+from simulations.compare import collect_results, run_grid, time_left
 from simulations.grid import CENTRAL, GRIDS_DIR, Cell, ComparisonGrid
 
 STRATEGY_SKILL = {CENTRAL: 0.80, "fedavg": 0.60, "fedmedian": 0.50}
@@ -172,6 +172,16 @@ def test_results_and_report_have_one_row_per_cell(tmp_path: Path) -> None:
     for name in ("curves_iid_clean.png", "curves_iid_attack.png", "final_accuracy.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
     assert any(line.startswith("[9/10] round 4/4") for line in lines)  # progress: cell and round
+    # and how much is left: after the 9th cell, one more at the mean time of those run
+    assert any(line.startswith("[9/10]") and "9 of 10 cells done, about" in line for line in lines)
+    assert lines[-1].endswith("10 of 10 cells done, about 0 s left")
+
+
+def test_time_left_counts_the_cells_still_to_run_at_the_mean_time_so_far(tmp_path: Path) -> None:
+    grid = small_grid()
+    rest = [grid.settings(cell, {}, tmp_path / cell.key) for cell in grid.cells()[-2:]]
+    assert time_left([60.0, 120.0], rest, 10) == "8 of 10 cells done, about 3 min left"
+    assert time_left([3000.0, 3000.0], rest * 2, 10) == "6 of 10 cells done, about 3.3 h left"
 
 
 def test_rounds_to_90_percent_of_central(tmp_path: Path) -> None:
