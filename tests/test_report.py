@@ -52,8 +52,13 @@ def test_tensorboard_event_files_hold_the_rounds_csv_figures(tmp_path):
     assert ("verification/eer", 2) in written and ("privacy/epsilon_max", 0) not in written  # NaN: left out
     for key, value in expected.items():
         assert math.isclose(written[key], value, rel_tol=1e-5), key
-    hparams = board.summary_metadata  # the run config, in this run's file
-    assert any(m.plugin_data.plugin_name == "hparams" for m in hparams.values())
+    # the run config, as this run's hyper-parameters (not a sub-run of its own)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        board.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert start.hparams["strategy"].string_value == "fedavg" and start.hparams["rounds"].number_value == 2
+    assert start.hparams["dp"].string_value == "true"
 
 
 def test_a_resumed_report_writes_its_tensorboard_history_once(tmp_path):

@@ -68,7 +68,8 @@ class RoundBoard:
 
 
 def _hparam_values(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The run config as TensorBoard takes hyper-parameters: numbers, strings and booleans
-    (empty strings and other values as text)."""
-    return {key: value if isinstance(value, (bool, int, float)) else str(value)
+    """The run config as TensorBoard takes hyper-parameters: numbers as numbers, the rest
+    as text (booleans as true/false: torch would store them as 1.0/0.0)."""
+    return {key: str(value).lower() if isinstance(value, bool) else
+            value if isinstance(value, (int, float)) else str(value)
             for key, value in sorted(run_config.items())}
