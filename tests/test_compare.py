@@ -50,6 +50,7 @@ class FakeRunner:
             on_round(f"round {n:3d}  accuracy {final * n / settings.rounds:.3f}")
         (settings.out_dir_path / "summary.json").write_text(json.dumps({
             "final": {"accuracy": final, "eer": 0.3}, "best_accuracy": final,
+            "released": {"round": 0 if settings.byzantine_fraction else settings.rounds, "eer": 0.25},
             "best_round": settings.rounds, "wall_seconds": 10.0}))
 
 
@@ -160,6 +161,16 @@ def test_results_and_report_have_one_row_per_cell(tmp_path: Path) -> None:
     assert float(row["upload_bytes"]) == 4 * 4000  # 4 rounds x 4 clients x 1000 bytes
     # central 0.80, so 90 % is 0.72: fedavg (0.60 at most) never gets there
     assert row["rounds_to_90pct_central"] == ""
+    assert (row["released_round"], row["released_eer"]) == ("4", "0.25")
+    # `tensorboard --logdir <comparison>` finds one run per cell, named by its folder
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    board.Reload()
+    assert sorted(board.Runs()) == sorted(f"cells/{c.key}/tensorboard" for c in grid.cells())
+    run = "cells/iid__clean__fedavg__seed0/tensorboard"
+    accuracy = board.Scalars(run, "identification/accuracy")
+    assert [round(e.value, 3) for e in accuracy] == [0.15, 0.3, 0.45, 0.6]
 
     report = (tmp_path / "report.md").read_text()
     table_rows = [line for line in report.splitlines() if line.startswith("| fed")]
