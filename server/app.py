@@ -61,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings, data.n_speakers)
     checkpoint = Checkpoint.load(settings) if settings.resume else None
     report = RunReport(settings.out_dir_path, checkpoint.rows if checkpoint else [],
-                       condition_columns(settings))
+                       condition_columns(settings), settings.to_run_config())
     rounds = RoundTracker(settings, data, model, report, checkpoint, grid=grid,
                           simulated=isinstance(grid, InMemoryGrid))
     if settings.secagg:

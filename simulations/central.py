@@ -60,7 +60,8 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     evaluation = EvaluationSet.of(data, settings)
     trainer = LocalTrainer(settings, data.n_speakers)
     ledger = PrivacyLedger(settings.accountant)
-    report = RunReport(settings.out_dir_path, extra_columns=condition_columns(settings))
+    report = RunReport(settings.out_dir_path, extra_columns=condition_columns(settings),
+                       run_config=settings.to_run_config())
     started = time.monotonic()
     adapted = _adapt(settings, trainer.model, feats, labels, ledger, train_feats)
     scores = evaluate(trainer.model, evaluation)

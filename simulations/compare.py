@@ -45,6 +45,7 @@ def run_grid(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None =
     planned = [(cell, grid.settings(cell, overrides, cell_dir(out, cell))) for cell in cells]
     versions = package_versions()
     failed: list[str] = []
+    took: list[float] = []  # seconds of each cell run by this command, for the time left
     for number, (cell, settings) in enumerate(planned, 1):
         tag = f"[{number}/{len(cells)}]"
         folder = settings.out_dir_path
@@ -67,12 +68,28 @@ def run_grid(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None =
             continue
         record["seconds"] = round(time.monotonic() - started, 2)  # start-up included
         (folder / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
+        took.append(record["seconds"])
+        show(f"{tag} {cell.label}: done in {record['seconds']:.0f} s; "
+             + time_left(took, [s for _, s in planned[number:]], len(cells)))
     results = collect_results(grid, out)
     write_outputs(grid, results, out, failed)
     if failed:
         raise FedSpeakerError(f"{len(failed)} of {len(cells)} cell(s) failed: {'; '.join(failed)}. "
                               f"The others are in {out}; re-run the same command to retry them")
     return results
+
+
+def time_left(took: list[float], rest: list[RunSettings], total: int) -> str:
+    """'7 of 9 cells done, about 3 min left': the cells still to run at the mean time of
+    those this command ran."""
+    todo = sum(1 for settings in rest if not is_done(settings.out_dir_path, settings))
+    left = todo * sum(took) / len(took)
+    return f"{total - todo} of {total} cells done, about {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 \
+        else f"{seconds:.0f} s"
 
 
 def is_done(folder: Path, settings: RunSettings) -> bool:

@@ -71,6 +71,8 @@ TABLE = [
     ("final_eer", "final EER", "{:.3f}", min, 1.0),
     ("final_min_dcf", "final minDCF", "{:.3f}", min, 1.0),
     ("final_degraded_eer", "final degraded EER (test-conditions' mean)", "{:.3f}", min, 1.0),
+    ("released_eer", "released model's EER", "{:.3f}", min, 1.0),
+    ("released_round", "released round", "{:.1f}", None, 1.0),
     ("best_accuracy", "best training head accuracy", "{:.3f}", max, 1.0),
     ("rounds_to_90pct_central", "rounds to 90 % of central", "{:.1f}", min, 1.0),
     ("upload_bytes", "MB uploaded", "{:.1f}", None, 1e-6),

@@ -21,6 +21,11 @@ _KEYS = {"description", "strategies", "seeds", "central", "options", "partitions
          "strategy-options"}
 
 
+def shipped_grids() -> list[str]:
+    """The names of the grids in simulations/grids/, for `fedspeaker compare GRID`."""
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid."""
@@ -60,7 +65,7 @@ class ComparisonGrid:
         if not path.suffix and not path.exists():
             path = GRIDS_DIR / f"{name_or_path}.toml"
         if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in GRIDS_DIR.glob("*.toml")))
+            known = ", ".join(shipped_grids())
             raise ConfigError(f"no grid {name_or_path!r}: give a TOML file or one of: {known}")
         try:
             raw = tomllib.loads(path.read_text())

@@ -26,6 +26,10 @@ class CellResult:
     final_voiceprint_accuracy: float
     final_eer: float
     final_min_dcf: float
+    # the model the run saved (release=best: the best round by validation, round 0 included)
+    released_round: float
+    released_voiceprint_accuracy: float
+    released_eer: float
     best_accuracy: float
     best_round: int
     rounds_to_90pct_central: float  # NaN: never reached, or no central baseline
@@ -73,6 +77,9 @@ def collect_results(grid: ComparisonGrid, out: Path) -> list[CellResult]:
             final_accuracy=summary["final"]["accuracy"],
             final_voiceprint_accuracy=_number(summary["final"].get("voiceprint_accuracy")),
             final_eer=summary["final"]["eer"], final_min_dcf=_number(summary["final"].get("min_dcf")),
+            released_round=_number(summary.get("released", {}).get("round")),
+            released_voiceprint_accuracy=_number(summary.get("released", {}).get("voiceprint_accuracy")),
+            released_eer=_number(summary.get("released", {}).get("eer")),
             best_accuracy=summary["best_accuracy"], best_round=int(summary["best_round"]),
             rounds_to_90pct_central=reached[0] if reached else math.nan,
             upload_bytes=int(sum(r.get("upload_bytes", 0.0) for r in rows

@@ -17,7 +17,7 @@ import pytest
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.reporting.run_report import RunReport
-from simulations.compare import collect_results, run_grid
+from simulations.compare import collect_results, run_grid, time_left
 from simulations.grid import CENTRAL, GRIDS_DIR, Cell, ComparisonGrid
 
 STRATEGY_SKILL = {CENTRAL: 0.80, "fedavg": 0.60, "fedmedian": 0.50}
@@ -50,30 +50,34 @@ class FakeRunner:
             on_round(f"round {n:3d}  accuracy {final * n / settings.rounds:.3f}")
         (settings.out_dir_path / "summary.json").write_text(json.dumps({
             "final": {"accuracy": final, "eer": 0.3}, "best_accuracy": final,
+            "released": {"round": 0 if settings.byzantine_fraction else settings.rounds, "eer": 0.25},
             "best_round": settings.rounds, "wall_seconds": 10.0}))
 
 
 def test_every_shipped_grid_loads_and_every_cell_is_valid(tmp_path: Path) -> None:
     names = sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
-    assert {"default", "robust", "strategies", "attacks", "realistic", "smoke"} <= set(names)
+    assert {"default", "robust", "strategies", "attacks", "realistic", "smoke", "default-tdnn"} <= set(names)
     for name in names:
         grid = ComparisonGrid.load(name)
         for cell in grid.cells():
-            grid.settings(cell, {}, tmp_path / cell.key)  # raises on a bad option
+            settings = grid.settings(cell, {}, tmp_path / cell.key)  # raises on a bad option
+            # the model people use, unless the grid's name says it is the TDNN's
+            assert settings.model == ("tdnn" if "tdnn" in name else "ge2e"), (name, cell.label)
 
 
-def test_cells_of_one_seed_share_shards_model_and_roles(tmp_path: Path) -> None:
-    grid = ComparisonGrid.load("default")
+@pytest.mark.parametrize("name", ["default", "default-tdnn"])
+def test_cells_of_one_seed_share_shards_model_and_roles(tmp_path: Path, name: str) -> None:
+    grid = ComparisonGrid.load(name)
     by_seed: dict[int, set] = {}
     for cell in grid.cells():
         s = grid.settings(cell, {}, tmp_path)
         # what decides the split, shards, initial model and which clients attack or drop
         by_seed.setdefault(cell.seed, set()).add((s.seed, s.partition, s.alpha, s.num_clients,
                                                   s.channels, s.embedding_dim, s.unseen_speakers))
-    assert len(by_seed) == 3 and all(len(v) == 1 for v in by_seed.values())
+    assert len(by_seed) == len(grid.seeds) and all(len(v) == 1 for v in by_seed.values())
     central = [c for c in grid.cells() if c.strategy == CENTRAL]
     assert grid.cells()[: len(central)] == central  # baselines first
-    assert len(grid.cells()) == 3 + 2 * 3 * 3
+    assert len(grid.cells()) == len(grid.seeds) * (1 + len(grid.strategies) * len(grid.scenarios))
 
 
 def test_command_line_options_reach_every_cell_but_not_strategy_or_seed(tmp_path: Path) -> None:
@@ -157,6 +161,16 @@ def test_results_and_report_have_one_row_per_cell(tmp_path: Path) -> None:
     assert float(row["upload_bytes"]) == 4 * 4000  # 4 rounds x 4 clients x 1000 bytes
     # central 0.80, so 90 % is 0.72: fedavg (0.60 at most) never gets there
     assert row["rounds_to_90pct_central"] == ""
+    assert (row["released_round"], row["released_eer"]) == ("4", "0.25")
+    # `tensorboard --logdir <comparison>` finds one run per cell, named by its folder
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    board.Reload()
+    assert sorted(board.Runs()) == sorted(f"cells/{c.key}/tensorboard" for c in grid.cells())
+    run = "cells/iid__clean__fedavg__seed0/tensorboard"
+    accuracy = board.Scalars(run, "identification/accuracy")
+    assert [round(e.value, 3) for e in accuracy] == [0.15, 0.3, 0.45, 0.6]
 
     report = (tmp_path / "report.md").read_text()
     table_rows = [line for line in report.splitlines() if line.startswith("| fed")]
@@ -169,6 +183,16 @@ def test_results_and_report_have_one_row_per_cell(tmp_path: Path) -> None:
     for name in ("curves_iid_clean.png", "curves_iid_attack.png", "final_accuracy.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
     assert any(line.startswith("[9/10] round 4/4") for line in lines)  # progress: cell and round
+    # and how much is left: after the 9th cell, one more at the mean time of those run
+    assert any(line.startswith("[9/10]") and "9 of 10 cells done, about" in line for line in lines)
+    assert lines[-1].endswith("10 of 10 cells done, about 0 s left")
+
+
+def test_time_left_counts_the_cells_still_to_run_at_the_mean_time_so_far(tmp_path: Path) -> None:
+    grid = small_grid()
+    rest = [grid.settings(cell, {}, tmp_path / cell.key) for cell in grid.cells()[-2:]]
+    assert time_left([60.0, 120.0], rest, 10) == "8 of 10 cells done, about 3 min left"
+    assert time_left([3000.0, 3000.0], rest * 2, 10) == "6 of 10 cells done, about 3.3 h left"
 
 
 def test_rounds_to_90_percent_of_central(tmp_path: Path) -> None:

@@ -42,6 +42,13 @@ def test_federation_writes_every_output_and_beats_chance(federation) -> None:
     assert 0.0 <= summary["final"]["eer"] <= 0.6
     assert summary["start"]["eer"] == pytest.approx(float(rows[0]["eer"]), abs=1e-5)
     assert result.stdout.count("round ") >= 4  # one progress line per round, round 0 included
+    # the ServerApp wrote the rounds for TensorBoard too (tests/test_report.py checks every figure)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    assert [(e.step, round(e.value, 4)) for e in board.Scalars("verification/eer")] == \
+        [(int(float(r["round"])), round(float(r["eer"]), 4)) for r in rows]
 
 
 def test_fine_tuning_the_pretrained_encoder_does_not_end_worse_than_it_started(federation) -> None:

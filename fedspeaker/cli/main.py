@@ -19,6 +19,7 @@ from fedspeaker.cli.device import add_commands as add_device_commands
 from fedspeaker.cli.runs import audit, central, compare, identify, privacy_sweep, simulate
 from fedspeaker.config import PARTITIONS, STRATEGIES, RunSettings
 from fedspeaker.errors import FedSpeakerError
+from simulations.grid import shipped_grids
 
 log = logging.getLogger("fedspeaker")
 
@@ -90,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                        "and seeds (resumable)")
     p.set_defaults(command=compare)
     p.add_argument("grid", nargs="?", default="default", help="a grid in simulations/grids/ "
-                   "(default, robust, strategies, realistic, smoke) or a TOML file (default: default)")
+                   f"({', '.join(shipped_grids())}; each runs the default model, the pretrained "
+                   "encoder with its back end, unless its name says tdnn) or a TOML file (default: default)")
     p.add_argument("--out", help="output folder (default runs/compare-<grid>); re-running with the "
                    "same folder runs only the cells that are missing")
     p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")

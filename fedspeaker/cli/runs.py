@@ -159,7 +159,7 @@ def _finish(settings: RunSettings) -> int:
               + f"; {spent['sat_out_for_budget']} sat out for budget")
     if summary["data"]["skipped_files"]:
         print(f"skipped {summary['data']['skipped_files']} unusable file(s); see summary.json")
-    print(f"outputs: {settings.out_dir_path} (rounds.csv, summary.json, curves.png, global_model.pt)")
+    print(f"outputs: {settings.out_dir_path} (rounds.csv, tensorboard/, summary.json, curves.png, global_model.pt)")
     outcome = summary.get("outcome", {})
     if outcome.get("status") == "failed":
         from server.outcomes import failure_message

@@ -1,4 +1,5 @@
-"""What a run leaves behind: rounds.csv, summary.json, curves.png (global_model.pt: model/bundle.py).
+"""What a run leaves behind: rounds.csv, tensorboard/, summary.json, curves.png
+(global_model.pt: model/bundle.py).
 
 Rows are appended as rounds finish, so a user (or `fedspeaker simulate`) can follow
 a run by reading rounds.csv, and a run that stops early still leaves its history.
@@ -23,6 +24,7 @@ from fedspeaker.privacy.backend_stats import backend_noise_multiplier, release_s
 from fedspeaker.privacy.accounting import GroupBound, group_epsilon, largest_speaker
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.reporting.plots import plot_curves
+from fedspeaker.reporting.tensorboard import RoundBoard
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +57,17 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
 
 class RunReport:
     def __init__(self, out_dir: Path, rows: list[dict[str, float]] | None = None,
-                 extra_columns: Sequence[str] = ()) -> None:
-        """A new rounds.csv, holding ``rows`` (those of a resumed run's finished rounds);
-        ``extra_columns``: the run's own (its test conditions'), before the seconds."""
+                 extra_columns: Sequence[str] = (), run_config: Mapping[str, Any] | None = None) -> None:
+        """A new rounds.csv and TensorBoard run, holding ``rows`` (those of a resumed run's
+        finished rounds); ``extra_columns``: the run's own (its test conditions'), before the
+        seconds; ``run_config`` goes to TensorBoard as the run's hyper-parameters."""
         self.out_dir = out_dir
         self.columns = (*COLUMNS[:-2], *extra_columns, *COLUMNS[-2:])
         self.rows: list[dict[str, float]] = []
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.rounds_csv, "w", newline="") as f:
             csv.writer(f).writerow(self.columns)
+        self.board = RoundBoard(out_dir / "tensorboard", run_config)
         for row in rows or []:
             self.add_round(row)
 
@@ -75,8 +79,10 @@ class RunReport:
         self.rows.append(row)
         with open(self.rounds_csv, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c, math.nan)) for c in self.columns])
+        self.board.add_round(row, self.columns)
 
     def finish(self, summary: dict[str, Any], model_bundle: dict[str, Any]) -> None:
+        self.board.close()
         save_bundle(model_bundle, self.out_dir / "global_model.pt")
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         plot_curves(self.rows, self.out_dir / "curves.png", title=summary.get("title", ""),
