@@ -101,18 +101,25 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this node's held-out recordings; only counts travel."""
-    torch.set_num_threads(1)
-    settings = RunSettings.from_run_config(context.run_config)
-    config = msg.content[wire.CONFIG]
-    speakers = wire.speakers_from_config(config)
-    model = build_model(settings, len(speakers))
-    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    settings, config, speakers, model = _global_model(msg, context)
     counts = score_on_device(
         model, enrol=training_examples(settings, context, speakers),
         held_out=held_out_examples(settings, context, speakers),
         cohort=torch.from_numpy(msg.content[wire.COHORT][wire.COHORT_EMBEDDINGS].numpy().copy()),
         threshold=float(config[wire.THRESHOLD]))
     return Message(content=RecordDict({wire.METRICS: MetricRecord(counts)}), reply_to=msg)
+
+
+def _global_model(msg: Message, context: Context) -> tuple[RunSettings, ConfigRecord, list[str], torch.nn.Module]:
+    """What an evaluate or a back-end query starts from: the run's settings, the message's
+    config and speakers, and the global model it carries, on one thread."""
+    torch.set_num_threads(1)
+    settings = RunSettings.from_run_config(context.run_config)
+    config = msg.content[wire.CONFIG]
+    speakers = wire.speakers_from_config(config)
+    model = build_model(settings, len(speakers))
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    return settings, config, speakers, model
 
 
 @app.query("partition")
@@ -128,12 +135,7 @@ def partition(msg: Message, context: Context) -> Message:
 def backend(msg: Message, context: Context) -> Message:
     """The scoring back end's statistics of this node's training recordings under the
     global model the message carries (client/backend.py); only a sum and a count leave."""
-    torch.set_num_threads(1)
-    settings = RunSettings.from_run_config(context.run_config)
-    config = msg.content[wire.CONFIG]
-    speakers = wire.speakers_from_config(config)
-    model = build_model(settings, len(speakers))
-    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    settings, config, speakers, model = _global_model(msg, context)
     copies = None
     if settings.backend_whiten:  # the recordings with their augmented copies, the clean ones first
         copies, labels = training_examples(settings, context, speakers, augmented=True)
