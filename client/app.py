@@ -32,6 +32,7 @@ from fedspeaker.model import build_model
 from fedspeaker.model.backend import encoder_fingerprint
 from fedspeaker.privacy.ledger import DeviceLedger
 from fedspeaker.privacy.policy import device_policy
+from fedspeaker.privacy.noise import noise_generator, release_seed
 from fedspeaker.training.local import LocalTrainer, round_seed, spend_cap
 
 LEDGER_FILE = "privacy-ledger.json"
@@ -146,9 +147,13 @@ def backend(msg: Message, context: Context) -> Message:
     device_ledger = DeviceLedger(ledger_path(settings, context, run))
     ledger = device_ledger.open(run, settings.accountant)
     policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
+    seeded = settings.seeded_noise and is_simulated(context)
+    partition_id = int(context.node_config.get("partition-id", 0))
     sums, metrics = backend_statistics(
         settings, model, feats, labels, ledger, copies=copies,
-        refusal=(lambda step: policy.backend_refusal(settings, ledger, step)) if policy else None)
+        refusal=(lambda step: policy.backend_refusal(settings, ledger, step)) if policy else None,
+        generator=noise_generator(release_seed(settings.seed, partition_id, encoder_fingerprint(model)))
+        if seeded else None)
     if wire.REFUSAL in metrics:
         return Message(content=RecordDict({wire.REFUSAL: ConfigRecord({wire.REASON: metrics[wire.REFUSAL]})}),
                        reply_to=msg)

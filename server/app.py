@@ -34,6 +34,7 @@ from fedspeaker.model.backend import (
     whitening_of_scatter,
 )
 from fedspeaker.privacy.backend_stats import device_backend_noise_multiplier
+from fedspeaker.privacy.noise import noise_generator, release_seed
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.reporting.run_report import RunReport, progress_line, run_summary
 from server.checkpoint import (
@@ -239,7 +240,9 @@ class RoundTracker:
             return {}
         if s.user_dp != "off":
             noise = device_backend_noise_multiplier(s)
-            collected = device_level_noise(collected, noise)
+            seeded = self.simulated and s.seeded_noise  # a simulation repeats bit for bit
+            collected = device_level_noise(
+                collected, noise, noise_generator(release_seed(s.seed, -1, fingerprint)) if seeded else None)
             screened = _screened(self.strategy)
             if screened is not None and screened.device_dp is not None:
                 screened.device_releases.append((noise, collected.devices,

@@ -16,6 +16,15 @@ from tests.conftest import BUNDLED, flower_processes, run_cli  # noqa: F401  (ti
 
 pytestmark = pytest.mark.e2e
 
+# "Not worse than it started" on the tiny corpus: its unseen-speaker EER moves in steps of one
+# trial (about 0.007), and the DP noise and floating-point sums differ between machines, so a
+# flip of up to three trials is within the noise; a broken fine-tuning moves it far more.
+NOT_WORSE = 0.022
+
+
+def not_worse(rows: list[dict[str, str]]) -> bool:
+    return float(rows[-1]["eer"]) <= float(rows[0]["eer"]) + NOT_WORSE
+
 
 @pytest.fixture(scope="module")
 def federation(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
@@ -54,7 +63,9 @@ def test_federation_writes_every_output_and_beats_chance(federation) -> None:
 def test_fine_tuning_the_pretrained_encoder_does_not_end_worse_than_it_started(federation) -> None:
     out, _ = federation
     rows = list(csv.DictReader(open(out / "rounds.csv")))
-    assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
+    assert not_worse(rows), [r["eer"] for r in rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["released"]["eer"] <= summary["start"]["eer"] + NOT_WORSE, summary["released"]
     assert float(rows[0]["voiceprint_accuracy"]) > 0.5  # pretrained: far above chance at round 0
 
 
@@ -312,7 +323,7 @@ def test_a_population_of_one_owner_devices_does_not_end_worse_than_it_started(ti
     round, the devices also scoring the model on their own held-out recordings."""
     rows = _one_owner_devices(tiny_corpus, tmp_path, "fraction-train=0.34")
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
-    assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
+    assert not_worse(rows), [r["eer"] for r in rows]
     assert all(int(float(r["clients"])) == 4 for r in rows[1:])  # Flower samples 12 x 0.34 = 4
     assert all(int(float(r["devices_evaluated"])) == 6 for r in rows[1:])
     assert all(0.0 <= float(r["device_frr"]) <= 1.0 and float(r["device_target_trials"]) > 0 for r in rows[1:])
@@ -323,6 +334,6 @@ def test_fedaws_devices_that_know_only_their_own_speaker_do_not_end_worse_than_t
     """class-vectors=own: 12 one-owner devices, each sent only its own class vector (asked
     for with a query message), the server spreading the vectors apart."""
     rows = _one_owner_devices(tiny_corpus, tmp_path, "class-vectors=own")
-    assert float(rows[-1]["eer"]) <= float(rows[0]["eer"]), [r["eer"] for r in rows]
+    assert not_worse(rows), [r["eer"] for r in rows]
     assert float(rows[-1]["accuracy"]) > 2 * float(rows[0]["accuracy"]), [r["accuracy"] for r in rows]
     assert all(int(float(r["clients"])) == 12 for r in rows[1:])

@@ -25,6 +25,12 @@ def noise_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def release_seed(seed: int, party: int, fingerprint: str) -> int:
+    """A simulation's seed for one party's back-end release: each release is of another
+    encoder (its ``fingerprint``), so each draws other noise, and the run repeats bit for bit."""
+    return (seed * 1_000_003 + party * 1_009 + int(fingerprint, 16)) % 2**63
+
+
 def harden(optimizer: torch.optim.Optimizer) -> None:
     """Draw each noise tensor as Opacus's secure mode does (four Gaussians summed, the
     first draw thrown away), which resists floating-point attacks on the noise; the
