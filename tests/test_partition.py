@@ -223,6 +223,7 @@ def test_a_simulated_client_loads_only_its_own_features(synthetic_corpus, cache_
 
     import fedspeaker.data.speakers as speakers_module
     from client.data import simulated_examples
+    from client.node import Node
     from fedspeaker.config import RunSettings
     from fedspeaker.data.partition import client_shards
 
@@ -232,7 +233,7 @@ def test_a_simulated_client_loads_only_its_own_features(synthetic_corpus, cache_
     speakers_module._load.cache_clear()
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3},
                       state=RecordDict(), run_config=settings.to_run_config())
-    feats, labels = simulated_examples(settings, context)
+    feats, labels = simulated_examples(settings, Node.of(context))
     assert speakers_module._load.cache_info().currsize == 0  # the whole corpus was never loaded
     assert len(feats) == len(labels) == len(client_shards(settings)[1])
 
