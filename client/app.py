@@ -7,23 +7,22 @@ client-side clipping, simulated scenarios) comes in as mods (client/mods.py).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.backend import backend_statistics
-from client.data import held_out_examples, is_simulated, training_examples, training_labels
+from client.data import held_out_examples, training_examples, training_labels
 from client.evaluate import score_on_device
 from client.footprint import footprint
 from client.messages import TrainRequest
 from client.replay import LastUpdate, request_key
 from client.mods import secure_aggregation, simulated_scenarios, user_dp_clipping
+from client.node import Node
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import FedSpeakerError
@@ -31,11 +30,8 @@ from fedspeaker.data.speakers import load_split
 from fedspeaker.model import build_model
 from fedspeaker.model.backend import encoder_fingerprint
 from fedspeaker.privacy.ledger import DeviceLedger
-from fedspeaker.privacy.policy import device_policy
 from fedspeaker.privacy.noise import noise_generator, release_seed
 from fedspeaker.training.local import LocalTrainer, round_seed, spend_cap
-
-LEDGER_FILE = "privacy-ledger.json"
 
 app = ClientApp()
 
@@ -46,15 +42,16 @@ def train(msg: Message, context: Context) -> Message:
     started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     request = TrainRequest.of(msg)
-    feats, labels = training_examples(settings, context, request.speakers, augmented=True)
+    node = Node.of(context)
+    feats, labels = training_examples(settings, node, request.speakers, augmented=True)
     n_speakers = len(request.speakers) or len(load_split(settings).speakers)
     if settings.dp:  # Opacus is imported lazily; its ~1 s belongs to start-up, not training
         importlib.import_module("opacus")
     data_ready = time.monotonic()
 
     run = request.federation_id or f"run-{context.run_id}"
-    device_ledger = DeviceLedger(ledger_path(settings, context, run))
-    last = None if is_simulated(context) or request.fitins else \
+    device_ledger = DeviceLedger(node.ledger_path(settings, run))
+    last = None if node.simulated or request.fitins else \
         LastUpdate(device_ledger.path.parent / "last-update" / f"{run}.pt")
     key = request_key(request.server_round, msg.content[wire.ARRAYS]) if last else ""
     if last and (again := last.get(key)):  # a resumed run asks again for what was sent
@@ -63,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     trainer = LocalTrainer(settings, n_speakers)
     planned = (trainer.dp_plan(len(feats), step_fraction=request.step_fraction, speakers=len(set(labels)))
                if settings.dp else None)
-    policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
+    policy = node.policy()
     refusal = policy.refusal(settings, ledger, planned) if policy else None
     if refusal and request.fitins:  # a SecAgg+ round has no way to reply without weights
         raise FedSpeakerError(f"this device's privacy policy refuses the run: {refusal}")
@@ -78,10 +75,9 @@ def train(msg: Message, context: Context) -> Message:
         device_ledger.record(run, replace(ledger, history=[*ledger.history, tuple(planned)]))
 
     trainer.model.load_state_dict(request.global_state(trainer.model))
-    partition_id = int(context.node_config.get("partition-id", 0))
     fit_started = time.monotonic()
-    loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, partition_id, request.server_round),
-                         seeded_noise=settings.seeded_noise and is_simulated(context),
+    loss = trainer.train(feats, labels, ledger, seed=round_seed(settings.seed, node.partition, request.server_round),
+                         seeded_noise=node.seeded_noise(settings),
                          proximal_mu=request.proximal_mu, step_fraction=request.step_fraction)
     fit_seconds = time.monotonic() - fit_started
     if settings.dp:
@@ -103,9 +99,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this node's held-out recordings; only counts travel."""
     settings, config, speakers, model = _global_model(msg, context)
+    node = Node.of(context)
     counts = score_on_device(
-        model, enrol=training_examples(settings, context, speakers),
-        held_out=held_out_examples(settings, context, speakers),
+        model, enrol=training_examples(settings, node, speakers),
+        held_out=held_out_examples(settings, node, speakers),
         cohort=torch.from_numpy(msg.content[wire.COHORT][wire.COHORT_EMBEDDINGS].numpy().copy()),
         threshold=float(config[wire.THRESHOLD]))
     return Message(content=RecordDict({wire.METRICS: MetricRecord(counts)}), reply_to=msg)
@@ -127,7 +124,7 @@ def _global_model(msg: Message, context: Context) -> tuple[RunSettings, ConfigRe
 def partition(msg: Message, context: Context) -> Message:
     """This simulated node's partition id (-1 on a device): the server draws a round's
     clients by it, since a simulation's node ids change at every launch."""
-    partition_id = int(context.node_config.get("partition-id", -1)) if is_simulated(context) else -1
+    partition_id = Node.of(context).reported_partition
     return Message(content=RecordDict({wire.NODE: ConfigRecord({wire.PARTITION_ID: partition_id})}),
                    reply_to=msg)
 
@@ -137,23 +134,22 @@ def backend(msg: Message, context: Context) -> Message:
     """The scoring back end's statistics of this node's training recordings under the
     global model the message carries (client/backend.py); only a sum and a count leave."""
     settings, config, speakers, model = _global_model(msg, context)
+    node = Node.of(context)
     copies = None
     if settings.backend_whiten:  # the recordings with their augmented copies, the clean ones first
-        copies, labels = training_examples(settings, context, speakers, augmented=True)
+        copies, labels = training_examples(settings, node, speakers, augmented=True)
         feats = [c[0] for c in copies]
     else:
-        feats, labels = training_examples(settings, context, speakers)
+        feats, labels = training_examples(settings, node, speakers)
     run = str(config.get(wire.FEDERATION_ID, "")) or f"run-{context.run_id}"
-    device_ledger = DeviceLedger(ledger_path(settings, context, run))
+    device_ledger = DeviceLedger(node.ledger_path(settings, run))
     ledger = device_ledger.open(run, settings.accountant)
-    policy = None if is_simulated(context) else device_policy(context.node_config, state_dir(context))
-    seeded = settings.seeded_noise and is_simulated(context)
-    partition_id = int(context.node_config.get("partition-id", 0))
+    policy = node.policy()
     sums, metrics = backend_statistics(
         settings, model, feats, labels, ledger, copies=copies,
         refusal=(lambda step: policy.backend_refusal(settings, ledger, step)) if policy else None,
-        generator=noise_generator(release_seed(settings.seed, partition_id, encoder_fingerprint(model)))
-        if seeded else None)
+        generator=noise_generator(release_seed(settings.seed, node.partition, encoder_fingerprint(model)))
+        if node.seeded_noise(settings) else None)
     if wire.REFUSAL in metrics:
         return Message(content=RecordDict({wire.REFUSAL: ConfigRecord({wire.REASON: metrics[wire.REFUSAL]})}),
                        reply_to=msg)
@@ -175,26 +171,6 @@ def own_classes(msg: Message, context: Context) -> Message:
     (their rows), so that it sends this node those and no others."""
     settings = RunSettings.from_run_config(context.run_config)
     speakers = wire.speakers_from_config(msg.content[wire.CONFIG])
-    own = sorted(set(training_labels(settings, context, speakers)))
+    own = sorted(set(training_labels(settings, Node.of(context), speakers)))
     return Message(content=RecordDict({wire.FEDAWS: ConfigRecord({wire.OWN_CLASSES: own})}), reply_to=msg)
 
-
-def state_dir(context: Context) -> Path | None:
-    """A device's own folder (node-config ``state-dir``); None in simulation."""
-    state = context.node_config.get("state-dir")
-    return Path(str(state)).expanduser() if state else None
-
-
-def ledger_path(settings: RunSettings, context: Context, run: str) -> Path:
-    """Where this client keeps its lifetime privacy ledger: on a device, one file for
-    its recordings (in its state-dir, or in the cache under a name for its data-dir), kept
-    across every run and federation; a simulated client is a new device in each run (its
-    shard is drawn anew), so its file is per run. On disk rather than in Flower's context,
-    so a restarted SuperNode or a resumed run goes on counting what was spent."""
-    if not is_simulated(context):
-        data = str(Path(str(context.node_config["data-dir"])).expanduser().resolve())
-        root = state_dir(context) or (settings.feature_cache_dir / "devices"
-                                      / hashlib.sha256(data.encode()).hexdigest()[:16])
-        return root / LEDGER_FILE
-    partition = int(context.node_config.get("partition-id", 0))
-    return settings.feature_cache_dir / "client-state" / run / f"partition-{partition}" / LEDGER_FILE

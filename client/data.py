@@ -2,114 +2,102 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from flwr.app import Context
 
+from client.node import Node
 from fedspeaker.config import RunSettings
 from fedspeaker.data.corpus import Utterance
 from fedspeaker.data.speakers import device_utterances, load_device_examples, load_examples, load_split
 from fedspeaker.errors import CorpusError
 
 
-def is_simulated(context: Context) -> bool:
-    """A node of Flower's Simulation Engine (it has a partition id and no folder of its own)."""
-    return "data-dir" not in context.node_config
-
-
-def training_examples(settings: RunSettings, context: Context, speakers: list[str], *,
+def training_examples(settings: RunSettings, node: Node, speakers: list[str], *,
                       augmented: bool = False) -> tuple[list[torch.Tensor], list[int]]:
     """This node's training utterances and labels: a device's own folder (node-config
     ``data-dir``), or in simulation its shard of the corpus (by partition-id).
     ``augmented`` (what training reads, under ``augment``): each recording with its
     augmented copies, (1 + augment-copies, channels, frames)."""
     if augmented and settings.augment:
-        return _augmented(settings, context, speakers)
-    if not is_simulated(context):
-        part = "train" if settings.fraction_evaluate else "all"  # held-out ones score models
-        return _device(settings, context, speakers, part)
-    return simulated_examples(settings, context)
+        return _augmented(settings, node, speakers)
+    if node.simulated:
+        return simulated_examples(settings, node)
+    return _device(settings, node, speakers, _training_part(settings))
 
 
-def held_out_examples(settings: RunSettings, context: Context,
+def held_out_examples(settings: RunSettings, node: Node,
                       speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
     """This node's recordings kept out of training, to score models with: on a device one
     in five of its own (by content); in simulation its share of its speakers' test
     utterances."""
-    if not is_simulated(context):
-        return _device(settings, context, speakers, "held-out")
+    if not node.simulated:
+        return _device(settings, node, speakers, "held-out")
     from fedspeaker.data.partition import client_test_shards
 
     split = load_split(settings)
-    mine = [split.test[i] for i in client_test_shards(settings)[int(context.node_config["partition-id"])]]
+    mine = [split.test[i] for i in client_test_shards(settings)[node.partition]]
     return load_examples(settings, mine), [split.labels[u.speaker] for u in mine]
 
 
-def _device(settings: RunSettings, context: Context, speakers: list[str],
+def _training_part(settings: RunSettings) -> str:
+    """A device trains on all its recordings, or, where the federation scores models on
+    the devices, on those it does not hold out for that."""
+    return "train" if settings.fraction_evaluate else "all"
+
+
+def _device(settings: RunSettings, node: Node, speakers: list[str],
             part: str) -> tuple[list[torch.Tensor], list[int]]:
     if not speakers:
         raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
-    state_dir = context.node_config.get("state-dir")
-    return load_device_examples(Path(str(context.node_config["data-dir"])).expanduser(),
-                                Path(str(state_dir)) if state_dir else settings.feature_cache_dir,
+    return load_device_examples(node.data_dir, node.cache_dir(settings),
                                 settings.feature_spec, speakers, part=part)
 
 
-def _augmented(settings: RunSettings, context: Context,
+def _augmented(settings: RunSettings, node: Node,
                speakers: list[str]) -> tuple[list[torch.Tensor], list[int]]:
     """This node's training recordings with their augmented copies (data/augment.py),
     babble made of its own other speakers' recordings."""
     from fedspeaker.data.augment import augmented_examples
 
-    if is_simulated(context):
-        utterances, labels = _simulated_shard(settings, context)
-        cache_dir = settings.feature_cache_dir
+    if node.simulated:
+        utterances, labels = _simulated_shard(settings, node)
     else:
         if not speakers:
             raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
-        part = "train" if settings.fraction_evaluate else "all"
-        utterances = device_utterances(Path(str(context.node_config["data-dir"])).expanduser(), speakers,
-                                       part=part)
+        utterances = device_utterances(node.data_dir, speakers, part=_training_part(settings))
         labels = [speakers.index(u.speaker) for u in utterances]
-        state_dir = context.node_config.get("state-dir")
-        cache_dir = Path(str(state_dir)) if state_dir else settings.feature_cache_dir
     feats, labels = augmented_examples(settings.augment, settings.augment_copies, settings.seed,
-                                       settings.feature_spec, cache_dir, utterances, labels)
+                                       settings.feature_spec, node.cache_dir(settings), utterances, labels)
     if not feats:
         raise CorpusError("no usable recordings of the federation's speakers on this device")
     return feats, labels
 
 
-def training_labels(settings: RunSettings, context: Context, speakers: list[str]) -> list[int]:
+def training_labels(settings: RunSettings, node: Node, speakers: list[str]) -> list[int]:
     """The labels of this node's training utterances, without their features where that
     is possible (in simulation): which speakers it holds."""
-    if not is_simulated(context):
-        return training_examples(settings, context, speakers)[1]
-    return _simulated_shard(settings, context)[1]
+    if not node.simulated:
+        return training_examples(settings, node, speakers)[1]
+    return _simulated_shard(settings, node)[1]
 
 
-def simulated_examples(settings: RunSettings, context: Context) -> tuple[list[torch.Tensor], list[int]]:
+def simulated_examples(settings: RunSettings, node: Node) -> tuple[list[torch.Tensor], list[int]]:
     """A simulated client's shard (only its features are loaded), with wrong labels if the
     scenario makes it a label flipper."""
-    mine, labels = _simulated_shard(settings, context)
+    mine, labels = _simulated_shard(settings, node)
     return load_examples(settings, mine), labels
 
 
-def _simulated_shard(settings: RunSettings, context: Context) -> tuple[list[Utterance], list[int]]:
+def _simulated_shard(settings: RunSettings, node: Node) -> tuple[list[Utterance], list[int]]:
     from fedspeaker.data.partition import client_shards  # flwr-datasets: simulation only
 
-    partition_id = int(context.node_config.get("partition-id", 0))
-    num_partitions = int(context.node_config.get("num-partitions", 1))
-    if num_partitions != settings.num_clients:
-        raise CorpusError(f"the federation has {num_partitions} nodes but num-clients is "
+    if node.num_partitions != settings.num_clients:
+        raise CorpusError(f"the federation has {node.num_partitions} nodes but num-clients is "
                           f"{settings.num_clients}; make them equal")
     split = load_split(settings)
-    mine = [split.train[i] for i in client_shards(settings)[partition_id]]
+    mine = [split.train[i] for i in client_shards(settings)[node.partition]]
     labels = [split.labels[u.speaker] for u in mine]
-    if settings.byzantine_fraction and settings.attack == "label-flip":
-        from client.scenarios import client_role, flip_labels
+    if settings.byzantine_fraction:  # a scenario: only its runs import client/scenarios.py
+        from client.scenarios import flip_labels
 
-        if client_role(settings, partition_id).byzantine:
-            labels = flip_labels(labels, len(split.speakers))
+        labels = flip_labels(settings, node.partition, labels, len(split.speakers))
     return mine, labels

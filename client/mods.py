@@ -14,7 +14,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.data import is_simulated
+from client.node import Node
 from fedspeaker import wire
 
 SCENARIO_OPTIONS = ("dropout", "straggler-fraction", "byzantine-fraction")
@@ -52,8 +52,8 @@ def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallabl
 
 def simulated_scenarios(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """The run's simulated scenarios, where there are any and this node is simulated."""
-    if not is_simulated(context) or not any(float(context.run_config.get(key, 0) or 0)
-                                            for key in SCENARIO_OPTIONS):
+    if not Node.of(context).simulated or not any(float(context.run_config.get(key, 0) or 0)
+                                                 for key in SCENARIO_OPTIONS):
         return call_next(msg, context)
     from client.scenarios import scenario_layer
 

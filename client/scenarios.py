@@ -18,6 +18,7 @@ from flwr.app import Array, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.messages import TrainRequest, single_array_record
+from client.node import Node
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
 from fedspeaker.training.local import round_seed
@@ -49,8 +50,12 @@ def drops_out(settings: RunSettings, partition_id: int, server_round: int) -> bo
     return random.Random(f"{settings.seed}-drop-{partition_id}-{server_round}").random() < settings.dropout
 
 
-def flip_labels(labels: list[int], n_speakers: int) -> list[int]:
-    """The label-flip attack: train on wrong speaker names (speaker i called n-1-i)."""
+def flip_labels(settings: RunSettings, partition_id: int, labels: list[int], n_speakers: int) -> list[int]:
+    """The label-flip attack, applied to a simulated client's shard as it is loaded (so
+    that it trains, enrols and names its classes under them): a Byzantine client of a run
+    with attack=label-flip calls speaker i n-1-i; any other keeps its labels."""
+    if settings.attack != "label-flip" or not client_role(settings, partition_id).byzantine:
+        return labels
     return [n_speakers - 1 - y for y in labels]
 
 
@@ -83,10 +88,10 @@ def poison_update(global_state: OrderedDict, local_state: OrderedDict, attack: s
 def scenario_layer(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """The scenarios of a simulated run around one train message: a dropout fails (or
     never answers), a straggler is asked for fewer steps, an attacker's weights are
-    poisoned on the way out. Label flips happen where a simulated client loads its
-    shard (client/data.py)."""
+    poisoned on the way out. Label flips (:func:`flip_labels`) happen where a simulated
+    client loads its shard (client/data.py)."""
     settings = RunSettings.from_run_config(context.run_config)
-    partition_id = int(context.node_config.get("partition-id", 0))
+    partition_id = Node.of(context).partition
     request = TrainRequest.of(msg)
     server_round = request.server_round
     if drops_out(settings, partition_id, server_round):

@@ -67,9 +67,10 @@ def test_two_devices_with_the_same_config_and_data_draw_different_noise_nobody_c
 
     # what a server holding the run config would compute: the seeded run, bit for bit
     from client.data import training_examples
+    from client.node import Node
 
-    feats, labels = training_examples(settings, device(settings, synthetic_corpus.root, tmp_path / "phone"),
-                                      speakers)
+    phone = Node.of(device(settings, synthetic_corpus.root, tmp_path / "phone"))
+    feats, labels = training_examples(settings, phone, speakers)
     guessed = []
     for _ in range(2):
         trainer = LocalTrainer(settings, len(speakers))

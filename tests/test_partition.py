@@ -223,6 +223,7 @@ def test_a_simulated_client_loads_only_its_own_features(synthetic_corpus, cache_
 
     import fedspeaker.data.speakers as speakers_module
     from client.data import simulated_examples
+    from client.node import Node
     from fedspeaker.config import RunSettings
     from fedspeaker.data.partition import client_shards
 
@@ -232,9 +233,33 @@ def test_a_simulated_client_loads_only_its_own_features(synthetic_corpus, cache_
     speakers_module._load.cache_clear()
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3},
                       state=RecordDict(), run_config=settings.to_run_config())
-    feats, labels = simulated_examples(settings, context)
+    feats, labels = simulated_examples(settings, Node.of(context))
     assert speakers_module._load.cache_info().currsize == 0  # the whole corpus was never loaded
     assert len(feats) == len(labels) == len(client_shards(settings)[1])
+
+
+def test_a_byzantine_client_of_a_label_flip_run_loads_its_shard_under_wrong_names(synthetic_corpus, cache_dir):
+    from flwr.app import Context, RecordDict
+
+    from client.data import training_labels
+    from client.node import Node
+    from client.scenarios import client_role
+    from fedspeaker.config import RunSettings
+    from fedspeaker.data.speakers import load_split
+
+    honest = RunSettings(model="tdnn", data_dir=str(synthetic_corpus.root), cache_dir=str(cache_dir),
+                         num_clients=3, partition="iid")
+    attacked = honest.replace(byzantine_fraction=0.34, attack="label-flip")
+    n = len(load_split(honest).speakers)
+    flipped = 0
+    for partition in range(3):
+        node = Node.of(Context(run_id=1, node_id=1, node_config={"partition-id": partition, "num-partitions": 3},
+                               state=RecordDict(), run_config={}))
+        own, seen = training_labels(honest, node, []), training_labels(attacked, node, [])
+        byzantine = client_role(attacked, partition).byzantine
+        assert seen == ([n - 1 - y for y in own] if byzantine else own)
+        flipped += byzantine and seen != own
+    assert flipped == 1
 
 
 def test_device_data_links_the_simulation_shards_without_computing_features(tmp_path) -> None:

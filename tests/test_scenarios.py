@@ -57,8 +57,14 @@ def test_noise_replaces_the_change_with_gaussian_noise() -> None:
     assert abs(float((out * local["w"]).mean())) < 0.01  # unrelated to the honest change
 
 
-def test_label_flip_renames_every_speaker() -> None:
-    assert flip_labels([0, 1, 2, 5], n_speakers=6) == [5, 4, 3, 0]
+def test_label_flip_renames_every_speaker_of_a_byzantine_client_only() -> None:
+    settings = RunSettings(num_clients=10, byzantine_fraction=0.2, attack="label-flip")
+    byzantine = [i for i in range(10) if client_role(settings, i).byzantine]
+    honest = next(i for i in range(10) if i not in byzantine)
+    assert flip_labels(settings, byzantine[0], [0, 1, 2, 5], n_speakers=6) == [5, 4, 3, 0]
+    assert flip_labels(settings, honest, [0, 1, 2, 5], n_speakers=6) == [0, 1, 2, 5]
+    sign_flip = settings.replace(attack="sign-flip")  # poisons weights, not labels
+    assert flip_labels(sign_flip, byzantine[0], [0, 1, 2, 5], n_speakers=6) == [0, 1, 2, 5]
 
 
 def test_a_straggler_takes_a_quarter_of_the_steps() -> None:
