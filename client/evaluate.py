@@ -16,6 +16,7 @@ from torch import nn
 from fedspeaker import wire
 from fedspeaker.evaluation.operating_point import accepts
 from fedspeaker.evaluation.scoring import embed
+from fedspeaker.evaluation.voiceprint import voiceprint
 
 
 @torch.no_grad()
@@ -30,10 +31,9 @@ def score_on_device(model: nn.Module, *, enrol: tuple[list[torch.Tensor], list[i
     raw = embed(model, test_feats, raw=True)
     test = F.normalize(model.backend(raw), dim=1)
     labels = torch.tensor(test_labels)
-    enrolled = F.normalize(embed(model, enrol[0]), dim=1)
+    enrolled = embed(model, enrol[0])
     enrol_labels = torch.tensor(enrol[1])
-    speakers = sorted(set(enrol[1]))
-    prints = {s: F.normalize(enrolled[enrol_labels == s].mean(dim=0), dim=0) for s in speakers}
+    prints = {s: voiceprint(enrolled[enrol_labels == s]) for s in sorted(set(enrol[1]))}
     owned = [i for i, label in enumerate(test_labels) if label in prints]
     owner_scores = torch.stack([test[i] @ prints[test_labels[i]] for i in owned]) if owned else torch.empty(0)
     impostor_scores = torch.stack([p for p in prints.values()]) @ F.normalize(cohort.float(), dim=1).T

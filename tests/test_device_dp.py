@@ -191,8 +191,10 @@ def test_no_amplification_is_what_flowers_accountant_claims() -> None:
                                      neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                                      sampling_method=SamplingMethod.NO_AMPLIFICATION))
     flower.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=50, population_size=1000), count=50)
-    ours = device_epsilon(sampling="none", releases=[(1.0, 50, 1000, 0.05)] * 50, delta=DELTA)
-    assert ours == pytest.approx(flower.get_epsilon(DELTA), rel=1e-9)
+    # no amplification: every round a Gaussian on the sum, add-or-remove neighbours
+    ours = GoogleRdp(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    ours.compose(dp_accounting.GaussianDpEvent(1.0), 50)
+    assert ours.get_epsilon(DELTA) == pytest.approx(flower.get_epsilon(DELTA), rel=1e-9)
 
 
 def test_an_empty_poisson_round_still_counts_and_still_releases_noise() -> None:

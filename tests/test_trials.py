@@ -11,7 +11,7 @@ import torch
 
 from fedspeaker.errors import ConfigError
 from fedspeaker.evaluation import trials as trials_module
-from fedspeaker.evaluation.metrics import equal_error_rate, min_dcf
+from fedspeaker.evaluation.metrics import eer_operating_point, min_dcf
 from fedspeaker.evaluation.trials import (
     all_pairs,
     choose_trials,
@@ -93,4 +93,4 @@ def test_min_dcf_is_the_nist_normalised_cost():
              [(1, 0), (2 / 3, 0), (1 / 3, 0), (1 / 3, 1 / 3), (0, 1 / 3), (0, 2 / 3), (0, 1)]]
     assert min_dcf(scores, same) == pytest.approx(min(costs) / 0.01)
     assert min_dcf(np.array([1.0, 0.0]), np.array([True, False])) == 0.0
-    assert equal_error_rate(scores, same) == pytest.approx(1 / 3)
+    assert eer_operating_point(scores, same)[0] == pytest.approx(1 / 3)

@@ -22,8 +22,9 @@ from fedspeaker.model.bundle import SpeakerModel
 from fedspeaker.training.local import LocalTrainer
 from fedspeaker.evaluation.metrics import eer_operating_point
 from fedspeaker.evaluation.operating_point import Calibration, threshold_at_far
-from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
+from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate, voiceprints
 from fedspeaker.evaluation.trials import all_pairs, trial_scores
+from fedspeaker.evaluation.voiceprint import voiceprint
 from fedspeaker.model.backend import encoder_fingerprint, install_backend
 from fedspeaker.model.bundle import model_bundle
 from fedspeaker.privacy.backend_stats import clipped_sums
@@ -59,6 +60,19 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     scores = evaluate(trainer.model, evaluation)
     torch.save(model_bundle(settings, data.split.speakers, trainer.model, scores, evaluation), bundle)
     return bundle, corpus, data, settings
+
+
+def test_one_voiceprint_for_torch_and_numpy() -> None:
+    embeddings = torch.randn(7, 16, generator=torch.Generator().manual_seed(0)) * 3
+    made = voiceprint(embeddings)
+    # bit for bit what the server and devices computed before they shared it
+    assert torch.equal(made, F.normalize(F.normalize(embeddings, dim=1).mean(dim=0), dim=0))
+    assert float(made.norm()) == pytest.approx(1.0)
+    assert np.allclose(voiceprint(embeddings.numpy()), made.numpy(), atol=1e-6)
+    assert voiceprint(embeddings.numpy()).dtype == np.float32
+    assert not voiceprint(torch.zeros(2, 16)).isnan().any()  # eps, as F.normalize
+    prints = voiceprints(embeddings, [0, 2, 0, 2, 2, 0, 2], 3)
+    assert torch.equal(prints[0], voiceprint(embeddings[[0, 2, 5]])) and torch.equal(prints[1], torch.zeros(16))
 
 
 def test_the_eer_threshold_gives_the_eer() -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from fedspeaker.errors import AudioError, FedSpeakerError
 from fedspeaker.evaluation.operating_point import Calibration, OperatingPoint, accepts
+from fedspeaker.evaluation.voiceprint import voiceprint
 from fedspeaker.files import atomic_write
 
 
@@ -87,8 +88,8 @@ class EnrolmentStore:
                 skipped.append(str(exc))
         if not embeddings:
             raise FedSpeakerError(f"no usable audio to enrol {speaker!r}: " + "; ".join(skipped))
-        voiceprint = _unit(np.mean(embeddings, axis=0))
-        self.speakers[speaker] = {"voiceprint": [round(float(x), 7) for x in voiceprint],
+        vector = voiceprint(np.stack(embeddings))
+        self.speakers[speaker] = {"voiceprint": [round(float(x), 7) for x in vector],
                                   "files": len(embeddings),
                                   "enrolled": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         atomic_write(self.path, lambda f: f.write(json.dumps(
@@ -146,8 +147,3 @@ def verify(embedder: Embedder, store: EnrolmentStore, speaker: str, audio: Path,
 def _vector(embedding: Any) -> np.ndarray:
     """An embedding as float32 numpy, whichever runtime made it."""
     return np.asarray(embedding.detach() if hasattr(embedding, "detach") else embedding, dtype=np.float32)
-
-
-def _unit(vector: np.ndarray) -> np.ndarray:
-    """L2-normalised as torch's F.normalize does (eps 1e-12)."""
-    return vector / max(float(np.linalg.norm(vector)), 1e-12)

@@ -31,6 +31,7 @@ from fedspeaker.evaluation.operating_point import (
     frr_at_far,
     rates_at,
 )
+from fedspeaker.evaluation.voiceprint import voiceprint
 
 FAR_1PCT = 0.01
 
@@ -52,8 +53,8 @@ class EnrolmentTrials:
 
     def scores(self, enrol: torch.Tensor, test: torch.Tensor) -> np.ndarray:
         """Each trial's cosine between the voiceprint and the recording's embedding."""
-        unit = F.normalize(enrol.float(), dim=1)
-        prints = F.normalize(torch.stack([unit[list(g)].mean(dim=0) for g in self.groups]), dim=1)
+        enrol = enrol.float()
+        prints = torch.stack([voiceprint(enrol[list(g)]) for g in self.groups])
         matrix = prints @ F.normalize(test.float(), dim=1).T
         return matrix[torch.from_numpy(self.voiceprint), torch.from_numpy(self.test)].numpy()
 

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).float().mean()) if len(labels) else float("nan")
-
-
-def equal_error_rate(scores: np.ndarray, same: np.ndarray) -> float:
-    """EER: the rate where false accepts equal false rejects, over all thresholds."""
-    return eer_operating_point(scores, same)[0]
 
 
 def error_rates(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,17 +43,3 @@ def min_dcf(scores: np.ndarray, same: np.ndarray, *, p_target: float = 0.01, c_m
     _, false_reject, false_accept = error_rates(scores, same)
     cost = c_miss * false_reject * p_target + c_fa * false_accept * (1 - p_target)
     return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
-
-
-def verification_trials(embeddings: torch.Tensor, speakers: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine scores of every pair of utterances, and whether each pair is one speaker."""
-    e = F.normalize(embeddings.float(), dim=1)
-    scores = (e @ e.T).numpy()
-    ids = np.unique(np.asarray(speakers), return_inverse=True)[1]
-    rows, cols = np.triu_indices(len(speakers), k=1)
-    return scores[rows, cols], ids[rows] == ids[cols]
-
-
-def verification_eer(embeddings: torch.Tensor, speakers: list[str]) -> float:
-    """EER over every pair of utterances, scored by cosine similarity."""
-    return equal_error_rate(*verification_trials(embeddings, speakers))

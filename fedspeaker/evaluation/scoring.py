@@ -31,6 +31,7 @@ from fedspeaker.evaluation.enrolment import EnrolmentTrials, operating_figures, 
 from fedspeaker.evaluation.metrics import accuracy, eer_operating_point, min_dcf
 from fedspeaker.evaluation.operating_point import OperatingPoint
 from fedspeaker.evaluation.trials import Trials, choose_trials, read_trial_list, trial_scores
+from fedspeaker.evaluation.voiceprint import voiceprint
 from fedspeaker.training.loops import fit_length
 
 
@@ -53,10 +54,10 @@ def embed(model: nn.Module, feats: Sequence[torch.Tensor], *, raw: bool = False)
 
 
 def voiceprints(embeddings: torch.Tensor, labels: Sequence[int], n_speakers: int) -> torch.Tensor:
-    """One unit-length voiceprint per speaker: the mean of its unit-length embeddings."""
-    unit = F.normalize(embeddings, dim=1)
-    sums = torch.zeros(n_speakers, unit.shape[1]).index_add_(0, torch.tensor(list(labels)), unit)
-    return F.normalize(sums, dim=1)
+    """One voiceprint per speaker (a zero vector for a speaker without embeddings)."""
+    labels = torch.tensor(list(labels))
+    return torch.stack([voiceprint(embeddings[labels == s]) if (labels == s).any()
+                        else torch.zeros(embeddings.shape[1]) for s in range(n_speakers)])
 
 
 @dataclass

@@ -6,7 +6,7 @@ the GE2E loss on VoxCeleb1/2 and LibriSpeech), read through the package metadata
 package itself (and its librosa and webrtcvad) is never imported.
 
 Input, exactly as the encoder was trained and as ``VoiceEncoder.embed_utterance``
-computes it: 16 kHz wave, volume normalised to -30 dBFS (only ever louder), 40-band
+computes it (tests/test_ge2e.py checks the port against its embeddings): 16 kHz wave, volume normalised to -30 dBFS (only ever louder), 40-band
 Slaney **power** mel (25 ms periodic Hann, 10 ms hop, centred, zero padding), 1.6 s
 partial windows 1.3 times a second (the last kept if 75 % covered), each window's final
 LSTM state projected, ReLU, L2-normalised, the windows averaged and normalised again.
@@ -178,31 +178,6 @@ def partial_slices(
     return wav_slices, mel_slices
 
 
-def embed_utterance(
-    model: nn.Module, wave: Tensor, rate: float = 1.3, min_coverage: float = 0.75
-) -> Tensor:
-    """Unit-length 256-d embedding of one 16 kHz utterance (samples,).
-
-    ``model`` is a ``GE2E`` (its LSTM may be an ``opacus.layers.DPLSTM``). ``wave`` is
-    used as given: ``embed_utterance(model, normalize_volume(wave))`` equals resemblyzer's
-    ``embed_utterance(normalize_volume(wav, -30, increase_only=True))``. Resemblyzer's
-    ``preprocess_wav`` would also cut silences with webrtcvad, which is not reproduced:
-    on ~2 s utterances it drops about half the audio and moves the embedding (cosine
-    0.70-1.0, mean 0.96, to the untrimmed one) without improving zero-shot EER.
-    """
-    wave = wave.float()
-    wav_slices, mel_slices = partial_slices(wave.numel(), rate, min_coverage)
-    pad = wav_slices[-1].stop - wave.numel()
-    if pad > 0:
-        wave = nn.functional.pad(wave, (0, pad))
-    mel = power_mel(wave)
-    mels = torch.stack([mel[s] for s in mel_slices])
-    with torch.no_grad():
-        partial = model(mels.to(next(model.parameters()).device))
-    embed = partial.mean(dim=0)
-    return embed / embed.norm().clamp_min(1e-12)
-
-
 # ------------------------------------------------------------------ fine-tuning
 
 
@@ -264,7 +239,7 @@ class GE2ESpeakerNet(nn.Module):
 
     Inputs are :func:`frozen_states`: (batch, 256, windows). A training crop is one window
     (``train_frames``); scoring averages every window of the utterance (``eval_frames``),
-    as ``embed_utterance`` does.
+    as resemblyzer's ``embed_utterance`` does.
     """
 
     input_channels = HIDDEN_SIZE

@@ -12,8 +12,6 @@ says which event each run is, so the epsilon claimed is the one for the sampling
   noise multiplier relative to that sensitivity is half the configured one.
 - ``poisson`` (each device independently with probability q): Opacus's RDP or PRV
   accountant at sample rate q, add-or-remove neighbours, sensitivity C.
-- ``none``: no amplification at all, what Flower's own accountant claims (every round a
-  Gaussian on the sum, add-or-remove neighbours); kept for comparison.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from typing import NamedTuple, Sequence
 
 from fedspeaker.errors import ConfigError
 
-SAMPLINGS = ("fixed", "poisson", "none")
+SAMPLINGS = ("fixed", "poisson")
 # PLD grid of the group bound: coarser than dp_accounting's default (1e-4), which takes
 # minutes for large groups; the discretisation is pessimistic, so it only rounds up
 GROUP_DISCRETIZATION = 2e-2
@@ -46,7 +44,7 @@ def device_epsilon(*, sampling: str, releases: Sequence[Sequence[float]], delta:
     sampling without replacement has only dp_accounting's RDP bound.
     """
     if sampling not in SAMPLINGS:
-        raise ConfigError(f"client-sampling must be one of {', '.join(SAMPLINGS[:2])}; got {sampling!r}")
+        raise ConfigError(f"client-sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
     rounds = [Release(*r) for r in releases]
     if not rounds:
         return 0.0
@@ -57,13 +55,7 @@ def device_epsilon(*, sampling: str, releases: Sequence[Sequence[float]], delta:
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
-    relation = dp_accounting.NeighboringRelation
-    if sampling == "none":
-        acct = RdpAccountant(neighboring_relation=relation.ADD_OR_REMOVE_ONE)
-        for (noise,), count in _runs([(r.noise_multiplier,) for r in rounds]):
-            acct.compose(dp_accounting.GaussianDpEvent(noise), count)
-        return float(acct.get_epsilon(delta))
-    acct = RdpAccountant(neighboring_relation=relation.REPLACE_ONE)
+    acct = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     for (noise, sampled, population), count in _runs([(r.noise_multiplier, int(r.sample_size),
                                                         int(r.population)) for r in rounds]):
         # replace-one sensitivity of a sum of updates clipped to C is 2C
@@ -78,10 +70,8 @@ def accountant_words(sampling: str, accountant: str = "rdp") -> str:
     if sampling == "fixed":
         return ("dp_accounting's RDP accountant for sampling without replacement (a fixed number "
                 "of devices a round; replace-one neighbours, sensitivity twice the clipping norm)")
-    if sampling == "poisson":
-        return (f"Opacus's {accountant.upper()} accountant for Poisson sampling (each device "
-                "independently each round; add-or-remove neighbours)")
-    return "dp_accounting's RDP accountant, no amplification by sampling claimed"
+    return (f"Opacus's {accountant.upper()} accountant for Poisson sampling (each device "
+            "independently each round; add-or-remove neighbours)")
 
 
 class GroupBound(NamedTuple):

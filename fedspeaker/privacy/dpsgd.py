@@ -1,27 +1,78 @@
-"""Sample-level DP-SGD with Opacus: noise calibration and the private training wrapper."""
+"""Sample-level DP-SGD with Opacus: noise calibration and the private training wrapper.
+
+The one place where a party's training meets Opacus: :func:`dp_sgd` wraps the model,
+optimizer and loader, continues the party's ledger (the accountant starts from its
+history, and the history it ends with is written back) and picks ghost clipping or
+hooks; the training loop gets ready objects and never sees a ledger.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from fedspeaker.errors import FedSpeakerError
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.privacy.noise import harden
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
 
-# Opacus warns on every engine about two things that are expected here: the default
-# (non-cryptographic) RNG, and backward hooks on a first layer whose input needs no grad.
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+@contextmanager
+def _expected_warnings_quiet() -> Iterator[None]:
+    """Opacus warns on every engine about two things that are expected here: the default
+    (non-cryptographic) RNG (the noise comes from privacy.noise's generator, hardened), and
+    backward hooks on a first layer whose input needs no grad (the frozen features)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+class Private(NamedTuple):
+    """What a private training loop runs: Opacus's wrapped model, optimizer and Poisson
+    loader, and the loss to call (ghost clipping's two-pass loss, or the model's)."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    loss_fn: Callable[[Tensor, Tensor], Any]
+    loader: DataLoader
+
+
+@contextmanager
+def dp_sgd(model: nn.Module, optimizer: Optimizer, loader: DataLoader, loss_fn: Callable[..., Tensor], *,
+           ledger: PrivacyLedger, unit: str, noise_multiplier: float, max_grad_norm: float,
+           generator: torch.Generator) -> Iterator[Private]:
+    """DP-SGD over ``model`` for the ``with`` block, continuing ``ledger``.
+
+    Ghost clipping where the model asks for it (``ghost_clipping``), else Opacus's hooks
+    (per-sample gradients, which speaker-level folding needs: its ``PerSpeaker`` wrapper
+    asks for no ghost clipping). ``unit`` is what one sample is ("utterance" or
+    "speaker"); a ledger holds one. When the block ends, ``ledger.history`` is the
+    accountant's, with this block's steps, and the hooks are gone (``model`` keeps the
+    trained weights); if the block raises, the ledger is left as it was.
+    """
+    if ledger.history and ledger.unit != unit:
+        raise FedSpeakerError(f"this client's privacy ledger counts {ledger.unit}s, but the run "
+                              f"protects {unit}s (dp-unit); one ledger cannot mix the two")
+    ledger.unit = unit
+    ghost = getattr(model, "ghost_clipping", False)
+    with _expected_warnings_quiet():
+        engine, dp_model, dp_optimizer, criterion, dp_loader = _private(
+            model=model, optimizer=optimizer, loader=loader, ledger=ledger, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, generator=generator, loss_fn=loss_fn if ghost else None)
+        yield Private(dp_model, dp_optimizer, criterion if ghost else loss_fn, dp_loader)
+    ledger.history = list(engine.accountant.history)
+    dp_model.remove_hooks()
 
 
 @lru_cache(maxsize=64)  # the search costs seconds; every round asks the same question
@@ -57,9 +108,10 @@ def make_private(
         generator: draws the noise and the Poisson sampling (privacy.noise): on a device
             one seeded from the operating system, never from the run config.
     """
-    engine, model, optimizer, _, loader = _private(
-        model=model, optimizer=optimizer, loader=loader, ledger=ledger, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, generator=generator, loss_fn=None)
+    with _expected_warnings_quiet():
+        engine, model, optimizer, _, loader = _private(
+            model=model, optimizer=optimizer, loader=loader, ledger=ledger, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, generator=generator, loss_fn=None)
     return engine, model, optimizer, loader
 
 
@@ -77,9 +129,10 @@ def make_private_ghost(
     ``loss_fn(logits, labels, reduction=...)`` is the model's loss; what comes back in its
     place is the loss to call in training (``.backward()`` runs both passes).
     """
-    return _private(model=model, optimizer=optimizer, loader=loader, ledger=ledger,
-                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator,
-                    loss_fn=loss_fn)
+    with _expected_warnings_quiet():
+        return _private(model=model, optimizer=optimizer, loader=loader, ledger=ledger,
+                        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator,
+                        loss_fn=loss_fn)
 
 
 class PerSampleLoss:

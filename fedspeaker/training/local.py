@@ -15,7 +15,7 @@ import torch
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.model import build_model
-from fedspeaker.privacy.dpsgd import calibrate_noise, make_private, make_private_ghost
+from fedspeaker.privacy.dpsgd import calibrate_noise, dp_sgd
 from fedspeaker.privacy.ledger import DPSteps, PrivacyLedger
 from fedspeaker.privacy.noise import noise_generator
 from fedspeaker.training.loops import (
@@ -145,34 +145,19 @@ class LocalTrainer:
                               self._keep_others_class_vectors(labels) if own else None)
         plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction, speakers=speakers)
         max_steps = None if step_fraction >= 1 else plan.steps
+        model, loss_fn, after_backward = self.model, model_loss, None
+        if per_speaker:  # one Opacus sample = one speaker's windows, clipped together (hooks, not ghost)
+            model, loss_fn = PerSpeaker(self.model, windows), per_speaker_loss(model_loss, windows)
+            after_backward = fold_per_speaker([p for p in self.model.parameters() if p.requires_grad], windows)
+        run = dict(after_step=after_step, max_steps=max_steps, after_backward=after_backward)
         if not s.dp:
-            loss = train_epochs(self.model, loader, optimizer, epochs, loss_fn=model_loss,
-                                after_step=after_step, max_steps=max_steps)
+            loss = train_epochs(model, loader, optimizer, epochs, loss_fn=loss_fn, **run)
         else:
-            if ledger.history and ledger.unit != s.dp_unit:
-                raise FedSpeakerError(f"this client's privacy ledger counts {ledger.unit}s, but the run "
-                                      f"protects {s.dp_unit}s (dp-unit); one ledger cannot mix the two")
-            ledger.unit = s.dp_unit
-            private = dict(optimizer=optimizer, loader=loader, ledger=ledger,
-                           noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                           generator=noise_generator(seed if seeded_noise else None))
-            after_backward = None
-            if per_speaker:  # one Opacus sample = one speaker's windows, clipped together
-                loss_fn = per_speaker_loss(model_loss, windows)
-                after_backward = fold_per_speaker([p for p in self.model.parameters() if p.requires_grad],
-                                                  windows)  # folds per-window gradients: hooks, not ghost
-                engine, dp_model, optimizer, loader = make_private(model=PerSpeaker(self.model, windows),
-                                                                   **private)
-            elif getattr(self.model, "ghost_clipping", False):  # the same clipping, without per-sample gradients
-                engine, dp_model, optimizer, loss_fn, loader = make_private_ghost(
-                    model=self.model, loss_fn=model_loss, **private)
-            else:
-                loss_fn = model_loss
-                engine, dp_model, optimizer, loader = make_private(model=self.model, **private)
-            loss = train_epochs(dp_model, loader, optimizer, epochs, loss_fn=loss_fn,
-                                after_step=after_step, max_steps=max_steps, after_backward=after_backward)
-            ledger.history = list(engine.accountant.history)
-            dp_model.remove_hooks()  # self.model keeps the trained weights
+            with dp_sgd(model, optimizer, loader, loss_fn, ledger=ledger, unit=s.dp_unit,
+                        noise_multiplier=plan.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                        generator=noise_generator(seed if seeded_noise else None)) as private:
+                loss = train_epochs(private.model, private.loader, private.optimizer, epochs,
+                                    loss_fn=private.loss_fn, **run)
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise FedSpeakerError("local training diverged (NaN or infinite weights); lower the "
                                   "learning rate (--set lr=...)")
