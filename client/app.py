@@ -31,7 +31,7 @@ from fedspeaker.model import build_model
 from fedspeaker.model.backend import encoder_fingerprint
 from fedspeaker.privacy.ledger import DeviceLedger
 from fedspeaker.privacy.noise import noise_generator, release_seed
-from fedspeaker.training.local import LocalTrainer, round_seed, spend_cap
+from fedspeaker.training.local import LocalTrainer, dp_plan, round_seed, spend_cap
 
 app = ClientApp()
 
@@ -58,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
         return request.reply(again["state"], again["examples"], again["metrics"])
     ledger = device_ledger.open(run, settings.accountant)
     trainer = LocalTrainer(settings, n_speakers)
-    planned = (trainer.dp_plan(len(feats), step_fraction=request.step_fraction, speakers=len(set(labels)))
+    planned = (dp_plan(settings, len(feats), step_fraction=request.step_fraction, speakers=len(set(labels)))
                if settings.dp else None)
     policy = node.policy()
     refusal = policy.refusal(settings, ledger, planned) if policy else None

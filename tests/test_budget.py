@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import load_speaker_data
-from fedspeaker.training.local import LocalTrainer
+from fedspeaker.training.local import LocalTrainer, dp_plan
 from fedspeaker.model import build_model
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.wire import SAT_OUT
@@ -75,7 +75,7 @@ def test_plan_matches_the_steps_training_takes() -> None:
     labels = [i % 3 for i in range(21)]
     for fraction in (1.0, 0.25):
         trainer, ledger = LocalTrainer(settings, 3), PrivacyLedger()
-        planned = trainer.dp_plan(len(feats), step_fraction=fraction)
+        planned = dp_plan(trainer.settings, len(feats), step_fraction=fraction)
         before = ledger.epsilon_after(planned, settings.delta)
         trainer.train(feats, labels, ledger, seed=0, step_fraction=fraction)
         assert ledger.history == [tuple(planned)]

@@ -135,15 +135,15 @@ def test_the_trainer_under_speaker_dp_counts_speakers_in_its_ledger() -> None:
     trainer.train(feats, labels, ledger, seed=0)
     # 3 speakers in batches of up to 8: one batch, sample rate 1, one step an epoch
     assert ledger.history == [(1.3, 1.0, 2)] and ledger.unit == "speaker"
-    assert tuple(trainer.dp_plan(len(feats), speakers=3)) == (1.3, 1.0, 2)
+    assert tuple(dp_plan(trainer.settings, len(feats), speakers=3)) == (1.3, 1.0, 2)
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     restored = PrivacyLedger.from_lists("rdp", ledger.to_lists())
     assert restored == ledger
     # under utterance-level DP-SGD the same data is 21 utterances: 3 batches an epoch
     utterance = LocalTrainer(settings.replace(dp_unit="utterance"), 3)
-    assert tuple(utterance.dp_plan(len(feats))) == (1.3, 1 / 3, 6)
+    assert tuple(dp_plan(utterance.settings, len(feats))) == (1.3, 1 / 3, 6)
     with pytest.raises(ConfigError, match="dp-unit=speaker"):
-        trainer.dp_plan(len(feats))  # a budget check that counts only utterances
+        dp_plan(trainer.settings, len(feats))  # a budget check that counts only utterances
     with pytest.raises(FedSpeakerError, match="cannot mix"):
         utterance.train(feats, labels, ledger, seed=1)
 
@@ -199,7 +199,7 @@ def test_the_budget_check_plans_by_speakers_as_training_takes_them() -> None:
     feats = [torch.randn(40, 30) for _ in range(24)]
     labels = [i % 6 for i in range(24)]  # 6 speakers
     trainer = LocalTrainer(settings, 6)
-    planned = trainer.dp_plan(len(feats), speakers=len(set(labels)))  # what client/app.py asks
+    planned = dp_plan(trainer.settings, len(feats), speakers=len(set(labels)))  # what client/app.py asks
     ledger = PrivacyLedger()
     trainer.train(feats, labels, ledger, seed=0)
     assert [tuple(h) for h in ledger.history] == [tuple(planned)]

@@ -143,7 +143,8 @@ class LocalTrainer:
             optimizer = torch.optim.Adam(groups, lr=s.lr)
         after_step = _in_turn(self._proximal_step(proximal_mu) if proximal_mu > 0 else None,
                               self._keep_others_class_vectors(labels) if own else None)
-        plan = self.dp_plan(len(feats), epochs, planned_epochs, step_fraction, speakers=speakers)
+        plan = dp_plan(self.settings, len(feats), epochs=epochs, planned_epochs=planned_epochs,
+                       step_fraction=step_fraction, speakers=speakers)
         max_steps = None if step_fraction >= 1 else plan.steps
         model, loss_fn, after_backward = self.model, model_loss, None
         if per_speaker:  # one Opacus sample = one speaker's windows, clipped together (hooks, not ghost)
@@ -171,13 +172,6 @@ class LocalTrainer:
         if not self.settings.head_lr:
             return [{"params": head + rest}]
         return [{"params": rest}, {"params": head, "lr": self.settings.head_lr}]
-
-    def dp_plan(self, n_examples: int, epochs: int | None = None, planned_epochs: int | None = None,
-                step_fraction: float = 1.0, *, speakers: int | None = None) -> DPSteps:
-        """The DP-SGD steps a ``train`` call on ``n_examples`` utterances of ``speakers``
-        speakers will take, before it takes them: what the privacy budget check asks about."""
-        return dp_plan(self.settings, n_examples, epochs=epochs, planned_epochs=planned_epochs,
-                       step_fraction=step_fraction, speakers=speakers)
 
     def _keep_others_class_vectors(self, labels: list[int]) -> Callable[[], None]:
         """class-vectors=own: own rows the server did not send (zero) start from the
