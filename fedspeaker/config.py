@@ -9,9 +9,11 @@ message naming the option, whichever way it came in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
+import warnings
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +41,7 @@ DP_UNITS = ("utterance", "speaker")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 CLASS_VECTORS = ("shared", "own")
 RELEASES = ("best", "last")
+TDNN_ONLY = ("features", "n_mels", "crop_frames", "channels", "embedding_dim")  # fields the GE2E model ignores
 
 
 @dataclass(frozen=True)
@@ -304,12 +307,20 @@ class RunSettings:
         _open_unit("delta", self.delta)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.dp and self.noise_multiplier == 0.0:
+        if self.dp and self.noise_multiplier and self.epsilon != RunSettings.epsilon:
+            raise ConfigError(f"give either noise-multiplier ({self.noise_multiplier:g}: DP-SGD's noise, "
+                              f"fixed) or epsilon ({self.epsilon:g}: the target its noise is calibrated "
+                              "to), not both; the back end's share is backend-epsilon")
+        # epsilon: DP-SGD's target and, unless backend-epsilon is set, the back end's share of it
+        if self.dp or (self.backend and self.user_dp != "off" and not self.backend_epsilon):
             _positive("epsilon", self.epsilon)
         _at_least("backend-epsilon", self.backend_epsilon, 0.0)
         if self.backend and self.dp and self.noise_multiplier == 0.0 and self.backend_epsilon >= self.epsilon:
             raise ConfigError(f"backend-epsilon ({self.backend_epsilon:g}) must be below epsilon "
                               f"({self.epsilon:g}): the rest is DP-SGD's")
+        ignored = [name.replace("_", "-") for name in TDNN_ONLY if getattr(self, name) != getattr(RunSettings, name)]
+        if self.model != "tdnn" and ignored:  # a warning, not an error: older run configs set them
+            _warn_once(f"model={self.model} ignores {', '.join(ignored)}: they shape only the TDNN (model=tdnn)")
 
     @property
     def backend_releases(self) -> int:
@@ -414,6 +425,12 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
             except ValueError:
                 pass
     raise ConfigError(f"{key} must be {kind.__name__}, got {raw!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Once per process: settings are rebuilt for every message a client handles."""
+    warnings.warn(message, stacklevel=2)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
