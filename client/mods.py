@@ -16,8 +16,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.node import Node
 from fedspeaker import wire
-
-SCENARIO_OPTIONS = ("dropout", "straggler-fraction", "byzantine-fraction")
+from fedspeaker.config import RunSettings
 
 
 def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -34,7 +33,7 @@ def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallabl
     bypasses the mod.
     """
     mod = {"client-fixed": fixedclipping_mod,
-           "client-adaptive": adaptiveclipping_mod}.get(str(context.run_config.get("user-dp", "off")))
+           "client-adaptive": adaptiveclipping_mod}.get(RunSettings.from_run_config(context.run_config).user_dp)
     if mod is None:
         return call_next(msg, context)
     resting: list[Message] = []
@@ -52,8 +51,10 @@ def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallabl
 
 def simulated_scenarios(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """The run's simulated scenarios, where there are any and this node is simulated."""
-    if not Node.of(context).simulated or not any(float(context.run_config.get(key, 0) or 0)
-                                                 for key in SCENARIO_OPTIONS):
+    if not Node.of(context).simulated:
+        return call_next(msg, context)
+    s = RunSettings.from_run_config(context.run_config)
+    if not (s.dropout or s.straggler_fraction or s.byzantine_fraction):
         return call_next(msg, context)
     from client.scenarios import scenario_layer
 

@@ -9,9 +9,11 @@ message naming the option, whichever way it came in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
+import warnings
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +41,7 @@ DP_UNITS = ("utterance", "speaker")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 CLASS_VECTORS = ("shared", "own")
 RELEASES = ("best", "last")
+TDNN_ONLY = ("features", "n_mels", "crop_frames", "channels", "embedding_dim")  # fields the GE2E model ignores
 
 
 @dataclass(frozen=True)
@@ -196,14 +199,29 @@ class RunSettings:
         return settings
 
     def validate(self) -> None:
+        """Every rule of every option, each checked here once: by concern, then the warning."""
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
+        self._validate_data()
+        self._validate_model()
+        self._validate_evaluation()
+        self._validate_federation()
+        self._validate_scenarios()
+        self._validate_training()
+        self._validate_privacy()
+        self._validate_output()
+        ignored = [name.replace("_", "-") for name in TDNN_ONLY if getattr(self, name) != getattr(RunSettings, name)]
+        if self.model != "tdnn" and ignored:  # a warning, not an error: older run configs set them
+            _warn_once(f"model={self.model} ignores {', '.join(ignored)}: they shape only the TDNN (model=tdnn)")
+
+    def _validate_data(self) -> None:
+        _at_least("unseen-speakers", self.unseen_speakers, 0)
+        _open_unit("test-fraction", self.test_fraction)
+
+    def _validate_model(self) -> None:
         _choice("model", self.model, MODELS)
-        _choice("dp-unit", self.dp_unit, DP_UNITS)
-        _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
-        _choice("score-norm", self.score_norm, SCORE_NORMS)
         _at_least("margin", self.margin, 0.0)
         if self.margin >= math.pi / 2:
             raise ConfigError(f"margin must be below pi/2 radians, got {self.margin}")
@@ -216,32 +234,103 @@ class RunSettings:
             raise ConfigError("class-vectors=own (FedAwS) needs model=ge2e; the server sees which "
                               "speakers' class vectors each client trained, so not with user-dp, "
                               "secagg or dp-unit=speaker, whose guarantees would hide that")
-        _at_least("max-trials", self.max_trials, 0)
-        _at_least("cohort-top", self.cohort_top, 2)
-        _at_least("cohort-size", self.cohort_size, 1)
-        from fedspeaker.data.degrade import parse_conditions, parse_families
+        _choice("features", self.features, FEATURES)
+        _at_least("n-mels", self.n_mels, 8)
+        _at_least("crop-frames", self.crop_frames, 20)
+        _at_least("channels", self.channels, 4)
+        _at_least("embedding-dim", self.embedding_dim, 2)
 
-        parse_conditions(self.test_conditions)
-        parse_families(self.augment)
-        _at_least("augment-copies", self.augment_copies, 1)
-        if self.backend_whiten and not (self.backend and self.augment and self.user_dp == "off"):
-            raise ConfigError("backend-whiten whitens the scatter of each device's augmented copies: "
-                              "it needs backend=true and augment, and not user-dp (each device's "
-                              "statistics are noised on the device)")
+    def _validate_evaluation(self) -> None:
+        _at_least("max-trials", self.max_trials, 0)
+        _choice("score-norm", self.score_norm, SCORE_NORMS)
+        _at_least("cohort-top", self.cohort_top, 2)
+        from fedspeaker.data.degrade import parse_conditions
         from fedspeaker.evaluation.operating_point import OperatingPoint
 
+        parse_conditions(self.test_conditions)
         OperatingPoint.parse(self.operating_point)
         _at_least("enrol-recordings", self.enrol_recordings, 1)
         _choice("release", self.release, RELEASES)
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
-        _choice("partition", self.partition, PARTITIONS)
-        _choice("features", self.features, FEATURES)
-        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _at_least("cohort-size", self.cohort_size, 1)
+
+    def _validate_federation(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("attack", self.attack, ATTACKS)
+        _at_least("num-clients", self.num_clients, 1)
+        _at_least("rounds", self.rounds, 0)  # 0: the starting model (and its back end) only
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
+        _at_least("min-train-nodes", self.min_train_nodes, 1)
+        if self.min_train_nodes > self.num_clients:
+            raise ConfigError(f"min-train-nodes ({self.min_train_nodes}) is more than num-clients "
+                              f"({self.num_clients}): the server would wait forever")
+        if self.client_sampling == "poisson" and (self.secagg or self.min_train_nodes > 1):
+            raise ConfigError("client-sampling=poisson draws each client independently (and may "
+                              "draw none): it cannot hold min-train-nodes above 1, and the secagg "
+                              "workflow samples in its own way")
+        for key in ("server-lr", "server-momentum", "tau", "proximal-mu", "num-malicious", "q"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        for key in ("beta-1", "beta-2"):
+            if not 0.0 <= getattr(self, key.replace("-", "_")) < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key.replace('-', '_'))}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        _at_least("krum-select", self.krum_select, 1)
+
+    def _validate_scenarios(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _choice("dropout-mode", self.dropout_mode, DROPOUT_MODES)
+        _positive("round-timeout", self.round_timeout)
+        for key in ("straggler-fraction", "byzantine-fraction"):
+            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
+                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key.replace('-', '_'))}")
+        if not 0.0 < self.straggler_steps <= 1.0:
+            raise ConfigError(f"straggler-steps must be in (0, 1], got {self.straggler_steps}")
+        _choice("attack", self.attack, ATTACKS)
+        _positive("attack-scale", self.attack_scale)
+        _choice("partition", self.partition, PARTITIONS)
+        _positive("alpha", self.alpha)
+        _at_least("speakers-per-client", self.speakers_per_client, 1)
+        _at_least("household-size", self.household_size, 1)
+        _at_least("size-exponent", self.size_exponent, 0.0)
+
+    def _validate_training(self) -> None:
+        _at_least("local-epochs", self.local_epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _positive("lr", self.lr)
+        _at_least("head-lr", self.head_lr, 0.0)
+        from fedspeaker.data.degrade import parse_families
+
+        parse_families(self.augment)
+        _at_least("augment-copies", self.augment_copies, 1)
+
+    def _validate_privacy(self) -> None:
+        _at_least("noise-multiplier", self.noise_multiplier, 0.0)
+        if self.dp and self.noise_multiplier and self.epsilon != RunSettings.epsilon:
+            raise ConfigError(f"give either noise-multiplier ({self.noise_multiplier:g}: DP-SGD's noise, "
+                              f"fixed) or epsilon ({self.epsilon:g}: the target its noise is calibrated "
+                              "to), not both; the back end's share is backend-epsilon")
+        # epsilon: DP-SGD's target and, unless backend-epsilon is set, the back end's share of it
+        if self.dp or (self.backend and self.user_dp != "off" and not self.backend_epsilon):
+            _positive("epsilon", self.epsilon)
+        _at_least("epsilon-budget", self.epsilon_budget, 0.0)
+        _at_least("plan-margin", self.plan_margin, 0.0)
+        _open_unit("delta", self.delta)
+        _positive("max-grad-norm", self.max_grad_norm)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("dp-unit", self.dp_unit, DP_UNITS)
+        _at_least("backend-epsilon", self.backend_epsilon, 0.0)
+        if self.backend and self.dp and self.noise_multiplier == 0.0 and self.backend_epsilon >= self.epsilon:
+            raise ConfigError(f"backend-epsilon ({self.backend_epsilon:g}) must be below epsilon "
+                              f"({self.epsilon:g}): the rest is DP-SGD's")
+        if self.backend_whiten and not (self.backend and self.augment and self.user_dp == "off"):
+            raise ConfigError("backend-whiten whitens the scatter of each device's augmented copies: "
+                              "it needs backend=true and augment, and not user-dp (each device's "
+                              "statistics are noised on the device)")
         _choice("user-dp", self.user_dp, USER_DP)
         _positive("user-noise-multiplier", self.user_noise_multiplier)
         _positive("user-clip-norm", self.user_clip_norm)
@@ -251,65 +340,13 @@ class RunSettings:
         if self.secagg and (self.strategy != "fedavg" or self.user_dp != "off" or self.epsilon_budget):
             raise ConfigError("secagg (Flower's SecAgg+) gives the server only the sum of the updates: "
                               "use it with strategy fedavg, without user-dp and epsilon-budget")
-        if self.client_sampling == "poisson" and (self.secagg or self.min_train_nodes > 1):
-            raise ConfigError("client-sampling=poisson draws each client independently (and may "
-                              "draw none): it cannot hold min-train-nodes above 1, and the secagg "
-                              "workflow samples in its own way")
+
+    def _validate_output(self) -> None:
         if self.resume and self.secagg:
             raise ConfigError("resume is not available with secagg: Flower's SecAgg+ workflow "
                               "keeps its round state inside Flower")
         if self.resume and not self.out_dir:
             raise ConfigError("resume needs out-dir: the folder of the run to go on with")
-        _positive("round-timeout", self.round_timeout)
-        _at_least("size-exponent", self.size_exponent, 0.0)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        for key in ("straggler-fraction", "byzantine-fraction"):
-            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
-                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key.replace('-', '_'))}")
-        if not 0.0 < self.straggler_steps <= 1.0:
-            raise ConfigError(f"straggler-steps must be in (0, 1], got {self.straggler_steps}")
-        _positive("attack-scale", self.attack_scale)
-        _at_least("num-clients", self.num_clients, 1)
-        _at_least("min-train-nodes", self.min_train_nodes, 1)
-        if self.min_train_nodes > self.num_clients:
-            raise ConfigError(f"min-train-nodes ({self.min_train_nodes}) is more than num-clients "
-                              f"({self.num_clients}): the server would wait forever")
-        _at_least("rounds", self.rounds, 0)  # 0: the starting model (and its back end) only
-        _at_least("local-epochs", self.local_epochs, 1)
-        _at_least("batch-size", self.batch_size, 1)
-        _at_least("n-mels", self.n_mels, 8)
-        _at_least("crop-frames", self.crop_frames, 20)
-        _at_least("channels", self.channels, 4)
-        _at_least("embedding-dim", self.embedding_dim, 2)
-        _at_least("speakers-per-client", self.speakers_per_client, 1)
-        _at_least("household-size", self.household_size, 1)
-        _at_least("unseen-speakers", self.unseen_speakers, 0)
-        _positive("alpha", self.alpha)
-        for key in ("server-lr", "server-momentum", "tau", "proximal-mu", "num-malicious", "q"):
-            _at_least(key, getattr(self, key.replace("-", "_")), 0)
-        _at_least("krum-select", self.krum_select, 1)
-        for key in ("beta-1", "beta-2"):
-            if not 0.0 <= getattr(self, key.replace("-", "_")) < 1.0:
-                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key.replace('-', '_'))}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
-        _positive("lr", self.lr)
-        _at_least("head-lr", self.head_lr, 0.0)
-        _positive("max-grad-norm", self.max_grad_norm)
-        _at_least("noise-multiplier", self.noise_multiplier, 0.0)
-        _at_least("epsilon-budget", self.epsilon_budget, 0.0)
-        _at_least("plan-margin", self.plan_margin, 0.0)
-        _open_unit("test-fraction", self.test_fraction)
-        _open_unit("delta", self.delta)
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.dp and self.noise_multiplier == 0.0:
-            _positive("epsilon", self.epsilon)
-        _at_least("backend-epsilon", self.backend_epsilon, 0.0)
-        if self.backend and self.dp and self.noise_multiplier == 0.0 and self.backend_epsilon >= self.epsilon:
-            raise ConfigError(f"backend-epsilon ({self.backend_epsilon:g}) must be below epsilon "
-                              f"({self.epsilon:g}): the rest is DP-SGD's")
 
     @property
     def backend_releases(self) -> int:
@@ -414,6 +451,12 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
             except ValueError:
                 pass
     raise ConfigError(f"{key} must be {kind.__name__}, got {raw!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Once per process: settings are rebuilt for every message a client handles."""
+    warnings.warn(message, stacklevel=2)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

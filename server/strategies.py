@@ -35,7 +35,6 @@ from flwr.serverapp.strategy import (
 
 from fedspeaker.config import RunSettings
 from fedspeaker import wire
-from fedspeaker.errors import ConfigError
 from fedspeaker.privacy.accounting import device_epsilon
 from server.fedaws import OwnClassVectors
 from server.outcomes import RoundOutcome, round_outcome
@@ -202,8 +201,6 @@ def sample_clients(nodes: Sequence[int], *, how: str, fraction: float, min_nodes
     rng = np.random.default_rng([seed, server_round, _SAMPLING_STREAM])
     if how == "poisson":
         return [n for n, u in zip(nodes, rng.random(len(nodes))) if u < fraction]
-    if how != "fixed":
-        raise ConfigError(f"client-sampling must be fixed or poisson; got {how!r}")
     size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
     return [nodes[i] for i in sorted(rng.choice(len(nodes), size=size, replace=False))]
 

@@ -55,18 +55,48 @@ def test_natural_partition_needs_one_client_per_speaker(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["--clients", "0"], ["--clients", "integer > 0"]),
-        (["--alpha", "-1"], ["--alpha", "number > 0"]),
-        (["--partition", "random"], ["--partition", "iid"]),
+        (["--clients", "0"], ["num-clients must be at least 1, got 0"]),
+        (["--clients", "two"], ["--clients", "invalid int value"]),
+        (["--alpha", "-1"], ["alpha must be greater than 0"]),
+        (["--partition", "random"], ["partition must be one of iid"]),
         (["--set", "lr=fast"], ["lr must be float"]),
         (["--set", "features=wav2vec"], ["features must be one of fbank, mfcc"]),
         (["--set", "no-such-option=1"], ["unknown run-config option 'no-such-option'"]),
-        (["--epsilon", "4", "--noise-multiplier", "1.0"], ["either --noise-multiplier or --epsilon"]),
+        (["--epsilon", "4", "--noise-multiplier", "1.0"], ["give either noise-multiplier", "or epsilon"]),
         (["--data-dir", "/no/such/corpus"], ["/no/such/corpus does not exist"]),
     ],
 )
 def test_bad_option_names_the_option(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
     assert_clean_error(fedspeaker("simulate", *args, cache=tmp_path / "cache"), *fragments)
+
+
+@pytest.mark.parametrize(("flags", "options", "message"), [
+    (["--delta", "1.5"], ["delta=1.5"], "delta must be between 0 and 1 (exclusive), got 1.5"),
+    (["--noise-multiplier", "-1"], ["noise-multiplier=-1"], "noise-multiplier must be at least 0"),
+    (["--epsilon-budget", "-1"], ["epsilon-budget=-1"], "epsilon-budget must be at least 0"),
+    (["--epsilon", "0"], ["epsilon=0"], "epsilon must be greater than 0"),
+    (["--rounds", "-1"], ["rounds=-1"], "rounds must be at least 0"),
+    (["--local-epochs", "0"], ["local-epochs=0"], "local-epochs must be at least 1"),
+    (["--clients", "0"], ["num-clients=0"], "num-clients must be at least 1"),
+    (["--strategy", "fedsgd"], ["strategy=fedsgd"], "strategy must be one of fedavg"),
+    (["--epsilon", "4", "--noise-multiplier", "1"], ["epsilon=4", "noise-multiplier=1"],
+     "give either noise-multiplier"),
+])
+def test_a_flag_and_its_option_are_refused_with_one_message(
+        capsys: pytest.CaptureFixture, flags: list[str], options: list[str], message: str) -> None:
+    """Every rule lives in RunSettings: the flag, --set and a run config meet the same one."""
+    from fedspeaker.cli.main import main
+    from fedspeaker.config import RunSettings
+    from fedspeaker.errors import ConfigError
+
+    said = []
+    for args in (flags, [a for o in options for a in ("--set", o)]):
+        assert main(["simulate", *args]) == 2
+        said.append(capsys.readouterr().err)
+    assert said[0] == said[1] and message in said[0], said
+    with pytest.raises(ConfigError) as info:
+        RunSettings.from_run_config(dict(o.split("=") for o in options))
+    assert said[0] == f"fedspeaker: error: {info.value}\n"
 
 
 def test_identify_rejects_a_missing_model(tmp_path: Path) -> None:

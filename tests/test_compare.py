@@ -88,7 +88,7 @@ def test_command_line_options_reach_every_cell_but_not_strategy_or_seed(tmp_path
 
 
 @pytest.mark.parametrize("text, message", [
-    ('strategies = ["fedsgd"]', "unknown strategy 'fedsgd'"),
+    ('strategies = ["fedsgd"]', "cell .*fedsgd.*strategy must be one of fedavg"),
     ('strategies = ["fedavg"]\ncolour = "red"', "unknown key"),
     ('strategies = ["fedavg"]\n[scenarios]\nbad = { dropout = 2.0 }', "cell .*bad.*dropout must be in"),
     ('strategies = ["fedavg"]\n[scenarios]\nx = { seed = 3 }', "may not set strategy, seed"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import tomllib
 
 import pytest
@@ -132,12 +133,43 @@ def test_bad_values_raise_config_error_naming_the_option(key, raw):
     assert str(raw) in message
 
 
-def test_epsilon_must_be_positive_only_when_noise_is_calibrated():
-    with pytest.raises(ConfigError, match="^epsilon"):
+def test_epsilon_must_be_positive_wherever_it_is_used():
+    with pytest.raises(ConfigError, match="^epsilon must be greater than 0"):
         RunSettings.from_run_config({"dp": True, "epsilon": 0.0})
-    # a fixed noise multiplier, or no DP at all, makes epsilon irrelevant
-    assert RunSettings.from_run_config({"epsilon": 0.0, "noise-multiplier": 1.0}).epsilon == 0.0
+    # the back end's share under device-level DP is epsilon/8 unless backend-epsilon says otherwise
+    with pytest.raises(ConfigError, match="^epsilon must be greater than 0"):
+        RunSettings.from_run_config({"dp": False, "user-dp": "server-fixed", "epsilon": 0.0})
+    assert RunSettings.from_run_config({"dp": False, "user-dp": "server-fixed", "epsilon": 0.0,
+                                        "backend-epsilon": 1.0}).epsilon == 0.0
     assert RunSettings.from_run_config({"epsilon": 0.0, "dp": False}).dp is False
+
+
+def test_noise_multiplier_or_epsilon_not_both():
+    """A fixed noise replaces the target: a run config that sets both is refused (with
+    epsilon 0 its back end would have gone out un-noised)."""
+    for epsilon in (0.0, 4.0):
+        with pytest.raises(ConfigError, match="^give either noise-multiplier .* or epsilon .* not both"):
+            RunSettings.from_run_config({"noise-multiplier": 1.0, "epsilon": epsilon})
+    assert RunSettings.from_run_config({"noise-multiplier": 1.0}).noise_multiplier == 1.0
+    assert RunSettings.from_run_config({"noise-multiplier": 1.0, "epsilon": 4.0, "dp": False}).epsilon == 4.0
+
+
+@pytest.mark.parametrize("key", ["noise-multiplier", "epsilon-budget"])
+def test_zero_means_off_for_noise_multiplier_and_epsilon_budget(key):
+    """0 is the default of both (calibrate to epsilon; no budget), so 0 is allowed everywhere."""
+    assert getattr(RunSettings.from_run_config({key: 0}), key.replace("-", "_")) == 0.0
+    with pytest.raises(ConfigError, match=f"^{key} must be at least 0"):
+        RunSettings.from_run_config({key: -1})
+
+
+def test_tdnn_only_options_on_the_ge2e_model_warn_once():
+    with pytest.warns(UserWarning, match="^model=ge2e ignores crop-frames, channels: they shape only the TDNN"):
+        RunSettings.from_run_config({"channels": 32, "crop-frames": 100})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RunSettings.from_run_config({"channels": 32, "crop-frames": 100})  # said already
+        RunSettings.from_run_config({"channels": 32, "model": "tdnn"})
+        RunSettings.from_run_config({})
 
 
 def test_replace_validates():

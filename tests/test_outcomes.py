@@ -3,7 +3,6 @@ RUN FAILED in the summary, a non-zero exit. Fake replies; no federation is launc
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import Counter
@@ -184,9 +183,13 @@ def test_simulate_exit_status_follows_the_outcome(tmp_path: Path, status: str, c
     assert ("RUN FAILED" in capsys.readouterr().err) == (code == 1)
 
 
-def test_rounds_zero_is_accepted_on_the_command_line() -> None:
-    from fedspeaker.cli.main import _rounds
+def test_rounds_zero_is_accepted_on_the_command_line(tmp_path: Path) -> None:
+    from fedspeaker.cli.main import _parser
+    from fedspeaker.errors import ConfigError
 
-    assert _rounds("0") == 0
-    with pytest.raises(argparse.ArgumentTypeError):
-        _rounds("-1")
+    def settings(rounds: str) -> RunSettings:
+        return runs._settings(_parser().parse_args(["simulate", "--rounds", rounds, "--out", str(tmp_path)]))
+
+    assert settings("0").rounds == 0
+    with pytest.raises(ConfigError, match="^rounds must be at least 0, got -1"):
+        settings("-1")

@@ -190,11 +190,6 @@ def test_dirichlet_that_cannot_fill_every_client_raises_mentioning_clients():
     assert "--clients" in str(info.value)
 
 
-def test_unknown_scheme_raises():
-    with pytest.raises(CorpusError, match="unknown partition 'roundrobin'"):
-        partition_indices(_synthetic_speakers(), N_CLIENTS, "roundrobin", seed=0)
-
-
 def test_power_law_sizes_follow_the_exponent_and_cover_everything() -> None:
     from fedspeaker.data.partition import power_law_sizes
 

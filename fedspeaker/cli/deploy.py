@@ -173,8 +173,8 @@ def device_data(args: argparse.Namespace) -> int:
     from fedspeaker.config import RunSettings
     from simulations.loopback import device_folders
 
-    settings = RunSettings(num_clients=args.clients, partition=args.partition, seed=args.seed,
-                           data_dir=args.data_dir or "")
+    settings = RunSettings.from_run_config({"num-clients": args.clients, "partition": args.partition,
+                                            "seed": args.seed, "data-dir": args.data_dir or ""})
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise FedSpeakerError(f"{out}: not empty; give a new folder")
@@ -260,8 +260,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=2, help="devices (default 2)")
     p.add_argument("--out", default="devices", help="folder for device-0, device-1, ... (default devices)")
     p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")
-    p.add_argument("--partition", default="dirichlet", choices=PARTITIONS,
-                   help="as for simulate (default dirichlet)")
+    p.add_argument("--partition", default="dirichlet", help="as for simulate: "
+                   f"{', '.join(PARTITIONS)} (default dirichlet)")
     p.add_argument("--seed", type=int, default=0, help="as for simulate (default 0)")
 
     p = sub.add_parser("superlink", help="start the server side: the SuperLink on 127.0.0.1 and nginx, "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 from typing import Any, Callable, Sequence
@@ -57,23 +56,23 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(command=func)
         p.add_argument("--data-dir", help="corpus root: <root>/<speaker>/<utterance>.{wav,flac} "
                        "(default: the bundled DSPSpeech-20 mini)")
-        p.add_argument("--clients", type=_positive(int), help=f"number of clients (default {d.num_clients})")
-        p.add_argument("--rounds", type=_rounds, help=f"federated rounds (default {d.rounds}; 0: the "
+        p.add_argument("--clients", type=int, help=f"number of clients (default {d.num_clients})")
+        p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.rounds}; 0: the "
                        "starting model and its back end only)")
-        p.add_argument("--partition", choices=PARTITIONS, help="how utterances are split "
-                       f"across clients (default {d.partition})")
-        p.add_argument("--alpha", type=_positive(float), help="Dirichlet concentration over "
+        p.add_argument("--partition", help="how utterances are split across clients: "
+                       f"{', '.join(PARTITIONS)} (default {d.partition})")
+        p.add_argument("--alpha", type=float, help="Dirichlet concentration over "
                        f"speakers; smaller is more skewed (default {d.alpha})")
-        p.add_argument("--local-epochs", type=_positive(int), help=f"epochs per round (default {d.local_epochs})")
+        p.add_argument("--local-epochs", type=int, help=f"epochs per round (default {d.local_epochs})")
         p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-        p.add_argument("--noise-multiplier", type=_positive(float),
-                       help="DP-SGD noise multiplier (instead of a target --epsilon)")
-        p.add_argument("--epsilon", type=_positive(float),
+        p.add_argument("--noise-multiplier", type=float,
+                       help="DP-SGD noise multiplier (instead of a target --epsilon; 0: calibrated to it)")
+        p.add_argument("--epsilon", type=float,
                        help=f"target epsilon per client over the whole run (default {d.epsilon:g})")
-        p.add_argument("--epsilon-budget", type=_positive(float), help="a client stops training "
-                       "(and says so) once its next round would take it past this epsilon")
-        p.add_argument("--delta", type=_positive(float), help=f"DP delta (default {d.delta:g})")
-        p.add_argument("--strategy", choices=STRATEGIES, help="Flower aggregation strategy "
+        p.add_argument("--epsilon-budget", type=float, help="a client stops training "
+                       "(and says so) once its next round would take it past this epsilon (0: none)")
+        p.add_argument("--delta", type=float, help=f"DP delta (default {d.delta:g})")
+        p.add_argument("--strategy", help=f"Flower aggregation strategy: {', '.join(STRATEGIES)} "
                        f"(default {d.strategy}); its hyperparameters via --set, e.g. proximal-mu")
         p.add_argument("--seed", type=int, help=f"seed for splits, partitions, model (default {d.seed})")
         p.add_argument("--out", help="output folder (default runs/<date-time>)")
@@ -108,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="user-level noise multipliers, Flower's server-side fixed clipping "
                    "(default 1,4; empty to skip)")
     p.add_argument("--seeds", type=_number_list(int), default=[0], help="seeds (default 0)")
-    p.add_argument("--rounds", type=_positive(int), help=f"rounds per run (default {d.rounds})")
+    p.add_argument("--rounds", type=int, help=f"rounds per run (default {d.rounds})")
     p.add_argument("--out", help="output folder (default runs/privacy-sweep; resumable)")
     p.add_argument("--data-dir", help="corpus root (default: the bundled corpus)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -122,50 +121,32 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("identify", help="name the most likely speakers of audio files")
     p.set_defaults(command=identify)
     p.add_argument("--model", required=True, help="global_model.pt written by simulate or central")
-    p.add_argument("--top", type=_positive(int), default=3, help="speakers to list (default 3)")
+    p.add_argument("--top", type=_positive, default=3, help="speakers to list (default 3)")
     p.add_argument("audio", nargs="+", help="audio files (.wav or .flac)")
     add_device_commands(sub)  # export, enroll, verify
     return parser
 
 
 def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    """Comma-separated numbers; their bounds are the run settings' (RunSettings checks each cell)."""
     def parse(text: str) -> list:
         try:
-            values = [kind(part) for part in text.split(",") if part.strip()]
+            return [kind(part) for part in text.split(",") if part.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-        if any(isinstance(v, float) and not (v > 0 and math.isfinite(v)) for v in values):
-            raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
-        return values
 
     return parse
 
 
-def _rounds(text: str) -> int:
-    """A number of rounds: 0 or more."""
+def _positive(text: str) -> int:
+    """identify's --top: an integer > 0 (not a run setting, so argparse checks it)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
     return value
-
-
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    noun = {"int": "an integer", "float": "a number"}[kind.__name__]
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun} > 0, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected {noun} > 0, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ What it reads from fedspeaker/config.py, in source order:
 - a comment block above fields opens a section (its text up to the first ':' outside
   brackets is the heading) unless it starts in lower case: then it is the help of the field right
   below it, or, when that field has its own comment, the continuation of the field above;
-- the allowed values and bounds that ``RunSettings.validate`` checks with ``_choice``,
+- the bounds that ``RunSettings.validate`` and its ``_validate_*`` methods check with ``_choice``,
   ``_at_least``, ``_positive`` and ``_open_unit``;
 - the ``fedspeaker simulate``/``central`` flag that sets the option, if any.
 """
@@ -67,10 +67,10 @@ def _comments(source: str) -> tuple[dict[int, str], set[int]]:
 
 
 def _rules(cls: ast.ClassDef) -> dict[str, str]:
-    """What validate() checks of single options, by run-config key."""
+    """What validate() and its per-concern _validate_* methods check of single options, by key."""
     rules: dict[str, str] = {}
-    validate = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "validate")
-    for node in ast.walk(validate):
+    methods = [n for n in cls.body if isinstance(n, ast.FunctionDef) and "validate" in n.name]
+    for node in (node for method in methods for node in ast.walk(method)):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args
                 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             continue

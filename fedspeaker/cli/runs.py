@@ -64,7 +64,7 @@ def privacy_sweep(args: argparse.Namespace) -> int:
     overrides = _key_values(args.set)
     if args.data_dir:
         overrides["data-dir"] = str(Path(args.data_dir).expanduser().resolve())
-    if args.rounds:
+    if args.rounds is not None:
         overrides["rounds"] = args.rounds
     grid = sweep_grid(args.epsilons, args.user_noise, args.seeds)
     out = Path(args.out or "runs/privacy-sweep").expanduser().resolve()
@@ -211,8 +211,6 @@ def _settings(args: argparse.Namespace) -> RunSettings:
             config[option] = value
     if args.no_dp:
         config["dp"] = False
-    if args.noise_multiplier is not None and args.epsilon is not None:
-        raise FedSpeakerError("give either --noise-multiplier or --epsilon, not both")
     settings = RunSettings.from_run_config(config)
     out = settings.out_dir_path if not args.out else Path(args.out).expanduser().resolve()
     return settings.replace(out_dir=str(out), data_dir=str(settings.corpus_dir.resolve()))
@@ -222,13 +220,11 @@ def _resumed_settings(args: argparse.Namespace) -> RunSettings:
     """A stopped run's own settings, from its checkpoint: resuming needs only its folder."""
     from server.checkpoint import Checkpoint
 
-    if not args.out:
-        raise FedSpeakerError("--resume needs --out: the folder of the run to go on with")
     given = [f"--{a.replace('_', '-')}" for a in (*_FLAG_OPTIONS, "no_dp", "set") if getattr(args, a)]
     if given:
         raise FedSpeakerError(f"--resume takes the run's settings from its checkpoint; leave out "
                               f"{', '.join(given)}")
-    out = Path(args.out).expanduser().resolve()
+    out = RunSettings.from_run_config({"resume": True, "out-dir": args.out or ""}).out_dir_path  # resume needs out-dir
     checkpoint = Checkpoint.read(out)  # read once: it holds the settings and what is done
     settings = RunSettings.from_run_config({**saved_run_config(checkpoint.run_config), "resume": True,
                                            "out-dir": str(out)})
