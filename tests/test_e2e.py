@@ -33,8 +33,7 @@ def federation(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "3",
                      "--partition", "iid", "--local-epochs", "3", "--epsilon", "30", "--out", str(out),
                      "--set", f"cache-dir={cache}", "--set", "optimizer=adam", "--set", "lr=0.01",
-                     "--set", "batch-size=16",
-                     "--set", "channels=64")
+                     "--set", "batch-size=16")
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result
 
@@ -133,7 +132,7 @@ def test_identify_names_training_speakers(federation, tiny_corpus: Path) -> None
 def test_central_baseline_writes_the_same_outputs(tiny_corpus: Path, tmp_path: Path) -> None:
     result = run_cli("central", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "2",
                      "--local-epochs", "2", "--no-dp", "--out", str(tmp_path / "central"),
-                     "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "channels=32")
+                     "--set", f"cache-dir={tmp_path / 'cache'}")
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "central" / "summary.json").read_text())
     assert summary["mode"] == "central" and summary["final"]["round"] == 2
@@ -143,8 +142,7 @@ def test_central_baseline_writes_the_same_outputs(tiny_corpus: Path, tmp_path: P
 def test_a_strategy_chosen_by_name_runs_a_federation(tiny_corpus: Path, tmp_path: Path) -> None:
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "2", "--rounds", "1",
                      "--strategy", "fedprox", "--no-dp", "--out", str(tmp_path / "prox"),
-                     "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "proximal-mu=0.5",
-                     "--set", "channels=32")
+                     "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "proximal-mu=0.5")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "prox" / "summary.json").read_text())
     assert summary["settings"]["strategy"] == "fedprox" and summary["final"]["round"] == 1
@@ -158,7 +156,7 @@ def test_dropouts_leave_fewer_replies_and_the_run_finishes(tiny_corpus: Path, tm
     out = tmp_path / "drop"
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "3",
                      "--no-dp", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
-                     "--set", "dropout=0.3", "--set", "channels=32", "--set", "local-epochs=1")
+                     "--set", "dropout=0.3", "--set", "local-epochs=1")
     assert result.returncode == 0, result.stdout + result.stderr
     settings = RunSettings(dropout=0.3, num_clients=3)
     expected = [sum(not drops_out(settings, c, r) for c in range(3)) for r in (1, 2, 3)]
@@ -187,7 +185,6 @@ dp = false
 num-clients = 3
 rounds = 2
 local-epochs = 1
-channels = 32
 cache-dir = "{tmp_path / 'cache'}"
 [partitions]
 iid = {{ partition = "iid" }}
@@ -233,7 +230,7 @@ def test_sample_and_user_level_dp_combine_with_flowers_client_side_clipping(tiny
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "2", "--rounds", "2",
                      "--epsilon", "30", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
                      "--set", "user-dp=client-fixed", "--set", "user-noise-multiplier=0.5",
-                     "--set", "channels=32", "--set", "local-epochs=1")
+                     "--set", "local-epochs=1")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
     user_eps = [float(r["user_epsilon"]) for r in rows]
@@ -248,7 +245,7 @@ def test_privacy_sweep_runs_audits_and_reports(tiny_corpus: Path, tmp_path: Path
     out = tmp_path / "sweep"
     result = run_cli("privacy-sweep", "--epsilons", "30", "--user-noise", "", "--rounds", "2",
                      "--out", str(out), "--data-dir", str(tiny_corpus),
-                     "--set", "num-clients=2", "--set", "local-epochs=1", "--set", "channels=32",
+                     "--set", "num-clients=2", "--set", "local-epochs=1",
                      "--set", f"cache-dir={tmp_path / 'cache'}")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = list(csv.DictReader(open(out / "privacy.csv")))
@@ -276,7 +273,7 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
     from client.scenarios import drops_out
 
     common = ["--data-dir", str(tiny_corpus), "--clients", "3", "--rounds", "1", "--no-dp",
-              "--set", f"cache-dir={tmp_path / 'cache'}", "--set", "channels=32",
+              "--set", f"cache-dir={tmp_path / 'cache'}",
               "--set", "local-epochs=1", "--set", "dropout=0.5",
               "--set", "release=last"]  # the trained round's models are compared, not the best round's
     secure = run_cli("simulate", *common, "--out", str(tmp_path / "secure"), "--set", "secagg=true")
@@ -285,7 +282,7 @@ def test_secagg_aggregate_equals_fedavg_and_survives_a_dropout_mid_protocol(tiny
     assert plain.returncode == 0, plain.stdout + plain.stderr
 
     settings = RunSettings(data_dir=str(tiny_corpus), cache_dir=str(tmp_path / "cache"), num_clients=3,
-                           dropout=0.5, channels=32, local_epochs=1, dp=False)
+                           dropout=0.5, local_epochs=1, dp=False)
     survivors = [c for c in range(3) if not drops_out(settings, c, 1)]
     assert len(survivors) == 2  # one drops mid-protocol, within the threshold (2 of 3 shares)
     # Flower logs SecAgg+'s stages at DEBUG only; its error log shows where the dropout hit:

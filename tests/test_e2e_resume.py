@@ -37,7 +37,7 @@ def simulate(corpus: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedspeaker.cli", "simulate", "--data-dir", str(corpus),
             "--clients", "3", "--rounds", str(ROUNDS), "--partition", "iid", "--local-epochs", "2",
             "--strategy", "fedadam", "--epsilon", "30", "--out", str(out),
-            "--set", f"cache-dir={cache}", "--set", "channels=32", *extra]
+            "--set", f"cache-dir={cache}", *extra]
 
 
 def rows(out: Path) -> list[dict[str, str]]:
