@@ -46,10 +46,9 @@ from server.checkpoint import (
     restore_strategy_state,
     strategy_state,
 )
-from server.device_eval import DeviceEvaluation
 from server.backend import ask_nodes, combine, device_level_noise
 from server.outcomes import RoundOutcome, failure_message, row_counts, run_outcome
-from server.strategies import ScreenedStrategy, build_strategy, user_epsilon
+from server.strategies import build_strategy, device_dp_of, user_epsilon
 
 app = ServerApp()
 
@@ -70,14 +69,13 @@ def main(grid: Grid, context: Context) -> None:
 
         rounds.finish(run_secure_aggregation(grid, context, settings, rounds, model))
         return
-    screened = strategy = build_strategy(settings, rounds.observe_replies, rounds.observe_outcome)
-    if settings.fraction_evaluate:  # devices also score the model on their own audio
-        strategy = DeviceEvaluation(screened, cohort=rounds.cohort, on_counts=rounds.observe_device_counts)
+    strategy = build_strategy(settings, rounds.observe_replies, rounds.observe_outcome, cohort=rounds.cohort,
+                              on_counts=rounds.observe_device_counts,
+                              round_offset=rounds.offset)  # Flower counts the remaining rounds from 1
     rounds.strategy = strategy
     if checkpoint:
         restore_strategy_state(strategy, checkpoint.strategy)
         restore_random_state(checkpoint.random_state)
-        screened.round_offset = checkpoint.round  # Flower counts the remaining rounds from 1
         flwr_log(INFO, "resuming from round %d of %d (%s)", checkpoint.round, settings.rounds,
                  settings.out_dir_path / "checkpoint.pt")
     result = strategy.start(
@@ -243,10 +241,9 @@ class RoundTracker:
             seeded = self.simulated and s.seeded_noise  # a simulation repeats bit for bit
             collected = device_level_noise(
                 collected, noise, noise_generator(release_seed(s.seed, -1, fingerprint)) if seeded else None)
-            screened = _screened(self.strategy)
-            if screened is not None and screened.device_dp is not None:
-                screened.device_releases.append((noise, collected.devices,
-                                                 collected.devices, 1.0))
+            device_dp = device_dp_of(self.strategy)
+            if device_dp is not None:
+                device_dp.account((noise, collected.devices, collected.devices, 1.0))
         sums = collected.sums
         whiten = (whitening_of_scatter(sums.scatter, sums.count, len(sums.total))
                   if sums.scatter is not None else None)
@@ -321,13 +318,6 @@ class RoundTracker:
 
 class RunFailed(FedSpeakerError):
     """No client trained in any round: the run's model is the one it started from."""
-
-
-def _screened(strategy: Strategy | None) -> ScreenedStrategy | None:
-    """The run's ScreenedStrategy under its wrappers (it keeps the device-level releases)."""
-    while strategy is not None and not isinstance(strategy, ScreenedStrategy):
-        strategy = getattr(strategy, "strategy", None)
-    return strategy
 
 
 def refusal_counts(reasons: list[str]) -> dict[str, float]:
