@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import resource
@@ -117,6 +118,7 @@ class RoundTracker:
         self.not_trained: Counter = Counter()  # "reason: text" -> clients, over this launch's rounds
         # the release candidate under release=best: the best round so far and its arrays
         self.release: dict | None = checkpoint.release if checkpoint else None
+        self.scored: tuple[bytes, dict[str, float]] | None = None  # the last score() and its model
 
     @cached_property
     def evaluation(self) -> EvaluationSet:
@@ -179,7 +181,7 @@ class RoundTracker:
         first = server_round == 0 and self.offset == 0
         adapted = self.adapt_backend(arrays) if first or (
             server_round > 0 and server_round + self.offset == self.settings.rounds) else {}
-        scores = evaluate(self.model, self.evaluation)
+        scores = self.score()
         if first:
             now = time.monotonic()
             row = {"round": 0, **scores, **adapted, "round_seconds": now - self.round_started,
@@ -206,6 +208,14 @@ class RoundTracker:
             self.client_metrics, self.device_metrics = {}, {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
+
+    def score(self) -> dict[str, float]:
+        """The model's scores as it is now (weights and back end), computed once: a round's
+        cohort threshold, its row and the final bundle score the same model."""
+        key = _model_key(self.model)
+        if self.scored is None or self.scored[0] != key:
+            self.scored = (key, evaluate(self.model, self.evaluation))
+        return dict(self.scored[1])
 
     def keep_if_released(self, arrays: ArrayRecord, rows: list[dict[str, float]] | None = None) -> None:
         """Under release=best, hold this round's arrays if it is now the one to release
@@ -260,7 +270,7 @@ class RoundTracker:
         fitted on the validation trials) and a seeded sample of ``cohort-size`` of the
         embeddings of the server's public cohort, the unseen speakers."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        threshold = evaluate(self.model, self.evaluation)["threshold"]
+        threshold = self.score()["threshold"]
         feats = self.evaluation.verify_feats
         chosen = random.Random(f"{self.settings.seed}-cohort").sample(
             range(len(feats)), min(self.settings.cohort_size, len(feats)))
@@ -303,7 +313,7 @@ class RoundTracker:
         if release is not None and release.get("backend"):  # the released round's own back end
             backend = release["backend"]
             install_saved_backend(self.model, backend)
-        scores = evaluate(self.model, self.evaluation)
+        scores = self.score()
         summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
                               mode="federated", evaluation=self.evaluation, simulated=self.simulated,
                               device_epsilons=(list(self.device_epsilon.values()), len(self.devices_sat_out)))
@@ -328,6 +338,20 @@ def refusal_counts(reasons: list[str]) -> dict[str, float]:
         key = "refused_" + reason.split(":", 1)[0].strip().replace("-", "_")
         counts[key] = counts.get(key, 0.0) + 1
     return counts
+
+
+def _model_key(model: torch.nn.Module) -> bytes:
+    """A digest of what the scores depend on: every weight and the back end's state."""
+    digest = hashlib.blake2b(digest_size=16)
+    tensors = dict(model.state_dict())
+    backend = getattr(model, "backend", None)
+    if backend is not None:
+        tensors |= {"backend.mean": backend.mean, "backend.whiten": backend.whiten}
+        digest.update(repr((backend.active, backend.whitened)).encode())
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
 
 
 def _mean(metrics: list, key: str) -> float:
