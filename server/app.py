@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import resource
@@ -46,10 +47,9 @@ from server.checkpoint import (
     restore_strategy_state,
     strategy_state,
 )
-from server.device_eval import DeviceEvaluation
 from server.backend import ask_nodes, combine, device_level_noise
 from server.outcomes import RoundOutcome, failure_message, row_counts, run_outcome
-from server.strategies import ScreenedStrategy, build_strategy, user_epsilon
+from server.strategies import build_strategy, device_dp_of, user_epsilon
 
 app = ServerApp()
 
@@ -70,14 +70,13 @@ def main(grid: Grid, context: Context) -> None:
 
         rounds.finish(run_secure_aggregation(grid, context, settings, rounds, model))
         return
-    screened = strategy = build_strategy(settings, rounds.observe_replies, rounds.observe_outcome)
-    if settings.fraction_evaluate:  # devices also score the model on their own audio
-        strategy = DeviceEvaluation(screened, cohort=rounds.cohort, on_counts=rounds.observe_device_counts)
+    strategy = build_strategy(settings, rounds.observe_replies, rounds.observe_outcome, cohort=rounds.cohort,
+                              on_counts=rounds.observe_device_counts,
+                              round_offset=rounds.offset)  # Flower counts the remaining rounds from 1
     rounds.strategy = strategy
     if checkpoint:
         restore_strategy_state(strategy, checkpoint.strategy)
         restore_random_state(checkpoint.random_state)
-        screened.round_offset = checkpoint.round  # Flower counts the remaining rounds from 1
         flwr_log(INFO, "resuming from round %d of %d (%s)", checkpoint.round, settings.rounds,
                  settings.out_dir_path / "checkpoint.pt")
     result = strategy.start(
@@ -119,6 +118,7 @@ class RoundTracker:
         self.not_trained: Counter = Counter()  # "reason: text" -> clients, over this launch's rounds
         # the release candidate under release=best: the best round so far and its arrays
         self.release: dict | None = checkpoint.release if checkpoint else None
+        self.scored: tuple[bytes, dict[str, float]] | None = None  # the last score() and its model
 
     @cached_property
     def evaluation(self) -> EvaluationSet:
@@ -181,7 +181,7 @@ class RoundTracker:
         first = server_round == 0 and self.offset == 0
         adapted = self.adapt_backend(arrays) if first or (
             server_round > 0 and server_round + self.offset == self.settings.rounds) else {}
-        scores = evaluate(self.model, self.evaluation)
+        scores = self.score()
         if first:
             now = time.monotonic()
             row = {"round": 0, **scores, **adapted, "round_seconds": now - self.round_started,
@@ -208,6 +208,14 @@ class RoundTracker:
             self.client_metrics, self.device_metrics = {}, {}
         self.round_started = time.monotonic()
         return MetricRecord(scores)
+
+    def score(self) -> dict[str, float]:
+        """The model's scores as it is now (weights and back end), computed once: a round's
+        cohort threshold, its row and the final bundle score the same model."""
+        key = _model_key(self.model)
+        if self.scored is None or self.scored[0] != key:
+            self.scored = (key, evaluate(self.model, self.evaluation))
+        return dict(self.scored[1])
 
     def keep_if_released(self, arrays: ArrayRecord, rows: list[dict[str, float]] | None = None) -> None:
         """Under release=best, hold this round's arrays if it is now the one to release
@@ -243,10 +251,9 @@ class RoundTracker:
             seeded = self.simulated and s.seeded_noise  # a simulation repeats bit for bit
             collected = device_level_noise(
                 collected, noise, noise_generator(release_seed(s.seed, -1, fingerprint)) if seeded else None)
-            screened = _screened(self.strategy)
-            if screened is not None and screened.device_dp is not None:
-                screened.device_releases.append((noise, collected.devices,
-                                                 collected.devices, 1.0))
+            device_dp = device_dp_of(self.strategy)
+            if device_dp is not None:
+                device_dp.account((noise, collected.devices, collected.devices, 1.0))
         sums = collected.sums
         whiten = (whitening_of_scatter(sums.scatter, sums.count, len(sums.total))
                   if sums.scatter is not None else None)
@@ -263,7 +270,7 @@ class RoundTracker:
         fitted on the validation trials) and a seeded sample of ``cohort-size`` of the
         embeddings of the server's public cohort, the unseen speakers."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        threshold = evaluate(self.model, self.evaluation)["threshold"]
+        threshold = self.score()["threshold"]
         feats = self.evaluation.verify_feats
         chosen = random.Random(f"{self.settings.seed}-cohort").sample(
             range(len(feats)), min(self.settings.cohort_size, len(feats)))
@@ -306,7 +313,7 @@ class RoundTracker:
         if release is not None and release.get("backend"):  # the released round's own back end
             backend = release["backend"]
             install_saved_backend(self.model, backend)
-        scores = evaluate(self.model, self.evaluation)
+        scores = self.score()
         summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
                               mode="federated", evaluation=self.evaluation, simulated=self.simulated,
                               device_epsilons=(list(self.device_epsilon.values()), len(self.devices_sat_out)))
@@ -323,13 +330,6 @@ class RunFailed(FedSpeakerError):
     """No client trained in any round: the run's model is the one it started from."""
 
 
-def _screened(strategy: Strategy | None) -> ScreenedStrategy | None:
-    """The run's ScreenedStrategy under its wrappers (it keeps the device-level releases)."""
-    while strategy is not None and not isinstance(strategy, ScreenedStrategy):
-        strategy = getattr(strategy, "strategy", None)
-    return strategy
-
-
 def refusal_counts(reasons: list[str]) -> dict[str, float]:
     """``refused`` and ``refused_<kind>`` for one round's refusals (kind: the reason's
     first word, before its colon)."""
@@ -338,6 +338,20 @@ def refusal_counts(reasons: list[str]) -> dict[str, float]:
         key = "refused_" + reason.split(":", 1)[0].strip().replace("-", "_")
         counts[key] = counts.get(key, 0.0) + 1
     return counts
+
+
+def _model_key(model: torch.nn.Module) -> bytes:
+    """A digest of what the scores depend on: every weight and the back end's state."""
+    digest = hashlib.blake2b(digest_size=16)
+    tensors = dict(model.state_dict())
+    backend = getattr(model, "backend", None)
+    if backend is not None:
+        tensors |= {"backend.mean": backend.mean, "backend.whiten": backend.whiten}
+        digest.update(repr((backend.active, backend.whitened)).encode())
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
 
 
 def _mean(metrics: list, key: str) -> float:

@@ -2,10 +2,15 @@
 
 A checkpoint holds the global arrays (in the strategy's own dtype: FedAdam computes in
 float64 and goes on from the arrays it sent, so a float32 copy would drift), the strategy's state (FedAdam's moments, FedAvgM's
-momentum, the DP wrappers' clipping norm and accountant...), the report rows so far,
+momentum, the adaptive clipping norm, the device-level releases...), the report rows so far,
 the federation's id (clients key their privacy ledgers by it), the server's random
-state and the release candidate (the best round so far and its arrays). Strategy state is taken generically, as every attribute of the strategy and of
-the strategies it wraps that is not a function, so a strategy added later is covered.
+state and the release candidate (the best round so far and its arrays).
+
+The strategy's state is one dict per strategy in the wrapping chain, each exactly what
+that strategy carries from round to round: our wrappers' own ``state_dict()``, and for
+Flower's strategies the attributes in FLOWER_STATE. A checkpoint written before
+(ad8df77 and earlier: every non-function attribute) still loads: those dicts hold the
+same keys, among others.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    FedAvgM,
+    Strategy,
+)
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedspeaker.config import RunSettings, saved_run_config
 from fedspeaker.errors import ConfigError
@@ -82,18 +93,35 @@ class Checkpoint:
         return self
 
 
+# What Flower's strategies carry from one round to the next (the rest is their settings,
+# or set afresh in each round's configure_train)
+FLOWER_STATE: dict[type, tuple[str, ...]] = {
+    FedOpt: ("m_t", "v_t"),  # FedAdam's, FedYogi's, FedAdagrad's moments
+    FedAvgM: ("current_arrays", "momentum_vector"),
+    DifferentialPrivacyServerSideAdaptiveClipping: ("clipping_norm",),
+    DifferentialPrivacyClientSideAdaptiveClipping: ("clipping_norm",),
+}
+
+
 def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
-    """Every non-function attribute of the strategy and of each strategy it wraps."""
-    return [{k: _portable(v) for k, v in vars(s).items() if not callable(v) and not isinstance(v, Strategy)}
-            for s in _chain(strategy)]
+    """The state of the strategy and of each strategy it wraps, outermost first."""
+    return [s.state_dict() if hasattr(s, "state_dict") else
+            {k: _portable(getattr(s, k)) for k in _flower_state(s)} for s in _chain(strategy)]
 
 
 def restore_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> None:
     chain = _chain(strategy)
     if len(chain) != len(state):
         raise ConfigError("resume: the checkpoint's strategy does not match this run's")
-    for s, attributes in zip(chain, state):
-        vars(s).update({k: _restored(v) for k, v in attributes.items()})
+    for s, saved in zip(chain, state):
+        if hasattr(s, "load_state_dict"):
+            s.load_state_dict(saved)
+        else:
+            vars(s).update({k: _restored(saved[k]) for k in _flower_state(s)})
+
+
+def _flower_state(strategy: Strategy) -> tuple[str, ...]:
+    return next((names for kind, names in FLOWER_STATE.items() if isinstance(strategy, kind)), ())
 
 
 @dataclass

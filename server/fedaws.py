@@ -16,7 +16,7 @@ are close to their voiceprints.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -48,6 +48,13 @@ class OwnClassVectors(Strategy):
         self.ceiling, self.steps, self.lr, self.timeout = ceiling, steps, lr, timeout
         self.sent: ArrayRecord | None = None
         self.holds: dict[int, list[int]] = {}  # node id -> the rows it trained when it last replied
+
+    def state_dict(self) -> dict[str, Any]:
+        """Which rows each node holds: kept across rounds so each node is asked once."""
+        return {"holds": {node: list(rows) for node, rows in self.holds.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.holds = {int(node): [int(r) for r in rows] for node, rows in state["holds"].items()}
 
     def summary(self) -> None:
         self.strategy.summary()

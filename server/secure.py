@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
@@ -22,10 +23,22 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid
 
 from fedspeaker.config import RunSettings
+from fedspeaker.data.speakers import SpeakerData
 from fedspeaker import wire
 
 
-def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, rounds,
+class Rounds(Protocol):
+    """What this path uses of server/app.py's RoundTracker: the round report's hooks."""
+
+    data: SpeakerData
+    federation_id: str
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord: ...
+
+    def observe_metrics(self, metrics: list, upload_bytes: float) -> None: ...
+
+
+def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, rounds: Rounds,
                            model: torch.nn.Module) -> ArrayRecord:
     """Run every round under SecAgg+; return the final global weights."""
     keys = list(model.state_dict())

@@ -105,3 +105,67 @@ def test_the_checkpoint_keeps_the_release_candidate(tmp_path: Path) -> None:
     assert release["round"] == 1 and np.array_equal(release["arrays"]["w"], [1.5, -2.0])
     checkpoint_for(settings, 3).save(tmp_path)  # release=last keeps none
     assert Checkpoint.load(settings.replace(resume=True)).release is None
+
+
+OLD = Path(__file__).parent / "data" / "checkpoint-v1"  # written at ad8df77 (written_at_ad8df77.py)
+
+
+class _Nodes(EightNodes):
+    """Eight nodes that answer the server's queries: partition ids, FedAwS's own classes."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        def answer(m: Message) -> Message:
+            node = m.metadata.dst_node_id
+            record = ({"fedaws": ConfigRecord({"own-classes": [node % 3]})}
+                      if m.metadata.message_type == "query.own_classes"
+                      else {"node": ConfigRecord({"partition-id": node - 1})})
+            return Message(RecordDict(record), reply_to=m)
+        return [answer(m) for m in messages]
+
+
+def _round(strategy, server_round: int, arrays: ArrayRecord, seed: int) -> ArrayRecord:
+    """The round written_at_ad8df77.py ran: each node adds seeded noise to every array."""
+    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"speakers": ["a", "b", "c"]}),
+                                         _Nodes()))
+    replies = []
+    for m in sent:  # in the order Flower's unseeded sampling gave: each node's noise its own
+        node = m.metadata.dst_node_id
+        rng = np.random.default_rng([seed, node])
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array((a.numpy() + rng.standard_normal(a.numpy().shape)).astype(np.float32))
+                                   for k, a in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": 10 + node, "unit-weight": 1, "train-loss": 1.0})})
+        if "head.weight" in arrays:
+            content["fedaws"] = ConfigRecord({"own-classes": [node % 3]})
+        replies.append(Message(content, reply_to=m))
+    return strategy.aggregate_train(server_round, replies)[0]
+
+
+@pytest.mark.parametrize("name", ["fedadam-device-eval", "fedavg-device-dp-poisson", "fedavgm-own-class-vectors",
+                                  "fedavg-server-adaptive"])
+def test_a_checkpoint_written_before_explicit_state_resumes_as_that_code_went_on(name: str) -> None:
+    """A checkpoint of the old format (every non-function attribute, pickled) loads, and
+    round 3 from it is, bit for bit, what the code that wrote it computed."""
+    import torch
+
+    expected = torch.load(OLD / "expected.pt", weights_only=False)[name]
+    settings = RunSettings(num_clients=8, **expected["settings"])
+    checkpoint = Checkpoint.read(OLD / name)
+    strategy = build_strategy(settings, cohort=lambda arrays: (0.5, torch.zeros(1, 2)),
+                              on_counts=lambda server_round, totals: None)
+    restore_strategy_state(strategy, checkpoint.strategy)
+    np.random.seed(7)
+    arrays = _round(strategy, 3, ArrayRecord({k: Array(a) for k, a in checkpoint.arrays.items()}), seed=3)
+    assert arrays.keys() == expected["arrays"].keys()
+    for key, want in expected["arrays"].items():
+        np.testing.assert_array_equal(arrays[key].numpy(), want)
+    np.testing.assert_equal(user_epsilon(strategy), expected["user_epsilon"])
+    if name == "fedadam-device-eval":  # FedAdam's moments were restored: a fresh FedAdam steps otherwise
+        fresh = build_strategy(settings, cohort=lambda arrays: (0.5, torch.zeros(1, 2)),
+                               on_counts=lambda server_round, totals: None)
+        np.random.seed(7)
+        moved = _round(fresh, 3, ArrayRecord({k: Array(a) for k, a in checkpoint.arrays.items()}), seed=3)
+        assert not np.array_equal(moved["w"].numpy(), expected["arrays"]["w"])
+    # and what it saves now is only the state each strategy carries, as plain data
+    state = strategy_state(strategy)
+    assert all(not callable(v) and not isinstance(v, (RunSettings,)) for d in state for v in d.values())

@@ -29,7 +29,8 @@ from fedspeaker.privacy.accounting import device_epsilon
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.wire import UNIT_WEIGHT
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
-from server.strategies import build_strategy, sample_clients, user_epsilon
+from server.sampling import sample_clients
+from server.strategies import build_strategy, user_epsilon
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -205,7 +206,7 @@ def test_an_empty_poisson_round_still_counts_and_still_releases_noise() -> None:
     empty = sizes.index(0) + 1
     for r in range(1, empty + 1):
         asked, released = run_round(strategy, r, grid, np.zeros(4))
-    assert asked == [] and len(strategy.device_releases) == empty
+    assert asked == [] and len(strategy.device_dp.releases) == empty
     assert np.all(released != 0)  # noise alone, std noise * clip / (q N)
     expected = RDPAccountant()
     expected.history = [(1.3, 0.05, empty)]

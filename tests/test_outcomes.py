@@ -144,7 +144,7 @@ class _Report:
 
 def tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rounds: int, clients: list[float]):
     """A RoundTracker at the end of a run, its scoring and summary stubbed."""
-    monkeypatch.setattr(server_app, "evaluate", lambda model, evaluation: {})
+    monkeypatch.setattr(server_app.RoundTracker, "score", lambda self: {})
     monkeypatch.setattr(server_app, "run_summary", lambda *a, **k: {"final": {}})
     monkeypatch.setattr(server_app, "model_bundle", lambda *a, **k: {})
     t = object.__new__(server_app.RoundTracker)

@@ -16,7 +16,7 @@ from fedspeaker.model import build_model
 from fedspeaker.privacy.dpsgd import calibrate_noise
 from fedspeaker.reporting.run_report import epsilon_spread
 from fedspeaker.training.local import dp_plan, planned_rounds, spend_cap
-from server.strategies import sample_clients
+from server.sampling import sample_clients
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
 

@@ -51,3 +51,23 @@ def test_only_nonfinite_updates_leave_the_model_unchanged() -> None:
     strategy = build_strategy(RunSettings())
     arrays, metrics = strategy.aggregate_train(3, [reply(np.full(2, np.nan, np.float32), 5)])
     assert arrays is None and metrics is None
+
+
+def test_the_scores_are_cached_only_for_the_same_weights_and_back_end() -> None:
+    """A round's cohort threshold and its row score one model once; anything that changes
+    the scores (a weight, the back end) changes the key."""
+    import torch
+
+    from fedspeaker.model import build_model
+    from fedspeaker.model.backend import encoder_fingerprint, install_backend
+    from server.app import _model_key
+
+    model = build_model(RunSettings(model="tdnn", channels=16, embedding_dim=8), 4)
+    key = _model_key(model)
+    assert _model_key(model) == key
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    moved = _model_key(model)
+    assert moved != key
+    install_backend(model, torch.full((8,), 0.1), encoder_fingerprint(model))
+    assert _model_key(model) != moved

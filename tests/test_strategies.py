@@ -101,3 +101,26 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive_in(name: str) -
     if name == "fedavg":  # Flower's own strategy, unwrapped, does depend on it
         assert not np.array_equal(aggregate(build_strategy(settings).strategy, forward),
                                   aggregate(build_strategy(settings).strategy, backward))
+
+
+def test_the_wrappers_are_put_together_in_one_place_and_the_epsilon_found_under_them() -> None:
+    import math
+
+    import torch
+
+    from server.device_eval import DeviceEvaluation
+    from server.strategies import ScreenedStrategy, device_dp_of, user_epsilon
+
+    settings = RunSettings(num_clients=8, user_dp="server-fixed", fraction_evaluate=0.5)
+    with pytest.raises(ValueError, match="cohort"):
+        build_strategy(settings)
+    strategy = build_strategy(settings, cohort=lambda arrays: (0.5, torch.zeros(1, 2)),
+                              on_counts=lambda server_round, totals: None, round_offset=3)
+    assert isinstance(strategy, DeviceEvaluation) and isinstance(strategy.strategy, ScreenedStrategy)
+    assert strategy.strategy.round_offset == 3
+    device_dp = device_dp_of(strategy)
+    assert device_dp is strategy.strategy.device_dp is not None
+    device_dp.account((1.0, 4, 8, 0.5))
+    assert user_epsilon(strategy) == device_dp.epsilon() > 0  # found under DeviceEvaluation too
+    assert math.isnan(user_epsilon(build_strategy(settings.replace(user_dp="off"), cohort=lambda arrays: None,
+                                                  on_counts=lambda server_round, totals: None)))
