@@ -90,10 +90,11 @@ def _backend_split(s: RunSettings) -> str:
             f"epsilon above composes both.")
 def _noise_source(s: RunSettings, simulated: bool) -> str:
     if simulated and s.seeded_noise:
-        return ("The DP-SGD noise and sampling were seeded from the run config (seeded-noise, "
-                "for repeatable simulations): whoever holds the run config can regenerate them; "
-                "a deployed device never seeds them.")
-    return ("Each client drew its DP-SGD noise and sampling from its operating system's entropy: "
+        return ("The DP-SGD noise and sampling, and the back end's noise, were seeded from the run "
+                "config (seeded-noise, for repeatable simulations): whoever holds the run config can "
+                "regenerate them; a deployed device never seeds them.")
+    return ("Each client drew its DP-SGD noise and sampling, and its back-end noise, from its "
+            "operating system's entropy: "
             "nobody holding the run config can regenerate them.")
 
 
