@@ -36,7 +36,7 @@ from fedspeaker.deploy.appsign import build_app, make_app_key, sign_fab
 from fedspeaker.deploy.certs import CertificatePaths, make_certificates, make_node_key
 from fedspeaker.deploy.flower import BIN, SuperNodeOptions, flower_env
 from fedspeaker.deploy.launch import ServerOptions, start_server, start_supernode
-from fedspeaker.deploy.processes import Child, child_process, free_port
+from fedspeaker.deploy.processes import Child, child_process, free_port, free_ports
 from fedspeaker.errors import FedSpeakerError
 from simulations.launch import show_new_rounds
 
@@ -66,8 +66,8 @@ class LoopbackDeployment(contextlib.ExitStack):
         super().__init__()
         self.folder, self.devices = folder, devices
         self.home = folder / "flwr-home"  # FLWR_HOME of the operator's `flwr` on the server
-        self.port = free_port()  # the public endpoint (nginx): what devices dial
-        self.link_port = free_port()  # the SuperLink, on 127.0.0.1: what the operator dials
+        # the public endpoint (nginx), what devices dial; the SuperLink, what the operator dials
+        self.port, self.link_port = free_ports(2)
         self.certs = CertificatePaths(folder / "certs")
         self.app_key = folder / "keys" / "app-signing"  # the operator's; its .pub is on every device
         self.app_dir = folder / "app"  # the app this deployment runs: a snapshot of APP_DIR

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from fedspeaker.deploy.processes import Child, child_process, free_port
+from fedspeaker.deploy.processes import Child, child_process, free_ports
 from fedspeaker.errors import FedSpeakerError
 
 HOST = "127.0.0.1"
@@ -86,7 +86,9 @@ def loopback_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, log_dir: Path |
     marker = uuid.uuid4().hex
     env = {**_ray_env(), MARKER: marker, "RAY_TMPDIR": str(temp_dir)}
     env.pop("RAY_ADDRESS", None)  # a node is told its cluster on the command line
-    port = port or free_port()
+    # every port of every node drawn at once, so no two components are handed the same one
+    spare = iter(free_ports(2 + 4 * nodes))
+    port = port or next(spare)
     cluster = LoopbackRayCluster(address=f"{HOST}:{port}", marker=marker, log_dir=log_dir)
     common = ["--block", "--node-ip-address", HOST, "--num-cpus", str(cpus_per_node),
               "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE_BYTES),
@@ -97,12 +99,12 @@ def loopback_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, log_dir: Path |
             for i in range(nodes):
                 name = "head" if i == 0 else f"worker-{i}"
                 role = (["--head", "--port", str(port), "--include-dashboard", "false",
-                         "--ray-client-server-port", str(free_port())] if i == 0
+                         "--ray-client-server-port", str(next(spare))] if i == 0
                         else ["--address", cluster.address])
-                agent_ports = ["--dashboard-agent-listen-port", str(free_port()),
-                               "--dashboard-agent-grpc-port", str(free_port()),
-                               "--runtime-env-agent-port", str(free_port()),
-                               "--metrics-export-port", str(free_port())]
+                agent_ports = ["--dashboard-agent-listen-port", str(next(spare)),
+                               "--dashboard-agent-grpc-port", str(next(spare)),
+                               "--runtime-env-agent-port", str(next(spare)),
+                               "--metrics-export-port", str(next(spare))]
                 log_path = log_dir / f"ray-{name}.log"
                 log_file = stack.enter_context(open(log_path, "w"))
                 child = stack.enter_context(child_process(

@@ -363,11 +363,11 @@ def test_the_superlink_command_starts_the_server_side_and_stops_all_of_it(tmp_pa
     import signal
 
     from fedspeaker.deploy.flower import flower_env
-    from fedspeaker.deploy.processes import child_process, free_port
+    from fedspeaker.deploy.processes import child_process, free_ports
 
     nginx_or_skip()
     make_certificates(tmp_path / "certs", [])
-    public, link = free_port(), free_port()
+    public, link = free_ports(2)
     cmd = [sys.executable, "-m", "fedspeaker.cli", "superlink", "--certs", str(tmp_path / "certs"),
            "--port", str(public), "--link-port", str(link), "--run-dir", str(tmp_path / "nginx")]
     with open(tmp_path / "out.log", "w") as log, child_process(cmd, flower_env(tmp_path), log) as server:
@@ -393,3 +393,16 @@ def socket_to(port: int, context: ssl.SSLContext):
 
     return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
                                server_hostname="127.0.0.1")
+
+
+def test_ports_drawn_together_are_distinct_and_free() -> None:
+    """Ray refused a node whose agent and metrics ports were handed the same free port."""
+    import socket
+
+    from fedspeaker.deploy.processes import free_ports
+
+    for _ in range(20):
+        ports = free_ports(12)
+        assert len(set(ports)) == 12
+        with socket.socket() as s:  # each is free to bind once the draw is over
+            s.bind(("127.0.0.1", ports[0]))
