@@ -97,6 +97,25 @@ def test_the_calibration_holds_for_imbalanced_trials() -> None:
     assert a.scale == pytest.approx(b.scale, rel=0.1) and abs(a.offset - b.offset) < 0.3
 
 
+def test_the_calibration_reaches_the_optimum_and_stays_finite_on_separable_trials() -> None:
+    from scipy.optimize import minimize
+
+    scores, same = _gaussian_trials(500, 5000, seed=2)
+    fitted = Calibration.fit(scores, same)
+    weight = np.where(same, 0.5 / same.sum(), 0.5 / (~same).sum())
+
+    def prior_weighted_xent(p: np.ndarray) -> float:
+        return float(np.sum(weight * np.logaddexp(0.0, -np.where(same, 1, -1) * (p[0] * scores + p[1]))))
+
+    best = minimize(prior_weighted_xent, np.array([1.0, 0.0]), method="Nelder-Mead",
+                    options={"xatol": 1e-9, "fatol": 1e-14, "maxiter": 5000})
+    assert prior_weighted_xent(np.array([fitted.scale, fitted.offset])) <= best.fun + 1e-9
+    separable = Calibration.fit(np.r_[np.full(5, 0.9), np.full(50, 0.1)], np.r_[np.ones(5, bool), np.zeros(50, bool)])
+    assert np.isfinite(separable.scale) and separable.scale > 0
+    constant = Calibration.fit(np.full(55, 0.5), np.r_[np.ones(5, bool), np.zeros(50, bool)])
+    assert np.isfinite([constant.scale, constant.offset]).all()
+
+
 class _Embedder:
     """An embedder whose files are given vectors."""
 

@@ -19,7 +19,9 @@ def error_rates(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.nd
     n_target, n_nontarget = int(same.sum()), int((~same).sum())
     if n_target == 0 or n_nontarget == 0:
         raise ValueError("EER needs both same-speaker and different-speaker trials")
-    order = np.argsort(-scores, kind="stable")
+    # any sort will do: tied scores form one run, and only the ends of runs are read
+    # (a stable sort costs six times as much on a full corpus's 350k trials, every round)
+    order = np.argsort(-scores)
     ranked, is_target = scores[order], same[order]
     cuts = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
     thresholds = np.r_[np.inf, ranked[cuts]]
