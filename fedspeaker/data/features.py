@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -60,6 +61,18 @@ def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
                            sample_frequency=spec.sample_rate)
     feats = feats - feats.mean(dim=0, keepdim=True)
     return feats.T.contiguous()
+
+
+def fit_length(feats: torch.Tensor, frames: int, start: int | None = None) -> torch.Tensor:
+    """Crop (at ``start``, or centred) or repeat-pad (channels, frames) features to exactly
+    ``frames``: training's random crops and scoring's longest utterances alike."""
+    length = feats.shape[1]
+    if length < frames:
+        feats = feats.repeat(1, math.ceil(frames / length))
+        length = feats.shape[1]
+    if start is None:
+        start = (length - frames) // 2
+    return feats[:, start : start + frames]
 
 
 class Variant(Protocol):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data.features import FeatureCache
+from fedspeaker.data.features import FeatureCache, fit_length
 from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.errors import AudioError, ConfigError
 from fedspeaker.evaluation.conditions import babble_talkers, condition_figures, degraded_test_features
@@ -32,7 +32,6 @@ from fedspeaker.evaluation.metrics import accuracy, eer_operating_point, min_dcf
 from fedspeaker.evaluation.operating_point import OperatingPoint
 from fedspeaker.evaluation.trials import Trials, choose_trials, read_trial_list, trial_scores
 from fedspeaker.evaluation.voiceprint import voiceprint
-from fedspeaker.training.loops import fit_length
 
 
 @torch.no_grad()
