@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fedspeaker.errors import ConfigError
+from fedspeaker.recipes import parse_conditions, parse_families
 
 if TYPE_CHECKING:
     from fedspeaker.data.features import FeatureSpec
@@ -244,8 +245,6 @@ class RunSettings:
         _at_least("max-trials", self.max_trials, 0)
         _choice("score-norm", self.score_norm, SCORE_NORMS)
         _at_least("cohort-top", self.cohort_top, 2)
-        from fedspeaker.data.degrade import parse_conditions
-
         parse_conditions(self.test_conditions)
         operating_far(self.operating_point)
         _at_least("enrol-recordings", self.enrol_recordings, 1)
@@ -302,8 +301,6 @@ class RunSettings:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _positive("lr", self.lr)
         _at_least("head-lr", self.head_lr, 0.0)
-        from fedspeaker.data.degrade import parse_families
-
         parse_families(self.augment)
         _at_least("augment-copies", self.augment_copies, 1)
 

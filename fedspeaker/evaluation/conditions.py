@@ -23,11 +23,12 @@ import torch
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.audio import load_audio
-from fedspeaker.data.degrade import Recipe, degrade, parse_conditions, room_bank
+from fedspeaker.data.degrade import degrade, room_bank
 from fedspeaker.data.features import FeatureCache
 from fedspeaker.errors import AudioError, ConfigError
 from fedspeaker.evaluation.metrics import eer_operating_point, min_dcf
 from fedspeaker.evaluation.trials import Trials, trial_scores
+from fedspeaker.recipes import Recipe, parse_conditions
 
 log = logging.getLogger(__name__)
 
