@@ -17,13 +17,10 @@ import warnings
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from fedspeaker.errors import ConfigError
 from fedspeaker.recipes import parse_conditions, parse_families
-
-if TYPE_CHECKING:
-    from fedspeaker.data.features import FeatureSpec
 
 CORPUS_NAME = "dspspeech20-mini"
 
@@ -370,15 +367,6 @@ class RunSettings:
     def clients_per_round(self) -> int:
         """How many clients Flower samples each round (its own rule)."""
         return max(int(self.num_clients * self.fraction_train), self.min_train_nodes)
-
-    @property
-    def feature_spec(self) -> "FeatureSpec":
-        """What the model reads, computed once per file and cached."""
-        from fedspeaker.data.features import FeatureSpec
-
-        if self.model == "ge2e":
-            return FeatureSpec("ge2e")
-        return FeatureSpec(self.features, self.n_mels)
 
     @property
     def corpus_dir(self) -> Path:

@@ -122,5 +122,5 @@ def test_aam_softmax_widens_the_true_speakers_angle():
 def test_the_model_option_switches_back_to_the_tdnn():
     tdnn = build_model(RunSettings(model="tdnn", head_lr=0.0, channels=16, embedding_dim=8), n_speakers=3)
     assert isinstance(tdnn, SpeakerNet) and tdnn.input_channels == 40 and tdnn.train_frames == 200
-    assert RunSettings(model="tdnn").feature_spec == FeatureSpec("fbank", 40)
-    assert RunSettings().feature_spec == FeatureSpec("ge2e")
+    assert FeatureSpec.of(RunSettings(model="tdnn")) == FeatureSpec("fbank", 40)
+    assert FeatureSpec.of(RunSettings()) == FeatureSpec("ge2e")

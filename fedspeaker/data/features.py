@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fedspeaker.config import RunSettings
 from fedspeaker.data import audio
 from fedspeaker.errors import AudioError
 from fedspeaker.files import atomic_write
@@ -33,6 +34,14 @@ class FeatureSpec:
     kind: str = "fbank"  # "fbank" (log-mel), "mfcc", or "ge2e" (frozen encoder states)
     n_mels: int = 40  # fbank and mfcc; GE2E's input is fixed (40 power-mel bands)
     sample_rate: int = audio.SAMPLE_RATE
+
+    @classmethod
+    def of(cls, settings: RunSettings) -> "FeatureSpec":
+        """What the run's model reads: GE2E's frozen states, or the TDNN's ``features``
+        with ``n-mels`` bands."""
+        if settings.model == "ge2e":
+            return cls("ge2e")
+        return cls(settings.features, settings.n_mels)
 
     @property
     def id(self) -> str:

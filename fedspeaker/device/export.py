@@ -29,7 +29,7 @@ from fedspeaker import __version__
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.files import file_sha256
 from fedspeaker.model.bundle import SpeakerModel
-from fedspeaker.data.features import compute_features
+from fedspeaker.data.features import FeatureSpec, compute_features
 from fedspeaker.evaluation.scoring import embed
 from fedspeaker.model import SpeakerNet
 
@@ -185,7 +185,7 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
     """Write embedder.pt and manifest.json for the global model in ``bundle_path``."""
     model = SpeakerModel.load(bundle_path)
     s = model.settings
-    spec = s.feature_spec
+    spec = FeatureSpec.of(s)
     if s.model == "ge2e":
         module: nn.Module = GE2EWaveformEmbedder(model.model)
         features = ("GE2E: volume normalised to -30 dBFS, 40-band Slaney power mel (25 ms / 10 ms), "
