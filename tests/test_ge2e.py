@@ -16,7 +16,8 @@ from torch import nn
 from fedspeaker.config import RunSettings
 from fedspeaker.data.features import FeatureSpec, compute_features
 from fedspeaker.model import SpeakerNet, build_model
-from fedspeaker.model import ge2e
+from fedspeaker.data import ge2e
+from fedspeaker.model.ge2e import GE2ESpeakerNet, aam_softmax
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.training.local import LocalTrainer
 
@@ -72,7 +73,7 @@ def test_the_port_matches_resemblyzers_own_embedding(name: str):
     assert float(ours @ F.normalize(reference, dim=0)) >= 0.99
     # the fine-tuning path (cached LSTM states, then the projection) embeds the same
     states = compute_features(torch.from_numpy(wave), FeatureSpec("ge2e"))
-    net = ge2e.GE2ESpeakerNet.pretrained(4)
+    net = GE2ESpeakerNet.pretrained(4)
     with torch.no_grad():
         assert float(net.embed(states[None])[0] @ ours) > 0.9999
 
@@ -110,12 +111,12 @@ def test_aam_softmax_widens_the_true_speakers_angle():
     cosines = torch.tensor([[0.9, 0.1, -0.2], [0.3, 0.2, 0.8]])
     labels = torch.tensor([0, 2])
     plain = F.cross_entropy(30 * cosines, labels)
-    assert ge2e.aam_softmax(cosines, labels, margin=0.0, scale=30) == pytest.approx(float(plain), rel=1e-5)
-    assert ge2e.aam_softmax(cosines, labels, margin=0.2, scale=30) > plain
+    assert aam_softmax(cosines, labels, margin=0.0, scale=30) == pytest.approx(float(plain), rel=1e-5)
+    assert aam_softmax(cosines, labels, margin=0.2, scale=30) > plain
     # cos(theta + m) for the true speaker
     widened = math.cos(math.acos(0.9) + 0.2)
     expected = F.cross_entropy(30 * torch.tensor([[widened, 0.1, -0.2]]), torch.tensor([0]))
-    assert ge2e.aam_softmax(cosines[:1], labels[:1], margin=0.2, scale=30) == pytest.approx(
+    assert aam_softmax(cosines[:1], labels[:1], margin=0.2, scale=30) == pytest.approx(
         float(expected), rel=1e-4)
 
 

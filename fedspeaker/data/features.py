@@ -46,7 +46,7 @@ class FeatureSpec:
     @property
     def id(self) -> str:
         if self.kind == "ge2e":
-            from fedspeaker.model.ge2e import weights_id
+            from fedspeaker.data.ge2e import weights_id
 
             return f"ge2e-{weights_id()}-{self.sample_rate}-v{_VERSION}"
         return f"{self.kind}{self.n_mels}-{self.sample_rate}-v{_VERSION}"
@@ -56,7 +56,7 @@ def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """(samples,) waveform -> (channels, frames): mean-normalised fbank/MFCC (n_mels,
     frames), or GE2E's frozen LSTM states (256, partial windows)."""
     if spec.kind == "ge2e":
-        from fedspeaker.model.ge2e import frozen_states
+        from fedspeaker.data.ge2e import frozen_states
 
         return frozen_states(wave)
     import torchaudio.compliance.kaldi as kaldi  # here: a client whose features are cached skips it

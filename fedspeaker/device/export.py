@@ -92,14 +92,15 @@ class WaveformEmbedder(nn.Module):
 
 class GE2EWaveformEmbedder(nn.Module):
     """Waveform -> unit-length embedding through the whole GE2E stack: volume
-    normalisation, 1.6 s partial windows of the power mel, the frozen LSTM, the fine-tuned
-    projection, the windows averaged (fedspeaker.model.ge2e, scriptable)."""
+    normalisation, 1.6 s partial windows of the power mel, the frozen LSTM
+    (fedspeaker.data.ge2e), the fine-tuned projection (fedspeaker.model.ge2e), the windows
+    averaged; scriptable."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         import torchaudio.functional as AF
 
-        from fedspeaker.model import ge2e
+        from fedspeaker.data import ge2e
 
         self.lstm = ge2e.frozen_encoder().lstm
         self.projection = net.projection
