@@ -7,6 +7,7 @@ import torch
 from client.node import Node
 from fedspeaker.config import RunSettings
 from fedspeaker.data.corpus import Utterance
+from fedspeaker.data.features import FeatureSpec
 from fedspeaker.data.speakers import device_utterances, load_device_examples, load_examples, load_split
 from fedspeaker.errors import CorpusError
 
@@ -49,7 +50,7 @@ def _device(settings: RunSettings, node: Node, speakers: list[str],
     if not speakers:
         raise CorpusError("the server sent no speaker list; is it an older fedspeaker?")
     return load_device_examples(node.data_dir, node.cache_dir(settings),
-                                settings.feature_spec, speakers, part=part)
+                                FeatureSpec.of(settings), speakers, part=part)
 
 
 def _augmented(settings: RunSettings, node: Node,
@@ -66,7 +67,7 @@ def _augmented(settings: RunSettings, node: Node,
         utterances = device_utterances(node.data_dir, speakers, part=_training_part(settings))
         labels = [speakers.index(u.speaker) for u in utterances]
     feats, labels = augmented_examples(settings.augment, settings.augment_copies, settings.seed,
-                                       settings.feature_spec, node.cache_dir(settings), utterances, labels)
+                                       FeatureSpec.of(settings), node.cache_dir(settings), utterances, labels)
     if not feats:
         raise CorpusError("no usable recordings of the federation's speakers on this device")
     return feats, labels

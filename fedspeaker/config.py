@@ -17,12 +17,10 @@ import warnings
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from fedspeaker.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fedspeaker.data.features import FeatureSpec
+from fedspeaker.recipes import parse_conditions, parse_families
 
 CORPUS_NAME = "dspspeech20-mini"
 
@@ -244,11 +242,8 @@ class RunSettings:
         _at_least("max-trials", self.max_trials, 0)
         _choice("score-norm", self.score_norm, SCORE_NORMS)
         _at_least("cohort-top", self.cohort_top, 2)
-        from fedspeaker.data.degrade import parse_conditions
-        from fedspeaker.evaluation.operating_point import OperatingPoint
-
         parse_conditions(self.test_conditions)
-        OperatingPoint.parse(self.operating_point)
+        operating_far(self.operating_point)
         _at_least("enrol-recordings", self.enrol_recordings, 1)
         _choice("release", self.release, RELEASES)
         if not 0.0 <= self.fraction_evaluate <= 1.0:
@@ -303,8 +298,6 @@ class RunSettings:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _positive("lr", self.lr)
         _at_least("head-lr", self.head_lr, 0.0)
-        from fedspeaker.data.degrade import parse_families
-
         parse_families(self.augment)
         _at_least("augment-copies", self.augment_copies, 1)
 
@@ -376,15 +369,6 @@ class RunSettings:
         return max(int(self.num_clients * self.fraction_train), self.min_train_nodes)
 
     @property
-    def feature_spec(self) -> "FeatureSpec":
-        """What the model reads, computed once per file and cached."""
-        from fedspeaker.data.features import FeatureSpec
-
-        if self.model == "ge2e":
-            return FeatureSpec("ge2e")
-        return FeatureSpec(self.features, self.n_mels)
-
-    @property
     def corpus_dir(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else bundled_corpus()
 
@@ -412,6 +396,23 @@ def saved_run_config(config: Mapping[str, Any]) -> dict[str, Any]:
     comparison cell), complete: every option it lacks at the value its run used."""
     known = {**RunSettings().to_run_config(), **_OLDER_BEHAVIOUR}
     return {**known, **config}
+
+
+def operating_far(text: str) -> float | None:
+    """The target false-accept rate an ``operating-point`` names (``far:X``, X in (0, 1)),
+    None for ``eer``. The grammar lives with the settings that check it; scoring's
+    OperatingPoint (evaluation/operating_point.py) is built from it."""
+    if text == "eer":
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        far = float(value)
+    except ValueError:
+        far = -1.0
+    if kind != "far" or not 0.0 < far < 1.0:
+        raise ConfigError(f"operating-point must be 'eer' or 'far:X' with X in (0, 1), e.g. "
+                          f"far:0.01; got {text!r}")
+    return far
 
 
 def bundled_corpus() -> Path:

@@ -104,7 +104,7 @@ def main() -> None:
     sent = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     whole = sent
     if base.model == "ge2e":
-        from fedspeaker.model.ge2e import frozen_encoder
+        from fedspeaker.data.ge2e import frozen_encoder
 
         whole += sum(p.numel() * p.element_size() for p in frozen_encoder().lstm.parameters())
     upload = statistics.median([r["upload_bytes"] / r["clients"] for r in rows if r["clients"]])

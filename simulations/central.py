@@ -15,6 +15,7 @@ from fedspeaker.model.backend import (
     whitening_of_scatter,
 )
 from fedspeaker.data.augment import augmented_examples
+from fedspeaker.data.features import FeatureSpec
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, round_seed
 from fedspeaker.evaluation.release import released_row
@@ -55,7 +56,7 @@ def run_central(settings: RunSettings, on_round=print) -> dict:
     train_feats = feats
     if settings.augment:  # one party holding every recording: babble from all its other speakers
         train_feats, _ = augmented_examples(settings.augment, settings.augment_copies, settings.seed,
-                                            settings.feature_spec, settings.feature_cache_dir,
+                                            FeatureSpec.of(settings), settings.feature_cache_dir,
                                             [data.split.train[i] for i in indices], labels)
     evaluation = EvaluationSet.of(data, settings)
     trainer = LocalTrainer(settings, data.n_speakers)

@@ -9,7 +9,7 @@ import torch
 from fedspeaker.config import RunSettings
 from fedspeaker.data.augment import augmented_examples
 from fedspeaker.data.corpus import Utterance
-from fedspeaker.data.features import FeatureCache
+from fedspeaker.data.features import FeatureCache, FeatureSpec
 from fedspeaker.privacy.ledger import PrivacyLedger
 from fedspeaker.training.local import LocalTrainer
 from fedspeaker.training.loops import make_loader
@@ -70,10 +70,10 @@ def test_copies_are_made_once_deterministically_and_differ(synthetic_corpus, cac
     speakers = synthetic_corpus.speakers[:3]
     utts = [Utterance(p, s) for s in speakers for p in synthetic_corpus.files[s][:2]]
     labels = [speakers.index(u.speaker) for u in utts]
-    args = ("babble,white,room", 3, 0, settings.feature_spec)
+    args = ("babble,white,room", 3, 0, FeatureSpec.of(settings))
     feats, kept = augmented_examples(*args, cache_dir, utts, labels)
     assert kept == labels and all(f.shape[0] == 4 for f in feats)
-    clean = FeatureCache(cache_dir, settings.feature_spec)
+    clean = FeatureCache(cache_dir, FeatureSpec.of(settings))
     for f, u in zip(feats, utts):
         assert torch.equal(f[0], clean.get(u.path))  # the clean features first
         assert all(not torch.equal(f[0], f[k]) for k in range(1, 4))

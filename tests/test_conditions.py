@@ -9,13 +9,7 @@ import pytest
 import torch
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data.degrade import (
-    Recipe,
-    degrade,
-    parse_conditions,
-    room_bank,
-    room_impulse_response,
-)
+from fedspeaker.data.degrade import degrade, room_bank, room_impulse_response
 from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.errors import ConfigError
 from fedspeaker.evaluation.conditions import babble_talkers, condition_columns, condition_figures
@@ -23,6 +17,7 @@ from fedspeaker.evaluation.metrics import eer_operating_point, min_dcf
 from fedspeaker.evaluation.scoring import EvaluationSet, embed, evaluate
 from fedspeaker.evaluation.trials import all_pairs, trial_scores
 from fedspeaker.model import build_model
+from fedspeaker.recipes import Recipe, parse_conditions
 from fedspeaker.reporting.run_report import progress_line
 
 

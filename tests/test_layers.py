@@ -2,6 +2,12 @@
 
 Every import counts, at the top of a file or inside a function: a late import is
 still a dependency. A deployed client must load no simulation or server code.
+
+Inside the core, packages (and top-level modules) import only those below them
+(CORE_ORDER, lowest first): errors, files, wire -> recipes -> config -> data ->
+evaluation -> model -> privacy -> training -> reporting -> device, deploy -> cli.
+Evaluation sits below the models: it scores any speaker model through its interface
+(embed, raw_embed, head), and a model's bundle records what evaluation fitted.
 """
 
 from __future__ import annotations
@@ -101,6 +107,59 @@ def test_no_import_cycles():
     cycles = _cycles(edges)
     assert not cycles, "\n".join(cycles)
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a -> b -> c -> a"]
+
+
+def _core_package(module: str) -> str | None:
+    """The core node a module belongs to: ``fedspeaker.data.features`` -> ``data``, a
+    top-level module (``fedspeaker.config``) its own node, ``fedspeaker`` itself ``""``;
+    None outside the core."""
+    parts = module.split(".")
+    if parts[0] != "fedspeaker":
+        return None
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _package_graph() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for module, targets in _graph().items():
+        package = _core_package(module)
+        if package is None:
+            continue
+        edges.setdefault(package, set()).update(
+            t for t in map(_core_package, targets) if t is not None and t != package)
+    return edges
+
+
+def test_no_import_cycles_between_the_core_packages():
+    cycles = _cycles(_package_graph())
+    assert not cycles, "\n".join(cycles)
+
+
+# the core's packages and top-level modules, lowest first; peers on a line import none
+# of each other
+CORE_ORDER = (
+    ("",),  # fedspeaker/__init__.py: __version__
+    ("errors", "files", "wire"),
+    ("recipes",),  # the grammar of test-conditions and augment, which config checks
+    ("config",),
+    ("data",),
+    ("evaluation",),
+    ("model",),
+    ("privacy",),
+    ("training",),
+    ("reporting",),
+    ("device", "deploy"),
+    ("cli",),  # the composition root: may import anything
+)
+
+
+def test_the_core_packages_import_only_lower_ones():
+    level = {package: i for i, peers in enumerate(CORE_ORDER) for package in peers}
+    edges = _package_graph()
+    assert set(edges) <= set(level), f"place {sorted(set(edges) - set(level))} in CORE_ORDER"
+    wrong = sorted(f"fedspeaker.{package} imports fedspeaker.{target}" for package, targets in edges.items()
+                   for target in targets if level[target] >= level[package])
+    assert not wrong, "\n".join(wrong)
 
 
 def test_the_layering_test_sees_a_wrong_import(tmp_path):

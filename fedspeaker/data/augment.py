@@ -23,9 +23,10 @@ import torch
 
 from fedspeaker.data.audio import load_audio
 from fedspeaker.data.corpus import Utterance
-from fedspeaker.data.degrade import Recipe, degrade, parse_families, room_bank
+from fedspeaker.data.degrade import degrade, room_bank
 from fedspeaker.data.features import FeatureCache, FeatureSpec
 from fedspeaker.errors import AudioError
+from fedspeaker.recipes import Recipe, parse_families
 
 log = logging.getLogger(__name__)
 

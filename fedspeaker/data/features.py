@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fedspeaker.config import RunSettings
 from fedspeaker.data import audio
 from fedspeaker.errors import AudioError
 from fedspeaker.files import atomic_write
@@ -33,10 +35,18 @@ class FeatureSpec:
     n_mels: int = 40  # fbank and mfcc; GE2E's input is fixed (40 power-mel bands)
     sample_rate: int = audio.SAMPLE_RATE
 
+    @classmethod
+    def of(cls, settings: RunSettings) -> "FeatureSpec":
+        """What the run's model reads: GE2E's frozen states, or the TDNN's ``features``
+        with ``n-mels`` bands."""
+        if settings.model == "ge2e":
+            return cls("ge2e")
+        return cls(settings.features, settings.n_mels)
+
     @property
     def id(self) -> str:
         if self.kind == "ge2e":
-            from fedspeaker.model.ge2e import weights_id
+            from fedspeaker.data.ge2e import weights_id
 
             return f"ge2e-{weights_id()}-{self.sample_rate}-v{_VERSION}"
         return f"{self.kind}{self.n_mels}-{self.sample_rate}-v{_VERSION}"
@@ -46,7 +56,7 @@ def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """(samples,) waveform -> (channels, frames): mean-normalised fbank/MFCC (n_mels,
     frames), or GE2E's frozen LSTM states (256, partial windows)."""
     if spec.kind == "ge2e":
-        from fedspeaker.model.ge2e import frozen_states
+        from fedspeaker.data.ge2e import frozen_states
 
         return frozen_states(wave)
     import torchaudio.compliance.kaldi as kaldi  # here: a client whose features are cached skips it
@@ -60,6 +70,18 @@ def compute_features(wave: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
                            sample_frequency=spec.sample_rate)
     feats = feats - feats.mean(dim=0, keepdim=True)
     return feats.T.contiguous()
+
+
+def fit_length(feats: torch.Tensor, frames: int, start: int | None = None) -> torch.Tensor:
+    """Crop (at ``start``, or centred) or repeat-pad (channels, frames) features to exactly
+    ``frames``: training's random crops and scoring's longest utterances alike."""
+    length = feats.shape[1]
+    if length < frames:
+        feats = feats.repeat(1, math.ceil(frames / length))
+        length = feats.shape[1]
+    if start is None:
+        start = (length - frames) // 2
+    return feats[:, start : start + frames]
 
 
 class Variant(Protocol):

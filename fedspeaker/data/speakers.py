@@ -51,7 +51,7 @@ def load_split(settings: RunSettings) -> CorpusSplit:
 
     Kept in memory per process: a Ray actor serving many clients splits once.
     """
-    return _split(settings.corpus_dir.resolve(), settings.feature_cache_dir, settings.feature_spec,
+    return _split(settings.corpus_dir.resolve(), settings.feature_cache_dir, FeatureSpec.of(settings),
                   settings.seed, settings.unseen_speakers, settings.test_fraction)
 
 
@@ -63,7 +63,7 @@ def audio_split(settings: RunSettings) -> CorpusSplit:
 
     def decodes(path: Path) -> bool:
         try:
-            load_audio(path, settings.feature_spec.sample_rate)
+            load_audio(path, FeatureSpec.of(settings).sample_rate)
         except AudioError:
             return False
         return True
@@ -83,7 +83,7 @@ def _split(root: Path, cache_dir: Path, spec: FeatureSpec, seed: int, unseen: in
 
 def load_examples(settings: RunSettings, utterances: Sequence[Utterance]) -> list[torch.Tensor]:
     """The features of just these utterances (from the cache), held by nobody else."""
-    cache = FeatureCache(settings.feature_cache_dir, settings.feature_spec)
+    cache = FeatureCache(settings.feature_cache_dir, FeatureSpec.of(settings))
     return [cache.get(u.path) for u in utterances]
 
 
@@ -94,7 +94,7 @@ def load_speaker_data(settings: RunSettings) -> SpeakerData:
     Kept in memory per process.
     """
     return _load(settings.corpus_dir.resolve(), settings.feature_cache_dir,
-                 settings.feature_spec, settings.seed,
+                 FeatureSpec.of(settings), settings.seed,
                  settings.unseen_speakers, settings.test_fraction)
 
 

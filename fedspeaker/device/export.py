@@ -29,7 +29,7 @@ from fedspeaker import __version__
 from fedspeaker.errors import FedSpeakerError
 from fedspeaker.files import file_sha256
 from fedspeaker.model.bundle import SpeakerModel
-from fedspeaker.data.features import compute_features
+from fedspeaker.data.features import FeatureSpec, compute_features
 from fedspeaker.evaluation.scoring import embed
 from fedspeaker.model import SpeakerNet
 
@@ -92,14 +92,15 @@ class WaveformEmbedder(nn.Module):
 
 class GE2EWaveformEmbedder(nn.Module):
     """Waveform -> unit-length embedding through the whole GE2E stack: volume
-    normalisation, 1.6 s partial windows of the power mel, the frozen LSTM, the fine-tuned
-    projection, the windows averaged (fedspeaker.model.ge2e, scriptable)."""
+    normalisation, 1.6 s partial windows of the power mel, the frozen LSTM
+    (fedspeaker.data.ge2e), the fine-tuned projection (fedspeaker.model.ge2e), the windows
+    averaged; scriptable."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         import torchaudio.functional as AF
 
-        from fedspeaker.model import ge2e
+        from fedspeaker.data import ge2e
 
         self.lstm = ge2e.frozen_encoder().lstm
         self.projection = net.projection
@@ -185,7 +186,7 @@ def export_embedder(bundle_path: Path, folder: Path) -> Export:
     """Write embedder.pt and manifest.json for the global model in ``bundle_path``."""
     model = SpeakerModel.load(bundle_path)
     s = model.settings
-    spec = s.feature_spec
+    spec = FeatureSpec.of(s)
     if s.model == "ge2e":
         module: nn.Module = GE2EWaveformEmbedder(model.model)
         features = ("GE2E: volume normalised to -30 dBFS, 40-band Slaney power mel (25 ms / 10 ms), "

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-# GE2E's front-end (fedspeaker/model/ge2e.py), repeated here so that torch is not needed
+# GE2E's front-end (fedspeaker/data/ge2e.py), repeated here so that torch is not needed
 SAMPLE_RATE, N_FFT, HOP, PARTIAL_FRAMES = 16_000, 400, 160, 160
 FRAME_STEP = round(SAMPLE_RATE / 1.3 / HOP)
 

@@ -23,11 +23,12 @@ import torch
 
 from fedspeaker.config import RunSettings
 from fedspeaker.data.audio import load_audio
-from fedspeaker.data.degrade import Recipe, degrade, parse_conditions, room_bank
-from fedspeaker.data.features import FeatureCache
+from fedspeaker.data.degrade import degrade, room_bank
+from fedspeaker.data.features import FeatureCache, FeatureSpec
 from fedspeaker.errors import AudioError, ConfigError
 from fedspeaker.evaluation.metrics import eer_operating_point, min_dcf
 from fedspeaker.evaluation.trials import Trials, trial_scores
+from fedspeaker.recipes import Recipe, parse_conditions
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def degraded_test_features(settings: RunSettings, paths: Sequence[Path],
     digest = hashlib.sha256()
     for path, speaker in ordered:
         digest.update(speaker.encode() + hashlib.sha256(path.read_bytes()).digest())
-    cache = FeatureCache(settings.feature_cache_dir, settings.feature_spec)
+    cache = FeatureCache(settings.feature_cache_dir, FeatureSpec.of(settings))
     started = time.monotonic()
     out: dict[str, list[torch.Tensor]] = {}
     for recipe in recipes:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fedspeaker.errors import ConfigError
+from fedspeaker.config import operating_far
 
 S = TypeVar("S")
 P_TARGET = 0.01  # the DCF's prior, as minDCF's (p_target 0.01, C_miss = C_fa = 1)
@@ -38,17 +38,7 @@ class OperatingPoint:
 
     @classmethod
     def parse(cls, text: str) -> "OperatingPoint":
-        if text == "eer":
-            return cls(None)
-        kind, _, value = text.partition(":")
-        try:
-            far = float(value)
-        except ValueError:
-            far = -1.0
-        if kind != "far" or not 0.0 < far < 1.0:
-            raise ConfigError(f"operating-point must be 'eer' or 'far:X' with X in (0, 1), e.g. "
-                              f"far:0.01; got {text!r}")
-        return cls(far)
+        return cls(operating_far(text))
 
     def __str__(self) -> str:
         return "eer" if self.far is None else f"far:{self.far:g}"

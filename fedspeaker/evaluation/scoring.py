@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedspeaker.config import RunSettings
-from fedspeaker.data.features import FeatureCache
+from fedspeaker.data.features import FeatureCache, FeatureSpec, fit_length
 from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.errors import AudioError, ConfigError
 from fedspeaker.evaluation.conditions import babble_talkers, condition_figures, degraded_test_features
@@ -32,7 +32,6 @@ from fedspeaker.evaluation.metrics import accuracy, eer_operating_point, min_dcf
 from fedspeaker.evaluation.operating_point import OperatingPoint
 from fedspeaker.evaluation.trials import Trials, choose_trials, read_trial_list, trial_scores
 from fedspeaker.evaluation.voiceprint import voiceprint
-from fedspeaker.training.loops import fit_length
 
 
 @torch.no_grad()
@@ -123,7 +122,7 @@ def _listed_trials(settings: RunSettings) -> tuple[list[torch.Tensor], Trials, i
     """The features of a trial list's files, its trials, how many speaker folders they
     come from, and the files."""
     files, trials = read_trial_list(Path(settings.trial_list).expanduser(), settings.corpus_dir)
-    cache = FeatureCache(settings.feature_cache_dir, settings.feature_spec)
+    cache = FeatureCache(settings.feature_cache_dir, FeatureSpec.of(settings))
     feats = []
     for path in files:
         try:

@@ -18,7 +18,7 @@ from fedspeaker.data.audio import load_audio
 from fedspeaker.config import RunSettings, saved_run_config
 from fedspeaker.errors import FedSpeakerError, ModelError
 from fedspeaker.files import file_sha256
-from fedspeaker.data.features import compute_features
+from fedspeaker.data.features import FeatureSpec, compute_features
 from fedspeaker.evaluation.scoring import EvaluationSet, embed
 from fedspeaker.model import build_model
 from fedspeaker.model.backend import install_saved_backend
@@ -81,7 +81,7 @@ class SpeakerModel:
                    bundle.get("verification"))
 
     def features(self, path: Path) -> torch.Tensor:
-        spec = self.settings.feature_spec
+        spec = FeatureSpec.of(self.settings)
         return compute_features(load_audio(path, spec.sample_rate), spec)
 
     @torch.no_grad()

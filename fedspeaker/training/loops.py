@@ -3,7 +3,6 @@ for speaker-level DP-SGD, batches of speakers rather than of utterances."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -11,16 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-
-def fit_length(feats: torch.Tensor, frames: int, start: int | None = None) -> torch.Tensor:
-    """Crop (at ``start``, or centred) or repeat-pad (n_mels, T) to exactly ``frames``."""
-    length = feats.shape[1]
-    if length < frames:
-        feats = feats.repeat(1, math.ceil(frames / length))
-        length = feats.shape[1]
-    if start is None:
-        start = (length - frames) // 2
-    return feats[:, start : start + frames]
+from fedspeaker.data.features import fit_length
 
 
 class CropDataset(Dataset):
