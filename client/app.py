@@ -29,7 +29,6 @@ from fedspeaker.errors import FedSpeakerError
 from fedspeaker.data.speakers import load_split
 from fedspeaker.model import build_model
 from fedspeaker.model.backend import encoder_fingerprint
-from fedspeaker.privacy.ledger import DeviceLedger
 from fedspeaker.privacy.noise import noise_generator, release_seed
 from fedspeaker.training.local import LocalTrainer, dp_plan, round_seed, spend_cap
 
@@ -49,8 +48,8 @@ def train(msg: Message, context: Context) -> Message:
         importlib.import_module("opacus")
     data_ready = time.monotonic()
 
-    run = request.federation_id or f"run-{context.run_id}"
-    device_ledger = DeviceLedger(node.ledger_path(settings, run))
+    run = _run_name(request.federation_id, context)
+    device_ledger = node.ledger(settings, run)
     last = None if node.simulated or request.fitins else \
         LastUpdate(device_ledger.path.parent / "last-update" / f"{run}.pt")
     key = request_key(request.server_round, msg.content[wire.ARRAYS]) if last else ""
@@ -108,6 +107,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({wire.METRICS: MetricRecord(counts)}), reply_to=msg)
 
 
+def _run_name(federation_id: str, context: Context) -> str:
+    """The run a device's ledger files this run's steps under: the federation the server
+    names (the same across a resume), else Flower's run."""
+    return federation_id or f"run-{context.run_id}"
+
+
 def _global_model(msg: Message, context: Context) -> tuple[RunSettings, ConfigRecord, list[str], torch.nn.Module]:
     """What an evaluate or a back-end query starts from: the run's settings, the message's
     config and speakers, and the global model it carries, on one thread."""
@@ -141,8 +146,8 @@ def backend(msg: Message, context: Context) -> Message:
         feats = [c[0] for c in copies]
     else:
         feats, labels = training_examples(settings, node, speakers)
-    run = str(config.get(wire.FEDERATION_ID, "")) or f"run-{context.run_id}"
-    device_ledger = DeviceLedger(node.ledger_path(settings, run))
+    run = _run_name(str(config.get(wire.FEDERATION_ID, "")), context)
+    device_ledger = node.ledger(settings, run)
     ledger = device_ledger.open(run, settings.accountant)
     policy = node.policy()
     sums, metrics = backend_statistics(

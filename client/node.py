@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from flwr.app import Context
 
 from fedspeaker.config import RunSettings
+from fedspeaker.privacy.ledger import DeviceLedger
 from fedspeaker.privacy.policy import DevicePolicy, device_policy
 
 LEDGER_FILE = "privacy-ledger.json"
@@ -85,3 +86,8 @@ class Node:
         root = self.state_dir or (settings.feature_cache_dir / "devices"
                                   / hashlib.sha256(data.encode()).hexdigest()[:16])
         return root / LEDGER_FILE
+
+    def ledger(self, settings: RunSettings, run: str) -> DeviceLedger:
+        """This node's ledger (:meth:`ledger_path`), synced to disk on a device; a simulated
+        client has no power to lose, and a sync would be half of its query's time."""
+        return DeviceLedger(self.ledger_path(settings, run), durable=not self.simulated)

@@ -9,22 +9,25 @@ from pathlib import Path
 from typing import IO, Callable
 
 
-def atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
+def atomic_write(target: Path, write: Callable[[IO[bytes]], object], *, durable: bool = True) -> None:
     """Write via a temp file and rename: a reader (another client, a restarted server)
     sees the old file or the new one, never half of one, even if the writer is killed.
-    Synced to disk before and after the rename, so that holds after a power cut too."""
+    ``durable``: synced to disk before and after the rename, so that holds after a power
+    cut too (what a simulation, with no power to lose, can skip)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _sync_dir(target.parent)
+    if durable:
+        _sync_dir(target.parent)
 
 
 def _sync_dir(path: Path) -> None:

@@ -267,3 +267,19 @@ def test_a_round_asked_again_after_a_server_crash_is_answered_again_and_spends_n
         first.content["metrics"][wire.EPSILON])  # the ledger holds one round's steps, not two
     nxt = train(train_message(settings, synthetic_corpus.speakers, 2, "fed"), phone)  # a new round trains
     assert nxt.content["metrics"][wire.EPSILON] > first.content["metrics"][wire.EPSILON]
+
+
+def test_a_durable_ledger_syncs_and_a_simulated_one_does_not(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    from fedspeaker.privacy.ledger import DeviceLedger, PrivacyLedger
+
+    for durable in (True, False):
+        synced.clear()
+        ledger = DeviceLedger(tmp_path / str(durable) / "privacy-ledger.json", durable=durable)
+        ledger.record("fed", PrivacyLedger("rdp", history=[(1.0, 0.1, 10)]))
+        assert ledger.open("fed", "rdp").history == [(1.0, 0.1, 10)]  # written either way
+        assert bool(synced) == durable

@@ -26,6 +26,7 @@ def test_a_simulated_node_is_its_partition(tmp_path) -> None:
     assert not node.seeded_noise(settings.replace(seeded_noise=False))
     assert node.cache_dir(settings) == tmp_path
     assert node.ledger_path(settings, "fed") == tmp_path / "client-state" / "fed" / "partition-3" / LEDGER_FILE
+    assert not node.ledger(settings, "fed").durable  # a simulation has no power cut to survive
     assert Node.of(context()).partition == 0  # a node Flower gave no partition is the only one
 
 
@@ -38,6 +39,7 @@ def test_a_device_seeds_as_partition_0_and_tells_the_server_minus_1(tmp_path) ->
     digest = hashlib.sha256(str((tmp_path / "data").resolve()).encode()).hexdigest()[:16]
     assert node.ledger_path(settings, "fed") == tmp_path / "cache" / "devices" / digest / LEDGER_FILE
     assert node.ledger_path(settings, "other") == node.ledger_path(settings, "fed")  # one for its life
+    assert node.ledger(settings, "fed").durable  # synced: a power cut must not forget spent privacy
 
 
 def test_a_device_keeps_its_state_in_its_own_folder() -> None:

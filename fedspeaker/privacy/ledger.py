@@ -102,8 +102,9 @@ class DeviceLedger:
     (``ledgers/<federation>.json`` beside it) are folded in. A file lock keeps two runs
     on one device from losing each other's steps."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         self.path = path
+        self.durable = durable  # synced to disk: a power cut must not forget spent privacy
 
     def open(self, run: str, accountant: str) -> PrivacyLedger:
         """This run's ledger, with every other run's steps as ``earlier``."""
@@ -119,7 +120,8 @@ class DeviceLedger:
         with self._locked():
             runs = self._runs()
             runs[run] = ledger.to_lists()
-            atomic_write(self.path, lambda f: f.write(json.dumps({"runs": runs}, indent=1).encode()))
+            atomic_write(self.path, lambda f: f.write(json.dumps({"runs": runs}, indent=1).encode()),
+                         durable=self.durable)
 
     def _runs(self) -> dict[str, dict]:
         runs: dict[str, dict] = {}
