@@ -137,7 +137,7 @@ def device_dp_of(strategy: Strategy | None) -> DeviceDP | None:
     return strategy.device_dp if strategy is not None else None
 
 
-def user_epsilon(strategy: Strategy | None) -> float:
+def device_epsilon_of(strategy: Strategy | None) -> float:
     """Device-level epsilon so far, for the sampling done; NaN where nothing is accounted."""
     device_dp = device_dp_of(strategy)
     return device_dp.epsilon() if device_dp is not None else math.nan

@@ -53,9 +53,9 @@ def run_sweep(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None 
 
 
 def _row(r: CellResult, audit: AuditResult) -> dict[str, Any]:
-    user_eps = r.rounds[-1].get("user_epsilon", math.nan) if r.rounds else math.nan
+    device_eps = r.rounds[-1].get("device_epsilon", math.nan) if r.rounds else math.nan
     return {"scenario": r.scenario, "seed": r.seed, "sample_epsilon": r.max_epsilon,
-            "user_epsilon": user_eps, "accuracy": r.final_accuracy, "eer": r.final_eer,
+            "device_epsilon": device_eps, "accuracy": r.final_accuracy, "eer": r.final_eer,
             "loss_attack_auc": audit.loss_auc, "enrolment_attack_auc": audit.enrolment_auc,
             "members": audit.members, "nonmembers": audit.nonmembers}
 
@@ -77,7 +77,7 @@ def null_auc_stderr(members: float, nonmembers: float) -> float:
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ("sample_epsilon", "user_epsilon", "accuracy", "eer", "loss_attack_auc", "enrolment_attack_auc",
+    keys = ("sample_epsilon", "device_epsilon", "accuracy", "eer", "loss_attack_auc", "enrolment_attack_auc",
             "members", "nonmembers")
     return {k: statistics.fmean(r[k] for r in rows) for k in keys} | {"runs": len(rows)}
 
@@ -92,7 +92,7 @@ def privacy_markdown(grid: ComparisonGrid, summary: dict[str, dict[str, float]])
              "| loss-attack AUC | enrolment-attack AUC |", "|---|---|---|---|---|---|---|---|"]
     for name, m in summary.items():
         ratio = f"{m['accuracy'] / base['accuracy']:.2f}" if base and base["accuracy"] else "–"
-        lines.append(f"| {name} | {_num(m['sample_epsilon'])} | {_num(m['user_epsilon'])} | "
+        lines.append(f"| {name} | {_num(m['sample_epsilon'])} | {_num(m['device_epsilon'])} | "
                      f"{m['accuracy']:.3f} | {ratio} | {m['eer']:.3f} | {m['loss_attack_auc']:.3f} | "
                      f"{m['enrolment_attack_auc']:.3f} |")
     if base:
@@ -121,8 +121,8 @@ def plot_privacy(summary: dict[str, dict[str, float]], path: Path) -> None:
     plt = pyplot()
 
     sample = sorted((m["sample_epsilon"], m) for name, m in summary.items() if name.startswith("epsilon-"))
-    user = sorted((m["user_epsilon"], m) for name, m in summary.items()
-                  if name.startswith("user-") and not math.isnan(m["user_epsilon"]))
+    user = sorted((m["device_epsilon"], m) for name, m in summary.items()
+                  if name.startswith("user-") and not math.isnan(m["device_epsilon"]))
     base = summary.get(NON_PRIVATE)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in ((axes[0], "accuracy", "identification accuracy"),

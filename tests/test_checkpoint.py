@@ -13,7 +13,7 @@ from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.privacy.ledger import PrivacyLedger
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
-from server.strategies import build_strategy, user_epsilon
+from server.strategies import build_strategy, device_epsilon_of
 from tests.conftest import EightNodes
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -49,7 +49,7 @@ def test_a_restored_strategy_goes_on_exactly_like_the_original(name: str, user_d
         fresh = build_strategy(settings)
         assert not np.array_equal(run_round(fresh, 3, arrays, seed=3)["w"].numpy(), want)
     if user_dp != "off":
-        assert user_epsilon(restored) == pytest.approx(user_epsilon(original))
+        assert device_epsilon_of(restored) == pytest.approx(device_epsilon_of(original))
 
 
 def checkpoint_for(settings: RunSettings, done: int) -> Checkpoint:
@@ -63,6 +63,15 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path: Path) -> None:
     assert Checkpoint.load(settings.replace(resume=True)).round == 2
     with pytest.raises(ConfigError, match=r"lr \(0.02 then, 0.5 now\)"):
         Checkpoint.load(settings.replace(resume=True, lr=0.5))
+
+
+def test_a_checkpoint_from_before_the_rename_resumes_under_the_new_column_names(tmp_path: Path) -> None:
+    """Its rows say user_epsilon: they read back as device_epsilon."""
+    settings = RunSettings(out_dir=str(tmp_path), rounds=5)
+    Checkpoint(round=2, arrays={"w": np.zeros(2)}, strategy=[], rows=[{"round": 1.0, "user_epsilon": 0.7}],
+               seconds=1.0, federation_id="f", run_config=settings.to_run_config()).save(tmp_path)
+    checkpoint = Checkpoint.load(settings.replace(resume=True))
+    assert checkpoint.rows == [{"round": 1.0, "device_epsilon": 0.7}]
 
 
 def test_resume_without_checkpoint_or_with_every_round_done(tmp_path: Path) -> None:
@@ -159,7 +168,7 @@ def test_a_checkpoint_written_before_explicit_state_resumes_as_that_code_went_on
     assert arrays.keys() == expected["arrays"].keys()
     for key, want in expected["arrays"].items():
         np.testing.assert_array_equal(arrays[key].numpy(), want)
-    np.testing.assert_equal(user_epsilon(strategy), expected["user_epsilon"])
+    np.testing.assert_equal(device_epsilon_of(strategy), expected["user_epsilon"])  # the fixture's own key
     if name == "fedadam-device-eval":  # FedAdam's moments were restored: a fresh FedAdam steps otherwise
         fresh = build_strategy(settings, cohort=lambda arrays: (0.5, torch.zeros(1, 2)),
                                on_counts=lambda server_round, totals: None)

@@ -233,8 +233,8 @@ def test_sample_and_user_level_dp_combine_with_flowers_client_side_clipping(tiny
                      "--set", "local-epochs=1")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
-    user_eps = [float(r["user_epsilon"]) for r in rows]
-    assert 0 < user_eps[0] < user_eps[1], user_eps  # Flower's accountant, round by round
+    device_eps = [float(r["device_epsilon"]) for r in rows]
+    assert 0 < device_eps[0] < device_eps[1], device_eps  # Flower's accountant, round by round
     assert all(float(r["epsilon_max"]) > 0 for r in rows)  # Opacus, in each client
     privacy = json.loads((out / "summary.json").read_text())["privacy"]
     assert "sample-level" in privacy and "user-level" in privacy

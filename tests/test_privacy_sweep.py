@@ -22,8 +22,8 @@ def test_sweep_grid_has_one_scenario_per_privacy_level(tmp_path: Path) -> None:
 
 
 def row(scenario: str, seed: int, acc: float, auc: float, eps: float = math.nan,
-        user_eps: float = math.nan) -> dict:
-    return {"scenario": scenario, "seed": seed, "sample_epsilon": eps, "user_epsilon": user_eps,
+        device_eps: float = math.nan) -> dict:
+    return {"scenario": scenario, "seed": seed, "sample_epsilon": eps, "device_epsilon": device_eps,
             "accuracy": acc, "eer": 0.3, "loss_attack_auc": auc, "enrolment_attack_auc": 0.5,
             "members": 10, "nonmembers": 5}
 
@@ -32,7 +32,7 @@ def test_report_states_utility_and_how_far_dp_moved_the_attack(tmp_path: Path) -
     grid = sweep_grid([8.0], [4.0], seeds=[0, 1])
     rows = [row(NON_PRIVATE, 0, 0.60, 0.62), row(NON_PRIVATE, 1, 0.62, 0.60),
             row("epsilon-8", 0, 0.30, 0.52, eps=7.9), row("epsilon-8", 1, 0.32, 0.50, eps=8.0),
-            row("user-noise-4", 0, 0.5, 0.55, user_eps=9.0), row("user-noise-4", 1, 0.5, 0.55, user_eps=9.0)]
+            row("user-noise-4", 0, 0.5, 0.55, device_eps=9.0), row("user-noise-4", 1, 0.5, 0.55, device_eps=9.0)]
     for r in rows:
         r["members"], r["nonmembers"] = 800, 200
     write_privacy_outputs(grid, rows, tmp_path)
@@ -50,7 +50,7 @@ def test_report_states_utility_and_how_far_dp_moved_the_attack(tmp_path: Path) -
 
 def test_report_without_a_non_private_run_still_renders() -> None:
     grid = sweep_grid([8.0], [], seeds=[0])
-    text = privacy_markdown(grid, {"epsilon-8": {"sample_epsilon": 8.0, "user_epsilon": math.nan,
+    text = privacy_markdown(grid, {"epsilon-8": {"sample_epsilon": 8.0, "device_epsilon": math.nan,
                                                  "accuracy": 0.3, "eer": 0.3, "loss_attack_auc": 0.5,
                                                  "enrolment_attack_auc": 0.5, "members": 10,
                                                  "nonmembers": 5, "runs": 1}})

@@ -15,7 +15,7 @@ from fedspeaker.config import USER_DP, RunSettings
 from fedspeaker.errors import ConfigError
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.wire import UNIT_WEIGHT
-from server.strategies import build_strategy, user_epsilon
+from server.strategies import build_strategy, device_epsilon_of
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -81,16 +81,16 @@ def test_flowers_accountant_reports_a_growing_epsilon_for_fixed_clipping_fedavg(
     epsilons = []
     for server_round in (1, 2, 3):
         strategy, _, _ = one_round(settings, [np.full(4, 0.1)] * 4, server_round, strategy)
-        epsilons.append(user_epsilon(strategy))
+        epsilons.append(device_epsilon_of(strategy))
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
     no_account = build_strategy(settings.replace(strategy="fedmedian"))
-    assert math.isnan(user_epsilon(no_account))  # Flower accounts for FedAvg only
-    assert math.isnan(user_epsilon(build_strategy(RunSettings())))
+    assert math.isnan(device_epsilon_of(no_account))  # Flower accounts for FedAvg only
+    assert math.isnan(device_epsilon_of(build_strategy(RunSettings())))
 
 
 def test_guarantee_names_both_kinds_of_dp() -> None:
     both = RunSettings(user_dp="server-fixed", user_noise_multiplier=2.0)
-    text = guarantee_sentence(both, epsilon=7.5, user_epsilon=12.25)
+    text = guarantee_sentence(both, epsilon=7.5, device_epsilon=12.25)
     assert "sample-level (epsilon=7.50" in text and "user-level (epsilon=12.25" in text
     assert "no epsilon is claimed" in guarantee_sentence(both.replace(dp=False, strategy="krum"), 0.0)
     assert guarantee_sentence(RunSettings(dp=False), 0.0) == "no differential privacy"
