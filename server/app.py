@@ -111,7 +111,7 @@ class RoundTracker:
         self.round_started = time.monotonic()
         self.client_metrics: dict[str, float] = {}
         self.device_metrics: dict[str, float] = {}  # the devices' own scoring, where asked for
-        self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
+        self.strategy: Strategy | None = None  # for the device-level epsilon, where accounted
         # each device's latest epsilon as it reported it (DP-SGD's), and who sat out for budget
         # (since this launch)
         self.reported_epsilon: dict[int, float] = {}
@@ -247,7 +247,7 @@ class RoundTracker:
         except FedSpeakerError as exc:
             flwr_log(WARNING, "backend: %s", exc)
             return {}
-        if s.user_dp != "off":
+        if s.device_dp != "off":
             noise = device_backend_noise_multiplier(s)
             seeded = self.simulated and s.seeded_noise  # a simulation repeats bit for bit
             collected = device_level_noise(

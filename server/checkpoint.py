@@ -10,8 +10,9 @@ The strategy's state is one dict per strategy in the wrapping chain, each exactl
 that strategy carries from round to round: our wrappers' own ``state_dict()``, and for
 Flower's strategies the attributes in FLOWER_STATE. A checkpoint written before
 (ad8df77 and earlier: every non-function attribute) still loads: those dicts hold the
-same keys, among others. One written before device-level DP had one name reads back
-its rows under today's columns (user_epsilon as device_epsilon, through current_row).
+same keys, among others. One written before device-level DP had one name (user-dp,
+user_epsilon) reads back under today's: its run config through saved_run_config, its
+rows through current_row.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A privacy sweep is a comparison grid (simulations/compare.py: same shards, seeds and
 initial model in every cell, resumable) whose scenarios are privacy levels: no DP,
-sample-level DP at each target epsilon, user-level DP at each noise multiplier. Each
+sample-level DP at each target epsilon, device-level DP at each noise multiplier. Each
 cell's global model is then attacked (simulations/audit.py) and the results are
 written as privacy.csv, privacy.md and privacy.png.
 """
@@ -28,11 +28,11 @@ def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int]
                options: dict[str, Any] | None = None) -> ComparisonGrid:
     scenarios: dict[str, dict[str, Any]] = {NON_PRIVATE: {"dp": False}}
     scenarios |= {f"epsilon-{e:g}": {"dp": True, "epsilon": e} for e in epsilons}
-    scenarios |= {f"user-noise-{z:g}": {"dp": False, "user-dp": "server-fixed",
-                                        "user-noise-multiplier": z} for z in user_noises}
+    scenarios |= {f"user-noise-{z:g}": {"dp": False, "device-dp": "server-fixed",
+                                        "device-noise-multiplier": z} for z in user_noises}
     return ComparisonGrid(name="privacy-sweep",
                 description="FedAvg without DP, with sample-level DP-SGD at each target epsilon, "
-                            "and with user-level DP (Flower's server-side fixed clipping) at each "
+                            "and with device-level DP (Flower's server-side fixed clipping) at each "
                             "noise multiplier",
                 strategies=["fedavg"], seeds=seeds, central=False,
                 # the audit attacks the model whose (final-round) figures the sweep reports
@@ -88,7 +88,7 @@ def privacy_markdown(grid: ComparisonGrid, summary: dict[str, dict[str, float]])
              f"Seeds {', '.join(map(str, grid.seeds))} (means shown). Membership inference: members "
              "are the utterances clients trained on, non-members held-out utterances of the same "
              "speakers; AUC 0.5 means the attacker cannot tell them apart.", "",
-             "| privacy | sample-level ε (max client) | user-level ε | accuracy | ÷ no DP | EER "
+             "| privacy | sample-level ε (max client) | device-level ε | accuracy | ÷ no DP | EER "
              "| loss-attack AUC | enrolment-attack AUC |", "|---|---|---|---|---|---|---|---|"]
     for name, m in summary.items():
         ratio = f"{m['accuracy'] / base['accuracy']:.2f}" if base and base["accuracy"] else "–"
@@ -121,14 +121,14 @@ def plot_privacy(summary: dict[str, dict[str, float]], path: Path) -> None:
     plt = pyplot()
 
     sample = sorted((m["sample_epsilon"], m) for name, m in summary.items() if name.startswith("epsilon-"))
-    user = sorted((m["device_epsilon"], m) for name, m in summary.items()
-                  if name.startswith("user-") and not math.isnan(m["device_epsilon"]))
+    device = sorted((m["device_epsilon"], m) for name, m in summary.items()
+                    if name.startswith("user-") and not math.isnan(m["device_epsilon"]))
     base = summary.get(NON_PRIVATE)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in ((axes[0], "accuracy", "identification accuracy"),
                            (axes[1], "eer", "verification EER"),
                            (axes[2], "loss_attack_auc", "membership attack AUC (loss)")):
-        for points, marker, name in ((sample, "o", "sample-level DP-SGD"), (user, "s", "user-level DP")):
+        for points, marker, name in ((sample, "o", "sample-level DP-SGD"), (device, "s", "device-level DP")):
             if points:
                 ax.plot([e for e, _ in points], [m[key] for _, m in points], marker=marker, label=name)
         if base:

@@ -224,12 +224,12 @@ silent = {{ dropout = 0.6, dropout-mode = "silent", round-timeout = 40.0 }}
     assert flower_processes() == []
 
 
-def test_sample_and_user_level_dp_combine_with_flowers_client_side_clipping(tiny_corpus: Path,
-                                                                            tmp_path: Path) -> None:
+def test_sample_and_device_level_dp_combine_with_flowers_client_side_clipping(tiny_corpus: Path,
+                                                                              tmp_path: Path) -> None:
     out = tmp_path / "both"
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "2", "--rounds", "2",
                      "--epsilon", "30", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
-                     "--set", "user-dp=client-fixed", "--set", "user-noise-multiplier=0.5",
+                     "--set", "device-dp=client-fixed", "--set", "device-noise-multiplier=0.5",
                      "--set", "local-epochs=1")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
@@ -237,7 +237,7 @@ def test_sample_and_user_level_dp_combine_with_flowers_client_side_clipping(tiny
     assert 0 < device_eps[0] < device_eps[1], device_eps  # Flower's accountant, round by round
     assert all(float(r["epsilon_max"]) > 0 for r in rows)  # Opacus, in each client
     privacy = json.loads((out / "summary.json").read_text())["privacy"]
-    assert "sample-level" in privacy and "user-level" in privacy
+    assert "sample-level" in privacy and "device-level" in privacy
     assert "fixedclipping_mod: parameters are clipped" in (out / "flower.log").read_text()
 
 

@@ -14,9 +14,9 @@ def test_sweep_grid_has_one_scenario_per_privacy_level(tmp_path: Path) -> None:
     assert list(grid.scenarios) == [NON_PRIVATE, "epsilon-1", "epsilon-8", "user-noise-2"]
     assert grid.reference_scenario == NON_PRIVATE and not grid.central
     settings = {c.scenario: grid.settings(c, {"rounds": 3}, tmp_path) for c in grid.cells() if c.seed == 0}
-    assert not settings[NON_PRIVATE].dp and settings[NON_PRIVATE].user_dp == "off"
+    assert not settings[NON_PRIVATE].dp and settings[NON_PRIVATE].device_dp == "off"
     assert settings["epsilon-8"].dp and settings["epsilon-8"].epsilon == 8.0
-    assert settings["user-noise-2"].user_dp == "server-fixed" and not settings["user-noise-2"].dp
+    assert settings["user-noise-2"].device_dp == "server-fixed" and not settings["user-noise-2"].dp
     assert {s.rounds for s in settings.values()} == {3}
     assert len(grid.cells()) == 8
 

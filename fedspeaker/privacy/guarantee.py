@@ -34,7 +34,7 @@ def guarantee_sentence(settings: RunSettings, epsilon: float, device_epsilon: fl
         if not math.isnan(lifetime_epsilon):
             sentences.append(f"Over every run ever on their recordings, the devices reported a "
                              f"lifetime epsilon of at most {lifetime_epsilon:.2f} (delta={settings.delta:g}).")
-    if settings.user_dp != "off":
+    if settings.device_dp != "off":
         sentences.append(_device_level(settings, device_epsilon))
         if settings.backend and not settings.secagg:
             sentences.append("That epsilon includes the scoring back end's releases (one vector of "
@@ -99,16 +99,16 @@ def _noise_source(s: RunSettings, simulated: bool) -> str:
 
 
 def _device_level(s: RunSettings, device_epsilon: float) -> str:
-    how = (f"Flower's {s.user_dp.replace('-', '-side ', 1)} clipping wrapper, noise multiplier "
-           f"{s.user_noise_multiplier:g}, clipping norm {s.user_clip_norm:g}")
+    how = (f"Flower's {s.device_dp.replace('-', '-side ', 1)} clipping wrapper, noise multiplier "
+           f"{s.device_noise_multiplier:g}, clipping norm {s.device_clip_norm:g}")
     if math.isnan(device_epsilon):
-        return (f"Each client's whole contribution gets user-level DP noise ({how}); epsilon is "
+        return (f"Each client's whole contribution gets device-level DP noise ({how}); epsilon is "
                 "accounted only for fixed clipping around FedAvg, so no epsilon is claimed for "
                 "this run.")
     if s.client_sampling == "poisson":
         sampling = f"each of {s.num_clients} devices drawn independently with probability {s.fraction_train:g} a round"
     else:
         sampling = f"{s.clients_per_round} of {s.num_clients} devices a round, drawn without replacement"
-    return (f"Each device's whole contribution is protected by user-level (epsilon={device_epsilon:.2f}, "
+    return (f"Each device's whole contribution is protected by device-level (epsilon={device_epsilon:.2f}, "
             f"delta={s.delta:g}) differential privacy over the rounds run: the unit is one device, all "
             f"of its speakers (DP-FedAvg: {how}; {sampling}; {accountant_words(s.client_sampling, s.accountant)}).")
