@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,12 +25,12 @@ from simulations.results import CellResult, cell_dir
 NON_PRIVATE = "no-dp"
 
 
-def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int],
+def sweep_grid(epsilons: list[float], device_noises: list[float], seeds: list[int],
                options: dict[str, Any] | None = None) -> ComparisonGrid:
     scenarios: dict[str, dict[str, Any]] = {NON_PRIVATE: {"dp": False}}
     scenarios |= {f"epsilon-{e:g}": {"dp": True, "epsilon": e} for e in epsilons}
-    scenarios |= {f"user-noise-{z:g}": {"dp": False, "device-dp": "server-fixed",
-                                        "device-noise-multiplier": z} for z in user_noises}
+    scenarios |= {f"device-noise-{z:g}": {"dp": False, "device-dp": "server-fixed",
+                                          "device-noise-multiplier": z} for z in device_noises}
     return ComparisonGrid(name="privacy-sweep",
                 description="FedAvg without DP, with sample-level DP-SGD at each target epsilon, "
                             "and with device-level DP (Flower's server-side fixed clipping) at each "
@@ -42,6 +43,7 @@ def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int]
 
 def run_sweep(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None = None,
               show: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    _adopt_renamed_cells(grid, out, show)
     results = run_grid(grid, out, overrides, show=show)
     rows = []
     for r in results:
@@ -50,6 +52,17 @@ def run_sweep(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None 
         rows.append(_row(r, audit))
     write_privacy_outputs(grid, rows, out)
     return rows
+
+
+def _adopt_renamed_cells(grid: ComparisonGrid, out: Path, show: Callable[[str], None]) -> None:
+    """A sweep run before device-level DP had one name kept its cells as user-noise-Z: move
+    them to device-noise-Z, so that the same sweep resumes instead of running them again."""
+    for cell in grid.cells():
+        old = cell_dir(out, replace(cell, scenario=cell.scenario.replace("device-noise-", "user-noise-", 1)))
+        new = cell_dir(out, cell)
+        if old != new and old.is_dir() and not new.exists():
+            old.rename(new)
+            show(f"{old.name}: renamed {new.name}")
 
 
 def _row(r: CellResult, audit: AuditResult) -> dict[str, Any]:
@@ -122,7 +135,7 @@ def plot_privacy(summary: dict[str, dict[str, float]], path: Path) -> None:
 
     sample = sorted((m["sample_epsilon"], m) for name, m in summary.items() if name.startswith("epsilon-"))
     device = sorted((m["device_epsilon"], m) for name, m in summary.items()
-                    if name.startswith("user-") and not math.isnan(m["device_epsilon"]))
+                    if name.startswith("device-") and not math.isnan(m["device_epsilon"]))
     base = summary.get(NON_PRIVATE)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in ((axes[0], "accuracy", "identification accuracy"),

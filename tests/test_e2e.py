@@ -243,7 +243,7 @@ def test_sample_and_device_level_dp_combine_with_flowers_client_side_clipping(ti
 
 def test_privacy_sweep_runs_audits_and_reports(tiny_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    result = run_cli("privacy-sweep", "--epsilons", "30", "--user-noise", "", "--rounds", "2",
+    result = run_cli("privacy-sweep", "--epsilons", "30", "--device-noise", "", "--rounds", "2",
                      "--out", str(out), "--data-dir", str(tiny_corpus),
                      "--set", "num-clients=2", "--set", "local-epochs=1",
                      "--set", f"cache-dir={tmp_path / 'cache'}")
