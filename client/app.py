@@ -21,7 +21,7 @@ from client.evaluate import score_on_device
 from client.footprint import footprint
 from client.messages import TrainRequest
 from client.replay import LastUpdate, request_key
-from client.mods import secure_aggregation, simulated_scenarios, user_dp_clipping
+from client.mods import device_dp_clipping, secure_aggregation, simulated_scenarios
 from client.node import Node
 from fedspeaker import wire
 from fedspeaker.config import RunSettings
@@ -35,7 +35,7 @@ from fedspeaker.training.local import LocalTrainer, dp_plan, round_seed, spend_c
 app = ClientApp()
 
 
-@app.train(mods=[secure_aggregation, user_dp_clipping, simulated_scenarios])
+@app.train(mods=[secure_aggregation, device_dp_clipping, simulated_scenarios])
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one CPU per client actor; more threads only contend
     started = time.monotonic()

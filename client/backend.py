@@ -29,7 +29,7 @@ from fedspeaker.training.local import spend_cap
 def release_unit(settings: RunSettings) -> str:
     """What one vector of the sum stands for: a device under device-level DP (the server
     adds the noise), else the unit DP-SGD protects (an utterance without DP)."""
-    if settings.user_dp != "off":
+    if settings.device_dp != "off":
         return "device"
     return settings.dp_unit if settings.dp else "utterance"
 

@@ -1,7 +1,7 @@
 """Layers around the ClientApp's train handler (Flower mods), each switched on by the run.
 
 - :func:`secure_aggregation`: Flower's SecAgg+ mod, for SecAgg+ rounds.
-- :func:`user_dp_clipping`: Flower's client-side clipping mod, for client-side user-level DP.
+- :func:`device_dp_clipping`: Flower's client-side clipping mod, for client-side device-level DP.
 - :func:`simulated_scenarios`: dropouts, stragglers and attackers (client/scenarios.py),
   on simulated nodes of a run that asks for them; a device never imports that code.
 """
@@ -26,14 +26,14 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     return call_next(msg, context)
 
 
-def user_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's client-side clipping mod, when the run asks for client-side user-level DP.
+def device_dp_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping mod, when the run asks for client-side device-level DP.
 
     A client sitting out for its budget, or refusing the run, sends no weights, so it
     bypasses the mod.
     """
     mod = {"client-fixed": fixedclipping_mod,
-           "client-adaptive": adaptiveclipping_mod}.get(RunSettings.from_run_config(context.run_config).user_dp)
+           "client-adaptive": adaptiveclipping_mod}.get(RunSettings.from_run_config(context.run_config).device_dp)
     if mod is None:
         return call_next(msg, context)
     resting: list[Message] = []

@@ -32,7 +32,7 @@ ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
               "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg")
 OPTIMIZERS = ("adam", "sgd")
-USER_DP = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+DEVICE_DP = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 ATTACKS = ("sign-flip", "scale", "noise", "label-flip")
 DROPOUT_MODES = ("raise", "silent")
 DP_UNITS = ("utterance", "speaker")
@@ -155,10 +155,10 @@ class RunSettings:
     # (and the server could regenerate them); a deployed device always draws them from the
     # operating system's entropy, whatever this says
     seeded_noise: bool = True
-    # Differential privacy (user level: a client's whole data; Flower's DP wrappers)
-    user_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
-    user_noise_multiplier: float = 1.0  # noise std relative to user-clip-norm
-    user_clip_norm: float = 1.0  # the fixed norm, or the adaptive one's starting value
+    # Differential privacy (device level: all of a device's data; Flower's DP wrappers)
+    device_dp: str = "off"  # where updates are clipped (server/client), fixed or adaptive norm
+    device_noise_multiplier: float = 1.0  # noise std relative to device-clip-norm
+    device_clip_norm: float = 1.0  # the fixed norm, or the adaptive one's starting value
     # Secure aggregation (Flower's SecAgg+): the server learns only the sum of the updates
     secagg: bool = False  # every round through SecAgg+
     secagg_shares: float = 1.0  # share of the sampled clients a client's key is split among
@@ -175,7 +175,7 @@ class RunSettings:
         """Build settings from a Flower run config, rejecting unknown keys and bad values."""
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
-        for key, raw in config.items():
+        for key, raw in current_options(config).items():
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(
@@ -227,10 +227,10 @@ class RunSettings:
         _choice("class-vectors", self.class_vectors, CLASS_VECTORS)
         if not -1.0 <= self.spreadout_cosine <= 1.0:
             raise ConfigError(f"spreadout-cosine must be in [-1, 1], got {self.spreadout_cosine}")
-        if self.class_vectors == "own" and (self.model != "ge2e" or self.user_dp != "off" or self.secagg
+        if self.class_vectors == "own" and (self.model != "ge2e" or self.device_dp != "off" or self.secagg
                                             or (self.dp and self.dp_unit == "speaker")):
             raise ConfigError("class-vectors=own (FedAwS) needs model=ge2e; the server sees which "
-                              "speakers' class vectors each client trained, so not with user-dp, "
+                              "speakers' class vectors each client trained, so not with device-dp, "
                               "secagg or dp-unit=speaker, whose guarantees would hide that")
         _choice("features", self.features, FEATURES)
         _at_least("n-mels", self.n_mels, 8)
@@ -308,7 +308,7 @@ class RunSettings:
                               f"fixed) or epsilon ({self.epsilon:g}: the target its noise is calibrated "
                               "to), not both; the back end's share is backend-epsilon")
         # epsilon: DP-SGD's target and, unless backend-epsilon is set, the back end's share of it
-        if self.dp or (self.backend and self.user_dp != "off" and not self.backend_epsilon):
+        if self.dp or (self.backend and self.device_dp != "off" and not self.backend_epsilon):
             _positive("epsilon", self.epsilon)
         _at_least("epsilon-budget", self.epsilon_budget, 0.0)
         _at_least("plan-margin", self.plan_margin, 0.0)
@@ -320,19 +320,19 @@ class RunSettings:
         if self.backend and self.dp and self.noise_multiplier == 0.0 and self.backend_epsilon >= self.epsilon:
             raise ConfigError(f"backend-epsilon ({self.backend_epsilon:g}) must be below epsilon "
                               f"({self.epsilon:g}): the rest is DP-SGD's")
-        if self.backend_whiten and not (self.backend and self.augment and self.user_dp == "off"):
+        if self.backend_whiten and not (self.backend and self.augment and self.device_dp == "off"):
             raise ConfigError("backend-whiten whitens the scatter of each device's augmented copies: "
-                              "it needs backend=true and augment, and not user-dp (each device's "
+                              "it needs backend=true and augment, and not device-dp (each device's "
                               "statistics are noised on the device)")
-        _choice("user-dp", self.user_dp, USER_DP)
-        _positive("user-noise-multiplier", self.user_noise_multiplier)
-        _positive("user-clip-norm", self.user_clip_norm)
+        _choice("device-dp", self.device_dp, DEVICE_DP)
+        _positive("device-noise-multiplier", self.device_noise_multiplier)
+        _positive("device-clip-norm", self.device_clip_norm)
         for key in ("secagg-shares", "secagg-threshold"):
             if not 0.0 < getattr(self, key.replace("-", "_")) <= 1.0:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key.replace('-', '_'))}")
-        if self.secagg and (self.strategy != "fedavg" or self.user_dp != "off" or self.epsilon_budget):
+        if self.secagg and (self.strategy != "fedavg" or self.device_dp != "off" or self.epsilon_budget):
             raise ConfigError("secagg (Flower's SecAgg+) gives the server only the sum of the updates: "
-                              "use it with strategy fedavg, without user-dp and epsilon-budget")
+                              "use it with strategy fedavg, without device-dp and epsilon-budget")
 
     def _validate_output(self) -> None:
         if self.resume and self.secagg:
@@ -354,7 +354,7 @@ class RunSettings:
     @property
     def backend_privacy(self) -> float:
         """The epsilon the back end's releases spend under sample-level DP (0 without)."""
-        if not (self.backend and self.dp and not self.secagg and self.user_dp == "off"):
+        if not (self.backend and self.dp and not self.secagg and self.device_dp == "off"):
             return 0.0
         return self.backend_share
 
@@ -386,6 +386,36 @@ class RunSettings:
         return Path(env) if env else Path.home() / ".cache" / "fedspeaker"
 
 
+# Run-config keys renamed, old -> new: the old ones still work, with a warning (their one
+# home: every way in goes through from_run_config or saved_run_config). pyproject.toml lists
+# them as "" (not given) so that Flower lets `flwr run --run-config user-dp=...` through.
+RENAMED_OPTIONS = {"user-dp": "device-dp", "user-noise-multiplier": "device-noise-multiplier",
+                   "user-clip-norm": "device-clip-norm"}
+
+
+def current_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with each renamed key under its new name, saying so once per process.
+
+    A run config often carries every key at its default (Flower fills in pyproject.toml's,
+    the CLI its own), so a new key at its default gives way to the old one; both set to
+    different values is an error naming both.
+    """
+    current = {k: v for k, v in config.items() if k not in RENAMED_OPTIONS}
+    for old, new in RENAMED_OPTIONS.items():
+        value = config.get(old, "")
+        if value == "":  # pyproject.toml's placeholder: not given
+            continue
+        _warn_once(f"run-config option '{old}' is deprecated: use '{new}' (the same option, renamed)",
+                   FutureWarning)
+        name = new.replace("-", "_")
+        kind, default = RunSettings.__dataclass_fields__[name].type, getattr(RunSettings, name)
+        if new in current and _coerce(new, current[new], kind) not in (default, _coerce(old, value, kind)):
+            raise ConfigError(f"{old} is the old name of {new}, and they differ ({old}={value!r}, "
+                              f"{new}={current[new]!r}): give only {new}")
+        current[new] = value
+    return current
+
+
 # Options added after runs were saved whose older behaviour is not the new default:
 # before the pretrained GE2E encoder, every run trained the TDNN, head and body at one lr.
 _OLDER_BEHAVIOUR = {"model": "tdnn", "head-lr": 0.0}
@@ -393,9 +423,10 @@ _OLDER_BEHAVIOUR = {"model": "tdnn", "head-lr": 0.0}
 
 def saved_run_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A run config saved by this or an older fedspeaker (a checkpoint, a model bundle, a
-    comparison cell), complete: every option it lacks at the value its run used."""
+    comparison cell), complete: every option it lacks at the value its run used, and any
+    renamed one under its new name (silently: the file says what ran, nobody typed it)."""
     known = {**RunSettings().to_run_config(), **_OLDER_BEHAVIOUR}
-    return {**known, **config}
+    return {**known, **{RENAMED_OPTIONS.get(k, k): v for k, v in config.items()}}
 
 
 def operating_far(text: str) -> float | None:
@@ -455,9 +486,12 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    """Once per process: settings are rebuilt for every message a client handles."""
-    warnings.warn(message, stacklevel=2)
+def _warn_once(message: str, category: type[Warning] = UserWarning) -> None:
+    """Once per process: settings are rebuilt for every message a client handles.
+
+    A renamed option warns with FutureWarning: Python shows it to a command's user, where
+    it hides DeprecationWarning raised outside __main__."""
+    warnings.warn(message, category, stacklevel=2)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

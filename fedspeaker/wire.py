@@ -50,7 +50,7 @@ client sat out; ``metrics`` record):
 key                         type   meaning
 ==========================  =====  ==============================================
 ``num-examples``            int    training utterances used (FedAvg's weight)
-``unit-weight``             int    always 1: equal weights for user-level DP
+``unit-weight``             int    always 1: equal weights for device-level DP
 ``train-loss``              float  mean training loss of this round
 ``train-seconds``           float  the whole round on the client, start-up included
 ``startup-seconds``         float  process start (or message) to features loaded

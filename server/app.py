@@ -49,7 +49,7 @@ from server.checkpoint import (
 )
 from server.backend import ask_nodes, combine, device_level_noise
 from server.outcomes import RoundOutcome, failure_message, row_counts, run_outcome
-from server.strategies import build_strategy, device_dp_of, user_epsilon
+from server.strategies import build_strategy, device_dp_of, device_epsilon_of
 
 app = ServerApp()
 
@@ -111,9 +111,10 @@ class RoundTracker:
         self.round_started = time.monotonic()
         self.client_metrics: dict[str, float] = {}
         self.device_metrics: dict[str, float] = {}  # the devices' own scoring, where asked for
-        self.strategy: Strategy | None = None  # for the user-level epsilon, where accounted
-        # each device's latest epsilon, and who sat out for budget (since this launch)
-        self.device_epsilon: dict[int, float] = {}
+        self.strategy: Strategy | None = None  # for the device-level epsilon, where accounted
+        # each device's latest epsilon as it reported it (DP-SGD's), and who sat out for budget
+        # (since this launch)
+        self.reported_epsilon: dict[int, float] = {}
         self.devices_sat_out: set[int] = set()
         self.not_trained: Counter = Counter()  # "reason: text" -> clients, over this launch's rounds
         # the release candidate under release=best: the best round so far and its arrays
@@ -130,7 +131,7 @@ class RoundTracker:
         for node, reply in zip(nodes or [], replies):
             metrics = next(iter(reply.metric_records.values()), {})
             if wire.EPSILON in metrics:
-                self.device_epsilon[node] = float(metrics[wire.EPSILON])
+                self.reported_epsilon[node] = float(metrics[wire.EPSILON])
             if metrics.get(wire.SAT_OUT, 0):
                 self.devices_sat_out.add(node)
         refusals = [reason for r in replies if (reason := wire.refusal(r)) is not None]
@@ -187,7 +188,7 @@ class RoundTracker:
             row = {"round": 0, **scores, **adapted, "round_seconds": now - self.round_started,
                    "seconds": now - self.started}
             if adapted and self.strategy is not None:  # device-level DP: the back end's release
-                row["user_epsilon"] = user_epsilon(self.strategy)
+                row["device_epsilon"] = device_epsilon_of(self.strategy)
             self.report.add_round(row)
             self.keep_if_released(arrays)
             flwr_log(INFO, "%s", progress_line(row))
@@ -195,7 +196,7 @@ class RoundTracker:
             server_round += self.offset
             now = time.monotonic()
             row = {"round": server_round, **scores, **self.client_metrics, **self.device_metrics, **adapted,
-                   "user_epsilon": user_epsilon(self.strategy) if self.strategy else math.nan,
+                   "device_epsilon": device_epsilon_of(self.strategy) if self.strategy else math.nan,
                    "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "round_seconds": now - self.round_started, "seconds": now - self.started}
             # checkpoint first: a round that rounds.csv shows can always be resumed from
@@ -246,7 +247,7 @@ class RoundTracker:
         except FedSpeakerError as exc:
             flwr_log(WARNING, "backend: %s", exc)
             return {}
-        if s.user_dp != "off":
+        if s.device_dp != "off":
             noise = device_backend_noise_multiplier(s)
             seeded = self.simulated and s.seeded_noise  # a simulation repeats bit for bit
             collected = device_level_noise(
@@ -316,7 +317,7 @@ class RoundTracker:
         scores = self.score()
         summary = run_summary(self.settings, self.data, self.report.rows, time.monotonic() - self.started,
                               mode="federated", evaluation=self.evaluation, simulated=self.simulated,
-                              device_epsilons=(list(self.device_epsilon.values()), len(self.devices_sat_out)))
+                              device_epsilons=(list(self.reported_epsilon.values()), len(self.devices_sat_out)))
         summary["outcome"] = run_outcome(self.report.rows, self.settings.rounds, self.not_trained)
         self.report.finish(summary, model_bundle(self.settings, self.data.split.speakers, self.model,
                                                  scores, self.evaluation))

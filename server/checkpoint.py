@@ -10,7 +10,9 @@ The strategy's state is one dict per strategy in the wrapping chain, each exactl
 that strategy carries from round to round: our wrappers' own ``state_dict()``, and for
 Flower's strategies the attributes in FLOWER_STATE. A checkpoint written before
 (ad8df77 and earlier: every non-function attribute) still loads: those dicts hold the
-same keys, among others.
+same keys, among others. One written before device-level DP had one name (user-dp,
+user_epsilon) reads back under today's: its run config through saved_run_config, its
+rows through current_row.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from fedspeaker.config import RunSettings, saved_run_config
 from fedspeaker.errors import ConfigError
 from fedspeaker.files import atomic_write
+from fedspeaker.reporting.run_report import current_row
 
 FILENAME = "checkpoint.pt"
 
@@ -67,9 +70,11 @@ class Checkpoint:
             raise ConfigError(f"resume: {path} not found; a run can only be resumed from the "
                               "out-dir of a run that finished at least one round")
         try:
-            return cls(**torch.load(path, map_location="cpu", weights_only=False))
+            checkpoint = cls(**torch.load(path, map_location="cpu", weights_only=False))
         except (OSError, EOFError, pickle.UnpicklingError, TypeError, RuntimeError) as exc:
             raise ConfigError(f"resume: {path} is not a readable checkpoint ({exc})") from None
+        checkpoint.rows = [current_row(r) for r in checkpoint.rows]  # resumed under today's columns
+        return checkpoint
 
     @classmethod
     def load(cls, settings: RunSettings) -> "Checkpoint":

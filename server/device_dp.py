@@ -50,10 +50,10 @@ class DeviceDP:
         """The run's accounting, where its analysis holds (fixed clipping around FedAvg's
         own, linear, aggregation); None elsewhere."""
         inner = getattr(wrapped, "strategy", None)
-        if s.user_dp not in ("server-fixed", "client-fixed") or not isinstance(inner, FedAvg) \
+        if s.device_dp not in ("server-fixed", "client-fixed") or not isinstance(inner, FedAvg) \
                 or type(inner).aggregate_train is not FedAvg.aggregate_train:
             return None
-        return cls(noise_multiplier=s.user_noise_multiplier, clip_norm=s.user_clip_norm,
+        return cls(noise_multiplier=s.device_noise_multiplier, clip_norm=s.device_clip_norm,
                    sampling=s.client_sampling, fraction=s.fraction_train, delta=s.delta,
                    accountant=s.accountant)
 

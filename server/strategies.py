@@ -48,7 +48,7 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
                    on_counts: CountsFn | None = None, round_offset: int = 0) -> Strategy:
     """The run's strategy: Flower's strategy by name, weighted by examples, evaluated on
     the server, in the wrappers the run asks for (the one place they are put together),
-    from the inside out: Flower's user-level DP, FedAwS (server/fedaws.py), the
+    from the inside out: Flower's device-level DP, FedAwS (server/fedaws.py), the
     ScreenedStrategy, the devices' own evaluation (server/device_eval.py).
 
     Each strategy's own hyperparameters come from the run config; a server learning
@@ -64,8 +64,8 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         fraction_evaluate=s.fraction_evaluate,  # devices scoring it on their own held-out audio
         min_train_nodes=1,
         min_available_nodes=1,  # ScreenedStrategy waits for num-clients before it draws
-        # under user-level DP every client counts the same, as its analysis assumes
-        weighted_by_key=wire.NUM_EXAMPLES if s.user_dp == "off" else wire.UNIT_WEIGHT,
+        # under device-level DP every client counts the same, as its analysis assumes
+        weighted_by_key=wire.NUM_EXAMPLES if s.device_dp == "off" else wire.UNIT_WEIGHT,
     )
     server_lr = {"eta": s.server_lr} if s.server_lr else {}
     fedopt = dict(common, eta_l=s.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **server_lr)
@@ -87,11 +87,11 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         "qfedavg": lambda: QFedAvg(client_learning_rate=s.lr, q=s.q, train_loss_key=wire.TRAIN_LOSS,
                                    **common),
     }
-    wrapped = with_user_dp(strategies[s.strategy](), s)
+    wrapped = with_device_dp(strategies[s.strategy](), s)
     if s.class_vectors == "own":
         wrapped = OwnClassVectors(wrapped, ceiling=s.spreadout_cosine, timeout=s.round_timeout)
     strategy: Strategy = ScreenedStrategy(
-        wrapped, on_replies, drop_unchanged=s.user_dp.startswith("server"), sampling=ClientSampling.of(s),
+        wrapped, on_replies, drop_unchanged=s.device_dp.startswith("server"), sampling=ClientSampling.of(s),
         device_dp=DeviceDP.of(s, wrapped), on_outcome=on_outcome, round_offset=round_offset)
     if s.fraction_evaluate:  # devices also score the model on their own audio
         if cohort is None or on_counts is None:
@@ -100,25 +100,25 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
     return strategy
 
 
-def with_user_dp(strategy: Strategy, s: RunSettings) -> Strategy:
-    """Wrap in Flower's user-level DP strategy the run asks for (or none).
+def with_device_dp(strategy: Strategy, s: RunSettings) -> Strategy:
+    """Wrap in Flower's device-level DP strategy the run asks for (or none).
 
     Flower's wrappers clip and add the noise. The epsilon is fedspeaker's (DeviceDP, for
     fixed clipping around FedAvg, crediting the sampling done), not Flower's accountant,
     which claims no amplification by sampling. Adaptive clipping is accounted by no one.
     """
-    if s.user_dp == "off":
+    if s.device_dp == "off":
         return strategy
-    noise, clients = s.user_noise_multiplier, expected_clients(s)
-    if s.user_dp in ("server-fixed", "client-fixed"):
-        wrapper = (DifferentialPrivacyServerSideFixedClipping if s.user_dp == "server-fixed"
+    noise, clients = s.device_noise_multiplier, expected_clients(s)
+    if s.device_dp in ("server-fixed", "client-fixed"):
+        wrapper = (DifferentialPrivacyServerSideFixedClipping if s.device_dp == "server-fixed"
                    else DifferentialPrivacyClientSideFixedClipping)
-        return wrapper(strategy, noise, s.user_clip_norm, clients)
-    wrapper = (DifferentialPrivacyServerSideAdaptiveClipping if s.user_dp == "server-adaptive"
+        return wrapper(strategy, noise, s.device_clip_norm, clients)
+    wrapper = (DifferentialPrivacyServerSideAdaptiveClipping if s.device_dp == "server-adaptive"
                else DifferentialPrivacyClientSideAdaptiveClipping)
     # Flower's default noise on the clipped count (clients / 20) must exceed half the
     # noise multiplier; take at least the noise multiplier itself
-    return wrapper(strategy, noise, clients, initial_clipping_norm=s.user_clip_norm,
+    return wrapper(strategy, noise, clients, initial_clipping_norm=s.device_clip_norm,
                    clipped_count_stddev=max(clients / 20, noise))
 
 
@@ -137,7 +137,7 @@ def device_dp_of(strategy: Strategy | None) -> DeviceDP | None:
     return strategy.device_dp if strategy is not None else None
 
 
-def user_epsilon(strategy: Strategy | None) -> float:
+def device_epsilon_of(strategy: Strategy | None) -> float:
     """Device-level epsilon so far, for the sampling done; NaN where nothing is accounted."""
     device_dp = device_dp_of(strategy)
     return device_dp.epsilon() if device_dp is not None else math.nan

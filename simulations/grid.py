@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedspeaker.config import RunSettings
+from fedspeaker.config import RunSettings, current_options
 from fedspeaker.errors import ConfigError, FedSpeakerError
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
@@ -123,13 +123,17 @@ class ComparisonGrid:
         return next(iter(self.scenarios))
 
     def settings(self, cell: Cell, overrides: dict[str, Any], out_dir: Path) -> RunSettings:
-        """options, then partition, scenario, strategy options, then the command line's."""
-        config = {**self.options, **self.partitions[cell.partition]}
+        """options, then partition, scenario, strategy options, then the command line's: a
+        later layer wins, whichever name (old or new, config.RENAMED_OPTIONS) each gives."""
+        layers = [self.options, self.partitions[cell.partition]]
         if cell.strategy != CENTRAL:
-            config |= {**self.scenarios[cell.scenario], **self.strategy_options.get(cell.strategy, {}),
-                       "strategy": cell.strategy}
-        config |= {**overrides, "seed": cell.seed, "out-dir": str(out_dir)}
+            layers += [self.scenarios[cell.scenario], self.strategy_options.get(cell.strategy, {}),
+                       {"strategy": cell.strategy}]
+        layers += [overrides, {"seed": cell.seed, "out-dir": str(out_dir)}]
         try:
+            config: dict[str, Any] = {}
+            for layer in layers:
+                config |= current_options(layer)
             return RunSettings.from_run_config(config)
         except FedSpeakerError as exc:
             raise ConfigError(f"grid {self.name}, cell {cell.label}: {exc}") from None

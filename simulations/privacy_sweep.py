@@ -2,7 +2,7 @@
 
 A privacy sweep is a comparison grid (simulations/compare.py: same shards, seeds and
 initial model in every cell, resumable) whose scenarios are privacy levels: no DP,
-sample-level DP at each target epsilon, user-level DP at each noise multiplier. Each
+sample-level DP at each target epsilon, device-level DP at each noise multiplier. Each
 cell's global model is then attacked (simulations/audit.py) and the results are
 written as privacy.csv, privacy.md and privacy.png.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,15 +25,15 @@ from simulations.results import CellResult, cell_dir
 NON_PRIVATE = "no-dp"
 
 
-def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int],
+def sweep_grid(epsilons: list[float], device_noises: list[float], seeds: list[int],
                options: dict[str, Any] | None = None) -> ComparisonGrid:
     scenarios: dict[str, dict[str, Any]] = {NON_PRIVATE: {"dp": False}}
     scenarios |= {f"epsilon-{e:g}": {"dp": True, "epsilon": e} for e in epsilons}
-    scenarios |= {f"user-noise-{z:g}": {"dp": False, "user-dp": "server-fixed",
-                                        "user-noise-multiplier": z} for z in user_noises}
+    scenarios |= {f"device-noise-{z:g}": {"dp": False, "device-dp": "server-fixed",
+                                          "device-noise-multiplier": z} for z in device_noises}
     return ComparisonGrid(name="privacy-sweep",
                 description="FedAvg without DP, with sample-level DP-SGD at each target epsilon, "
-                            "and with user-level DP (Flower's server-side fixed clipping) at each "
+                            "and with device-level DP (Flower's server-side fixed clipping) at each "
                             "noise multiplier",
                 strategies=["fedavg"], seeds=seeds, central=False,
                 # the audit attacks the model whose (final-round) figures the sweep reports
@@ -42,6 +43,7 @@ def sweep_grid(epsilons: list[float], user_noises: list[float], seeds: list[int]
 
 def run_sweep(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None = None,
               show: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    _adopt_renamed_cells(grid, out, show)
     results = run_grid(grid, out, overrides, show=show)
     rows = []
     for r in results:
@@ -52,10 +54,21 @@ def run_sweep(grid: ComparisonGrid, out: Path, overrides: dict[str, Any] | None 
     return rows
 
 
+def _adopt_renamed_cells(grid: ComparisonGrid, out: Path, show: Callable[[str], None]) -> None:
+    """A sweep run before device-level DP had one name kept its cells as user-noise-Z: move
+    them to device-noise-Z, so that the same sweep resumes instead of running them again."""
+    for cell in grid.cells():
+        old = cell_dir(out, replace(cell, scenario=cell.scenario.replace("device-noise-", "user-noise-", 1)))
+        new = cell_dir(out, cell)
+        if old != new and old.is_dir() and not new.exists():
+            old.rename(new)
+            show(f"{old.name}: renamed {new.name}")
+
+
 def _row(r: CellResult, audit: AuditResult) -> dict[str, Any]:
-    user_eps = r.rounds[-1].get("user_epsilon", math.nan) if r.rounds else math.nan
+    device_eps = r.rounds[-1].get("device_epsilon", math.nan) if r.rounds else math.nan
     return {"scenario": r.scenario, "seed": r.seed, "sample_epsilon": r.max_epsilon,
-            "user_epsilon": user_eps, "accuracy": r.final_accuracy, "eer": r.final_eer,
+            "device_epsilon": device_eps, "accuracy": r.final_accuracy, "eer": r.final_eer,
             "loss_attack_auc": audit.loss_auc, "enrolment_attack_auc": audit.enrolment_auc,
             "members": audit.members, "nonmembers": audit.nonmembers}
 
@@ -77,7 +90,7 @@ def null_auc_stderr(members: float, nonmembers: float) -> float:
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ("sample_epsilon", "user_epsilon", "accuracy", "eer", "loss_attack_auc", "enrolment_attack_auc",
+    keys = ("sample_epsilon", "device_epsilon", "accuracy", "eer", "loss_attack_auc", "enrolment_attack_auc",
             "members", "nonmembers")
     return {k: statistics.fmean(r[k] for r in rows) for k in keys} | {"runs": len(rows)}
 
@@ -88,11 +101,11 @@ def privacy_markdown(grid: ComparisonGrid, summary: dict[str, dict[str, float]])
              f"Seeds {', '.join(map(str, grid.seeds))} (means shown). Membership inference: members "
              "are the utterances clients trained on, non-members held-out utterances of the same "
              "speakers; AUC 0.5 means the attacker cannot tell them apart.", "",
-             "| privacy | sample-level ε (max client) | user-level ε | accuracy | ÷ no DP | EER "
+             "| privacy | sample-level ε (max client) | device-level ε | accuracy | ÷ no DP | EER "
              "| loss-attack AUC | enrolment-attack AUC |", "|---|---|---|---|---|---|---|---|"]
     for name, m in summary.items():
         ratio = f"{m['accuracy'] / base['accuracy']:.2f}" if base and base["accuracy"] else "–"
-        lines.append(f"| {name} | {_num(m['sample_epsilon'])} | {_num(m['user_epsilon'])} | "
+        lines.append(f"| {name} | {_num(m['sample_epsilon'])} | {_num(m['device_epsilon'])} | "
                      f"{m['accuracy']:.3f} | {ratio} | {m['eer']:.3f} | {m['loss_attack_auc']:.3f} | "
                      f"{m['enrolment_attack_auc']:.3f} |")
     if base:
@@ -121,14 +134,14 @@ def plot_privacy(summary: dict[str, dict[str, float]], path: Path) -> None:
     plt = pyplot()
 
     sample = sorted((m["sample_epsilon"], m) for name, m in summary.items() if name.startswith("epsilon-"))
-    user = sorted((m["user_epsilon"], m) for name, m in summary.items()
-                  if name.startswith("user-") and not math.isnan(m["user_epsilon"]))
+    device = sorted((m["device_epsilon"], m) for name, m in summary.items()
+                    if name.startswith("device-") and not math.isnan(m["device_epsilon"]))
     base = summary.get(NON_PRIVATE)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in ((axes[0], "accuracy", "identification accuracy"),
                            (axes[1], "eer", "verification EER"),
                            (axes[2], "loss_attack_auc", "membership attack AUC (loss)")):
-        for points, marker, name in ((sample, "o", "sample-level DP-SGD"), (user, "s", "user-level DP")):
+        for points, marker, name in ((sample, "o", "sample-level DP-SGD"), (device, "s", "device-level DP")):
             if points:
                 ax.plot([e for e, _ in points], [m[key] for _, m in points], marker=marker, label=name)
         if base:

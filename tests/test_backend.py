@@ -181,9 +181,9 @@ def test_the_server_counts_only_devices_that_answered_under_its_weights():
         combine([sat_out, failed], "f")
 
 
-def test_device_level_noise_is_added_once_with_the_user_noise_multiplier():
+def test_device_level_noise_is_added_once_with_the_device_noise_multiplier():
     """Under device-level DP each device sends one vector of norm <= 1 (its mean) and the
-    server adds Gaussian noise of std user-noise-multiplier to the sum, once."""
+    server adds Gaussian noise of std device-noise-multiplier to the sum, once."""
     vectors = F.normalize(torch.randn(40, DIM), dim=1)
     device = clipped_sums(vectors, [0] * 40, "device")
     assert device.count == 1 and float(device.total.norm()) <= 1 + 1e-6
@@ -223,7 +223,7 @@ def test_under_device_level_dp_the_back_end_spends_its_own_share_not_the_rounds_
     from fedspeaker.privacy.backend_stats import device_backend_noise_multiplier
 
     for share in (0.0, 2.0):
-        settings = RunSettings(dp=False, user_dp="server-fixed", user_noise_multiplier=1.0, backend_epsilon=share)
+        settings = RunSettings(dp=False, device_dp="server-fixed", device_noise_multiplier=1.0, backend_epsilon=share)
         z = device_backend_noise_multiplier(settings)
         spent = epsilon_of("rdp", [(z, 1.0, 1)] * settings.backend_releases, settings.delta)
-        assert spent == pytest.approx(settings.backend_share, rel=0.02) and z > settings.user_noise_multiplier
+        assert spent == pytest.approx(settings.backend_share, rel=0.02) and z > settings.device_noise_multiplier

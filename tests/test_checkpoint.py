@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedspeaker.config import RunSettings
+from fedspeaker.config import RENAMED_OPTIONS, RunSettings, saved_run_config
 from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.privacy.ledger import PrivacyLedger
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
-from server.strategies import build_strategy, user_epsilon
+from server.strategies import build_strategy, device_epsilon_of
 from tests.conftest import EightNodes
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -30,9 +30,9 @@ def run_round(strategy, server_round: int, arrays: ArrayRecord, seed: int) -> Ar
     return new
 
 
-@pytest.mark.parametrize("name,user_dp", [("fedadam", "off"), ("fedavgm", "off"), ("fedavg", "server-fixed")])
-def test_a_restored_strategy_goes_on_exactly_like_the_original(name: str, user_dp: str) -> None:
-    settings = RunSettings(strategy=name, num_clients=8, user_dp=user_dp)
+@pytest.mark.parametrize("name,device_dp", [("fedadam", "off"), ("fedavgm", "off"), ("fedavg", "server-fixed")])
+def test_a_restored_strategy_goes_on_exactly_like_the_original(name: str, device_dp: str) -> None:
+    settings = RunSettings(strategy=name, num_clients=8, device_dp=device_dp)
     arrays = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
     original = build_strategy(settings)
     for r in (1, 2):
@@ -48,8 +48,8 @@ def test_a_restored_strategy_goes_on_exactly_like_the_original(name: str, user_d
     if name != "fedavg":  # FedAdam's moments and FedAvgM's momentum change the step: not restoring them shows
         fresh = build_strategy(settings)
         assert not np.array_equal(run_round(fresh, 3, arrays, seed=3)["w"].numpy(), want)
-    if user_dp != "off":
-        assert user_epsilon(restored) == pytest.approx(user_epsilon(original))
+    if device_dp != "off":
+        assert device_epsilon_of(restored) == pytest.approx(device_epsilon_of(original))
 
 
 def checkpoint_for(settings: RunSettings, done: int) -> Checkpoint:
@@ -63,6 +63,17 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path: Path) -> None:
     assert Checkpoint.load(settings.replace(resume=True)).round == 2
     with pytest.raises(ConfigError, match=r"lr \(0.02 then, 0.5 now\)"):
         Checkpoint.load(settings.replace(resume=True, lr=0.5))
+
+
+def test_a_checkpoint_from_before_the_rename_resumes_under_the_new_names(tmp_path: Path) -> None:
+    """Its run config says user-dp, its rows user_epsilon: both read back as device-..."""
+    settings = RunSettings(out_dir=str(tmp_path), rounds=5, device_dp="server-fixed", device_clip_norm=0.5)
+    old_names = {new: old for old, new in RENAMED_OPTIONS.items()}
+    old_config = {old_names.get(k, k): v for k, v in settings.to_run_config().items()}
+    Checkpoint(round=2, arrays={"w": np.zeros(2)}, strategy=[], rows=[{"round": 1.0, "user_epsilon": 0.7}],
+               seconds=1.0, federation_id="f", run_config=old_config).save(tmp_path)
+    checkpoint = Checkpoint.load(settings.replace(resume=True))
+    assert checkpoint.rows == [{"round": 1.0, "device_epsilon": 0.7}]
 
 
 def test_resume_without_checkpoint_or_with_every_round_done(tmp_path: Path) -> None:
@@ -149,8 +160,12 @@ def test_a_checkpoint_written_before_explicit_state_resumes_as_that_code_went_on
     import torch
 
     expected = torch.load(OLD / "expected.pt", weights_only=False)[name]
-    settings = RunSettings(num_clients=8, **expected["settings"])
     checkpoint = Checkpoint.read(OLD / name)
+    # its run config, written before the rename, names device-level DP user-dp
+    assert "user-dp" in checkpoint.run_config and "device-dp" not in checkpoint.run_config
+    settings = RunSettings.from_run_config(saved_run_config(checkpoint.run_config))
+    assert settings.device_dp == expected["settings"].get("user_dp", "off")
+    assert checkpoint.check(settings.replace(resume=True, out_dir=str(OLD / name))) is checkpoint  # resumable
     strategy = build_strategy(settings, cohort=lambda arrays: (0.5, torch.zeros(1, 2)),
                               on_counts=lambda server_round, totals: None)
     restore_strategy_state(strategy, checkpoint.strategy)
@@ -159,7 +174,7 @@ def test_a_checkpoint_written_before_explicit_state_resumes_as_that_code_went_on
     assert arrays.keys() == expected["arrays"].keys()
     for key, want in expected["arrays"].items():
         np.testing.assert_array_equal(arrays[key].numpy(), want)
-    np.testing.assert_equal(user_epsilon(strategy), expected["user_epsilon"])
+    np.testing.assert_equal(device_epsilon_of(strategy), expected["user_epsilon"])  # the fixture's own key
     if name == "fedadam-device-eval":  # FedAdam's moments were restored: a fresh FedAdam steps otherwise
         fresh = build_strategy(settings, cohort=lambda arrays: (0.5, torch.zeros(1, 2)),
                                on_counts=lambda server_round, totals: None)

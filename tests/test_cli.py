@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -103,3 +104,32 @@ def test_identify_rejects_a_missing_model(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "fedspeaker.cli", "identify", "--model",
                              str(tmp_path / "none.pt"), "x.wav"], capture_output=True, text=True)
     assert_clean_error(result, "no such model file")
+
+
+def test_set_takes_the_old_names_of_device_level_dp_and_says_their_new_ones(
+        capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """`--set user-dp=...` still works, saying its new name; an old and a new name that
+    disagree stop with one message naming both."""
+    from fedspeaker import config
+    from fedspeaker.cli.main import _parser, main
+    from fedspeaker.cli.runs import _settings
+
+    config._warn_once.cache_clear()  # another test may have said it already
+    with pytest.warns(FutureWarning, match="'user-dp' is deprecated: use 'device-dp'"):
+        settings = _settings(_parser().parse_args(["simulate", "--no-dp", "--set", "user-dp=server-fixed",
+                                                   "--out", str(tmp_path)]))
+    assert settings.device_dp == "server-fixed"
+    assert main(["simulate", "--set", "user-dp=server-fixed", "--set", "device-dp=client-fixed"]) == 2
+    assert "user-dp is the old name of device-dp, and they differ" in capsys.readouterr().err
+
+
+def test_privacy_sweep_takes_its_old_user_noise_flag_and_says_the_new_one() -> None:
+    """--user-noise sets --device-noise's list, hidden from --help."""
+    from fedspeaker.cli.main import _parser
+
+    with pytest.warns(FutureWarning, match="^--user-noise is deprecated: use --device-noise"):
+        args = _parser().parse_args(["privacy-sweep", "--user-noise", "0.5,2"])
+    assert args.device_noise == [0.5, 2.0]
+    assert _parser().parse_args(["privacy-sweep"]).device_noise == [1.0, 4.0]
+    sweep = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["privacy-sweep"]
+    assert "--device-noise" in sweep.format_help() and "--user-noise" not in sweep.format_help()

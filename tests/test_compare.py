@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fedspeaker import config
 from fedspeaker.config import RunSettings
 from fedspeaker.errors import ConfigError, FedSpeakerError
 from fedspeaker.reporting.run_report import RunReport
@@ -85,6 +86,17 @@ def test_command_line_options_reach_every_cell_but_not_strategy_or_seed(tmp_path
     cell = Cell("fedmedian", "iid", "attack", 1)
     s = grid.settings(cell, {"rounds": "7", "lr": "0.05"}, tmp_path)
     assert (s.rounds, s.lr, s.strategy, s.seed, s.byzantine_fraction) == (7, 0.05, "fedmedian", 1, 0.25)
+
+
+def test_a_grid_layer_may_use_an_old_option_name_and_a_later_layer_still_wins(tmp_path: Path) -> None:
+    grid = small_grid(options={"dp": False, "rounds": 4, "num-clients": 4, "user-dp": "server-fixed"},
+                      scenarios={"clean": {}, "off": {"device-dp": "off"}})
+    config._warn_once.cache_clear()  # another test may have said it already
+    with pytest.warns(FutureWarning, match="'user-dp' is deprecated"):
+        assert grid.settings(Cell("fedavg", "iid", "clean", 0), {}, tmp_path).device_dp == "server-fixed"
+    assert grid.settings(Cell("fedavg", "iid", "off", 0), {}, tmp_path).device_dp == "off"
+    overridden = grid.settings(Cell("fedavg", "iid", "clean", 0), {"device-dp": "client-fixed"}, tmp_path)
+    assert overridden.device_dp == "client-fixed"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -8,7 +8,8 @@ import tomllib
 
 import pytest
 
-from fedspeaker.config import RunSettings
+from fedspeaker import config
+from fedspeaker.config import RENAMED_OPTIONS, RunSettings, saved_run_config
 from fedspeaker.errors import ConfigError, FedSpeakerError
 
 from conftest import REPO
@@ -27,7 +28,8 @@ def _typed(d: dict) -> dict:
 
 def test_pyproject_defaults_equal_runsettings_defaults():
     pyproject = _pyproject_config()
-    defaults = RunSettings().to_run_config()
+    # then the renamed options' old keys, "" (not given), so that `flwr run --run-config` takes them
+    defaults = {**RunSettings().to_run_config(), **{old: "" for old in RENAMED_OPTIONS}}
     assert list(pyproject) == list(defaults)  # same keys, same order
     assert _typed(pyproject) == _typed(defaults)
 
@@ -138,8 +140,8 @@ def test_epsilon_must_be_positive_wherever_it_is_used():
         RunSettings.from_run_config({"dp": True, "epsilon": 0.0})
     # the back end's share under device-level DP is epsilon/8 unless backend-epsilon says otherwise
     with pytest.raises(ConfigError, match="^epsilon must be greater than 0"):
-        RunSettings.from_run_config({"dp": False, "user-dp": "server-fixed", "epsilon": 0.0})
-    assert RunSettings.from_run_config({"dp": False, "user-dp": "server-fixed", "epsilon": 0.0,
+        RunSettings.from_run_config({"dp": False, "device-dp": "server-fixed", "epsilon": 0.0})
+    assert RunSettings.from_run_config({"dp": False, "device-dp": "server-fixed", "epsilon": 0.0,
                                         "backend-epsilon": 1.0}).epsilon == 0.0
     assert RunSettings.from_run_config({"epsilon": 0.0, "dp": False}).dp is False
 
@@ -170,6 +172,55 @@ def test_tdnn_only_options_on_the_ge2e_model_warn_once():
         RunSettings.from_run_config({"channels": 32, "crop-frames": 100})  # said already
         RunSettings.from_run_config({"channels": 32, "model": "tdnn"})
         RunSettings.from_run_config({})
+
+
+@pytest.mark.parametrize("old, value, field", [("user-dp", "server-fixed", "device_dp"),
+                                               ("user-noise-multiplier", "2", "device_noise_multiplier"),
+                                               ("user-clip-norm", 0.5, "device_clip_norm")])
+def test_an_old_option_name_still_works_and_says_its_new_one_once(old, value, field):
+    config._warn_once.cache_clear()  # another test may have said it already
+    with pytest.warns(FutureWarning, match=f"^run-config option '{old}' is deprecated: use '{RENAMED_OPTIONS[old]}'"):
+        settings = RunSettings.from_run_config({old: value})
+    assert getattr(settings, field) == getattr(RunSettings.from_run_config({RENAMED_OPTIONS[old]: value}), field)
+    assert getattr(settings, field) != getattr(RunSettings(), field)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RunSettings.from_run_config({old: value})  # said already
+
+
+def test_an_old_option_name_works_through_flowers_run_config():
+    """`flwr run --run-config user-dp=...`: Flower passes every pyproject key, the new one
+    at its default, the old one as given (pyproject's "" where not given)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert RunSettings.from_run_config(_pyproject_config()) == RunSettings()  # "": no warning
+    config._warn_once.cache_clear()
+    with pytest.warns(FutureWarning, match="'user-dp' is deprecated"):
+        settings = RunSettings.from_run_config({**_pyproject_config(), "user-dp": "client-fixed",
+                                                "user-noise-multiplier": 2})
+    assert (settings.device_dp, settings.device_noise_multiplier) == ("client-fixed", 2.0)
+
+
+def test_an_old_and_a_new_option_name_must_agree():
+    with pytest.raises(ConfigError, match="^user-dp is the old name of device-dp, and they differ "
+                                          r"\(user-dp='server-fixed', device-dp='client-fixed'\)"):
+        RunSettings.from_run_config({"user-dp": "server-fixed", "device-dp": "client-fixed"})
+    with pytest.raises(ConfigError, match="user-clip-norm.*device-clip-norm"):
+        RunSettings.from_run_config({"device-clip-norm": 0.5, "user-clip-norm": "0.25"})
+    agreed = RunSettings.from_run_config({"user-noise-multiplier": "2", "device-noise-multiplier": 2.0})
+    assert agreed.device_noise_multiplier == 2.0
+
+
+def test_a_saved_run_config_with_old_names_loads_silently():
+    """A checkpoint, model bundle or comparison cell written before the rename."""
+    old = {**RunSettings().to_run_config(), "user-dp": "server-fixed", "user-clip-norm": 0.5}
+    for new in RENAMED_OPTIONS.values():
+        del old[new]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        settings = RunSettings.from_run_config(saved_run_config(old))
+    assert (settings.device_dp, settings.device_clip_norm) == ("server-fixed", 0.5)
+    assert not set(saved_run_config(old)) & set(RENAMED_OPTIONS)
 
 
 def test_replace_validates():

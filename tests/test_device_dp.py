@@ -30,7 +30,7 @@ from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.wire import UNIT_WEIGHT
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.sampling import sample_clients
-from server.strategies import build_strategy, user_epsilon
+from server.strategies import build_strategy, device_epsilon_of
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -76,8 +76,8 @@ def run_round(strategy, server_round: int, grid: Grid, start: np.ndarray,
 
 
 def device_settings(**changes) -> RunSettings:
-    base = dict(num_clients=20, fraction_train=0.25, user_dp="server-fixed", user_noise_multiplier=1.3,
-                user_clip_norm=0.5, delta=DELTA, dp=False)
+    base = dict(num_clients=20, fraction_train=0.25, device_dp="server-fixed", device_noise_multiplier=1.3,
+                device_clip_norm=0.5, delta=DELTA, dp=False)
     return RunSettings(**{**base, **changes})
 
 
@@ -169,11 +169,11 @@ def test_fixed_sampling_epsilon_is_the_without_replacement_bound() -> None:
     # of updates clipped to C moves by up to 2C: noise multiplier 1.3 / 2 relative to that
     expected = GoogleRdp(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     expected.compose(dp_accounting.SampledWithoutReplacementDpEvent(20, 5, dp_accounting.GaussianDpEvent(0.65)), 3)
-    assert user_epsilon(strategy) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
+    assert device_epsilon_of(strategy) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
     # amplification credited: less than the same rounds without sampling, same neighbours
     unsampled = GoogleRdp(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     unsampled.compose(dp_accounting.GaussianDpEvent(0.65), 3)
-    assert user_epsilon(strategy) < unsampled.get_epsilon(DELTA)
+    assert device_epsilon_of(strategy) < unsampled.get_epsilon(DELTA)
 
 
 @pytest.mark.parametrize("accountant, opacus", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
@@ -184,7 +184,7 @@ def test_poisson_sampling_epsilon_is_opacus_at_rate_q(accountant: str, opacus) -
         run_round(strategy, r, grid, np.zeros(4))
     expected = opacus()
     expected.history = [(1.3, 0.25, 4)]  # rate q whatever each draw's size was, every round run
-    assert user_epsilon(strategy) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
+    assert device_epsilon_of(strategy) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
 
 
 def test_no_amplification_is_what_flowers_accountant_claims() -> None:
@@ -210,12 +210,12 @@ def test_an_empty_poisson_round_still_counts_and_still_releases_noise() -> None:
     assert np.all(released != 0)  # noise alone, std noise * clip / (q N)
     expected = RDPAccountant()
     expected.history = [(1.3, 0.05, empty)]
-    assert user_epsilon(strategy) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
+    assert device_epsilon_of(strategy) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
 
 
 def test_adaptive_clipping_and_robust_aggregation_claim_no_epsilon() -> None:
-    for changes in ({"user_dp": "server-adaptive"}, {"strategy": "fedmedian"}, {"user_dp": "off"}):
-        assert math.isnan(user_epsilon(build_strategy(device_settings(**changes))))
+    for changes in ({"device_dp": "server-adaptive"}, {"strategy": "fedmedian"}, {"device_dp": "off"}):
+        assert math.isnan(device_epsilon_of(build_strategy(device_settings(**changes))))
 
 
 # ------------------------------------------------------------------ the release
@@ -224,13 +224,13 @@ def test_adaptive_clipping_and_robust_aggregation_claim_no_epsilon() -> None:
 def test_the_release_divides_the_sum_by_the_fixed_denominator() -> None:
     # Poisson: q N = 5 expected; whoever is drawn, the sum of the clipped updates is
     # divided by 5, not by the number drawn (the noise here is negligible)
-    settings = device_settings(client_sampling="poisson", user_noise_multiplier=1e-9, user_clip_norm=10.0)
+    settings = device_settings(client_sampling="poisson", device_noise_multiplier=1e-9, device_clip_norm=10.0)
     strategy, grid = build_strategy(settings), Grid(20)
     for r in (1, 2, 3):
         asked, released = run_round(strategy, r, grid, np.zeros(4), update=lambda node: np.full(4, 1.0))
         np.testing.assert_allclose(released, np.full(4, len(asked) / 5), rtol=1e-5)
     # fixed: a client that sits out or drops adds nothing, and the others are still divided by m
-    settings = device_settings(user_noise_multiplier=1e-9, user_clip_norm=10.0)
+    settings = device_settings(device_noise_multiplier=1e-9, device_clip_norm=10.0)
     strategy = build_strategy(settings)
     sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
                                          ConfigRecord(), grid))
@@ -241,8 +241,8 @@ def test_the_release_divides_the_sum_by_the_fixed_denominator() -> None:
 @pytest.mark.parametrize("how, replies", [("fixed", 5), ("fixed", 2), ("poisson", None)])
 def test_the_noise_on_the_sum_is_what_is_accounted(how: str, replies: int | None) -> None:
     noise, clip = 1.3, 0.5
-    settings = device_settings(client_sampling=how, user_dp="client-fixed", user_noise_multiplier=noise,
-                               user_clip_norm=clip)
+    settings = device_settings(client_sampling=how, device_dp="client-fixed", device_noise_multiplier=noise,
+                               device_clip_norm=clip)
     strategy, grid = build_strategy(settings), Grid(20)
     start = ArrayRecord({"w": Array(np.zeros(200_000, np.float32))})
     np.random.seed(0)
@@ -268,13 +268,13 @@ def test_a_checkpoint_carries_the_device_accounting_on(tmp_path: Path) -> None:
     resumed = build_strategy(settings)
     restore_strategy_state(resumed, Checkpoint.read(tmp_path).strategy)
     resumed.round_offset = 2  # what server/app.py sets: Flower counts the rest from 1
-    assert user_epsilon(resumed) == pytest.approx(user_epsilon(original))
+    assert device_epsilon_of(resumed) == pytest.approx(device_epsilon_of(original))
     asked, _ = run_round(resumed, 1, grid, np.zeros(4))  # round 3 of the run
     assert sorted(asked) == sample_clients(grid.get_node_ids(), how="poisson", fraction=0.25, seed=0,
                                            server_round=3)
     expected = RDPAccountant()
     expected.history = [(1.3, 0.25, 3)]
-    assert user_epsilon(resumed) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
+    assert device_epsilon_of(resumed) == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
 
 
 # ------------------------------------------------------------------ in words
@@ -282,7 +282,7 @@ def test_a_checkpoint_carries_the_device_accounting_on(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how, words", [("fixed", "without replacement"), ("poisson", "Poisson")])
 def test_the_summary_names_unit_epsilon_delta_accountant_and_sampling(how: str, words: str) -> None:
-    text = guarantee_sentence(device_settings(client_sampling=how), math.nan, user_epsilon=3.21)
-    assert "user-level (epsilon=3.21, delta=1e-05)" in text and "the unit is one device" in text
+    text = guarantee_sentence(device_settings(client_sampling=how), math.nan, device_epsilon=3.21)
+    assert "device-level (epsilon=3.21, delta=1e-05)" in text and "the unit is one device" in text
     assert words in text and ("dp_accounting's RDP" if how == "fixed" else "Opacus's RDP") in text
     assert "noise multiplier 1.3" in text and "clipping norm 0.5" in text

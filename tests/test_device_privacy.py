@@ -107,7 +107,7 @@ def test_the_privacy_sentence_says_where_the_noise_came_from():
         assert "operating system's entropy" in text and "seeded from the run config" not in text
     assert "lifetime epsilon of at most 12.50" in guarantee_sentence(settings, 7.9, simulated=False,
                                                                      lifetime_epsilon=12.5)
-    server = guarantee_sentence(settings.replace(dp=False, user_dp="server-fixed"), math.nan, 3.0)
+    server = guarantee_sentence(settings.replace(dp=False, device_dp="server-fixed"), math.nan, 3.0)
     assert "not against the server" in server
 
 

@@ -224,26 +224,26 @@ silent = {{ dropout = 0.6, dropout-mode = "silent", round-timeout = 40.0 }}
     assert flower_processes() == []
 
 
-def test_sample_and_user_level_dp_combine_with_flowers_client_side_clipping(tiny_corpus: Path,
-                                                                            tmp_path: Path) -> None:
+def test_sample_and_device_level_dp_combine_with_flowers_client_side_clipping(tiny_corpus: Path,
+                                                                              tmp_path: Path) -> None:
     out = tmp_path / "both"
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "2", "--rounds", "2",
                      "--epsilon", "30", "--out", str(out), "--set", f"cache-dir={tmp_path / 'cache'}",
-                     "--set", "user-dp=client-fixed", "--set", "user-noise-multiplier=0.5",
+                     "--set", "device-dp=client-fixed", "--set", "device-noise-multiplier=0.5",
                      "--set", "local-epochs=1")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if r["round"] != "0"]
-    user_eps = [float(r["user_epsilon"]) for r in rows]
-    assert 0 < user_eps[0] < user_eps[1], user_eps  # Flower's accountant, round by round
+    device_eps = [float(r["device_epsilon"]) for r in rows]
+    assert 0 < device_eps[0] < device_eps[1], device_eps  # Flower's accountant, round by round
     assert all(float(r["epsilon_max"]) > 0 for r in rows)  # Opacus, in each client
     privacy = json.loads((out / "summary.json").read_text())["privacy"]
-    assert "sample-level" in privacy and "user-level" in privacy
+    assert "sample-level" in privacy and "device-level" in privacy
     assert "fixedclipping_mod: parameters are clipped" in (out / "flower.log").read_text()
 
 
 def test_privacy_sweep_runs_audits_and_reports(tiny_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    result = run_cli("privacy-sweep", "--epsilons", "30", "--user-noise", "", "--rounds", "2",
+    result = run_cli("privacy-sweep", "--epsilons", "30", "--device-noise", "", "--rounds", "2",
                      "--out", str(out), "--data-dir", str(tiny_corpus),
                      "--set", "num-clients=2", "--set", "local-epochs=1",
                      "--set", f"cache-dir={tmp_path / 'cache'}")

@@ -26,16 +26,16 @@ def test_speaker_level_dp_sgd_under_poisson_sampled_device_dp(tiny_corpus: Path,
     result = run_cli("simulate", "--data-dir", str(tiny_corpus), "--clients", "4", "--rounds", "3",
                      "--partition", "pathological", "--epsilon", "30", "--out", str(out),
                      "--set", f"cache-dir={cache}", "--set", "speakers-per-client=3",
-                     "--set", "dp-unit=speaker", "--set", "user-dp=server-fixed",
+                     "--set", "dp-unit=speaker", "--set", "device-dp=server-fixed",
                      "--set", "client-sampling=poisson", "--set", "fraction-train=0.5",
-                     "--set", "user-noise-multiplier=0.8", "--set", "batch-size=2",
+                     "--set", "device-noise-multiplier=0.8", "--set", "batch-size=2",
                      "--set", "backend=false")  # the training's units alone (the back end: test_backend.py)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [r for r in csv.DictReader(open(out / "rounds.csv")) if float(r["round"]) > 0]
     for r, row in enumerate(rows, 1):  # every round counts, however many devices it drew
         expected = RDPAccountant()
         expected.history = [(0.8, 0.5, r)]
-        assert float(row["user_epsilon"]) == pytest.approx(expected.get_epsilon(1e-5), rel=1e-6)
+        assert float(row["device_epsilon"]) == pytest.approx(expected.get_epsilon(1e-5), rel=1e-6)
     releases = torch.load(out / "checkpoint.pt", weights_only=False)["strategy"][0]["device_releases"]
     assert [(noise, population, rate) for noise, _, population, rate in releases] == [(0.8, 4, 0.5)] * 3
     assert [int(float(r["clients"])) for r in rows] == [sampled for _, sampled, _, _ in releases]
@@ -46,5 +46,5 @@ def test_speaker_level_dp_sgd_under_poisson_sampled_device_dp(tiny_corpus: Path,
     assert all(rate == 0.5 for ledger in ledgers for rate in ledger["rate"])
     privacy = json.loads((out / "summary.json").read_text())["privacy"]
     assert "speaker-level (epsilon=" in privacy and "the unit is one speaker" in privacy
-    assert f"user-level (epsilon={float(rows[-1]['user_epsilon']):.2f}" in privacy
+    assert f"device-level (epsilon={float(rows[-1]['device_epsilon']):.2f}" in privacy
     assert "Poisson" in privacy and not math.isnan(float(rows[-1]["epsilon_max"]))

@@ -143,7 +143,7 @@ def test_a_device_not_sent_its_class_vector_starts_from_the_seeded_initial_one()
     assert not after[[0, 2, 3]].any()
 
 
-@pytest.mark.parametrize("changes", [{"model": "tdnn"}, {"user_dp": "server-fixed"}, {"secagg": True},
+@pytest.mark.parametrize("changes", [{"model": "tdnn"}, {"device_dp": "server-fixed"}, {"secagg": True},
                                      {"dp_unit": "speaker"}])
 def test_own_class_vectors_are_refused_where_they_cannot_work(changes: dict) -> None:
     with pytest.raises(ConfigError, match="class-vectors=own"):

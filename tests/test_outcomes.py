@@ -152,7 +152,7 @@ def tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rounds: int, client
     t.model = type("M", (), {"load_state_dict": lambda self, state: None})()
     t.data = type("D", (), {"split": type("S", (), {"speakers": []})()})()
     t.__dict__["evaluation"] = None
-    t.simulated, t.device_epsilon, t.devices_sat_out = True, {}, set()
+    t.simulated, t.reported_epsilon, t.devices_sat_out = True, {}, set()
     t.not_trained = Counter({"no-reply/error: Flower error 8: APP REFUSED": 2 * rounds})
     return t
 

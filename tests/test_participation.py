@@ -99,7 +99,7 @@ def test_the_server_reports_the_spread_of_epsilon_over_devices():
 
     tracker.observe_replies(1, [reply(2.0), reply(3.0)], [11, 12])
     tracker.observe_replies(2, [reply(5.0), reply(7.9, sat=1)], [11, 13])
-    assert tracker.device_epsilon == {11: 5.0, 12: 3.0, 13: 7.9}
-    spread = epsilon_spread(settings, list(tracker.device_epsilon.values()), len(tracker.devices_sat_out))
+    assert tracker.reported_epsilon == {11: 5.0, 12: 3.0, 13: 7.9}
+    spread = epsilon_spread(settings, list(tracker.reported_epsilon.values()), len(tracker.devices_sat_out))
     assert spread == {"devices": 3, "min": 3.0, "median": 5.0, "max": 7.9, "target": 8.0, "sat_out_for_budget": 1}
     assert epsilon_spread(settings, [], 0) is None

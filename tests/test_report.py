@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
-from fedspeaker.reporting.run_report import RunReport, progress_line
+from fedspeaker.reporting.run_report import RunReport, progress_line, read_rounds
 
 
 def test_round_zero_is_the_first_row_line_and_point(tmp_path):
@@ -24,6 +24,11 @@ def test_round_zero_is_the_first_row_line_and_point(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "global_model.pt").exists()
     assert "the starting model" in progress_line(start)
     assert "voiceprint 0.930" in progress_line(trained[0]) and "training head 0.300" in progress_line(trained[0]) and "minDCF 0.960" in progress_line(trained[0])
+
+
+def test_a_rounds_csv_from_before_the_rename_reads_back_under_the_new_names(tmp_path):
+    (tmp_path / "rounds.csv").write_text("round,accuracy,user_epsilon\n1,0.5,2.25\n")
+    assert read_rounds(tmp_path / "rounds.csv") == [{"round": 1.0, "accuracy": 0.5, "device_epsilon": 2.25}]
 
 
 def test_tensorboard_event_files_hold_the_rounds_csv_figures(tmp_path):

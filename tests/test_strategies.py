@@ -109,9 +109,9 @@ def test_the_wrappers_are_put_together_in_one_place_and_the_epsilon_found_under_
     import torch
 
     from server.device_eval import DeviceEvaluation
-    from server.strategies import ScreenedStrategy, device_dp_of, user_epsilon
+    from server.strategies import ScreenedStrategy, device_dp_of, device_epsilon_of
 
-    settings = RunSettings(num_clients=8, user_dp="server-fixed", fraction_evaluate=0.5)
+    settings = RunSettings(num_clients=8, device_dp="server-fixed", fraction_evaluate=0.5)
     with pytest.raises(ValueError, match="cohort"):
         build_strategy(settings)
     strategy = build_strategy(settings, cohort=lambda arrays: (0.5, torch.zeros(1, 2)),
@@ -121,6 +121,6 @@ def test_the_wrappers_are_put_together_in_one_place_and_the_epsilon_found_under_
     device_dp = device_dp_of(strategy)
     assert device_dp is strategy.strategy.device_dp is not None
     device_dp.account((1.0, 4, 8, 0.5))
-    assert user_epsilon(strategy) == device_dp.epsilon() > 0  # found under DeviceEvaluation too
-    assert math.isnan(user_epsilon(build_strategy(settings.replace(user_dp="off"), cohort=lambda arrays: None,
+    assert device_epsilon_of(strategy) == device_dp.epsilon() > 0  # found under DeviceEvaluation too
+    assert math.isnan(device_epsilon_of(build_strategy(settings.replace(device_dp="off"), cohort=lambda arrays: None,
                                                   on_counts=lambda server_round, totals: None)))

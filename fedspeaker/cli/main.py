@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 from fedspeaker.cli.deploy import add_commands as add_deployment_commands
@@ -99,13 +100,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="a run-config option for every cell, e.g. --set rounds=5")
 
     p = sub.add_parser("privacy-sweep", help="accuracy, EER and membership-inference AUC against "
-                       "epsilon: no DP, sample-level and user-level DP on the same shards")
+                       "epsilon: no DP, sample-level and device-level DP on the same shards")
     p.set_defaults(command=privacy_sweep)
     p.add_argument("--epsilons", type=_number_list(float), default=[1.0, 2.0, 4.0, 8.0],
                    help="sample-level target epsilons (default 1,2,4,8)")
-    p.add_argument("--user-noise", type=_number_list(float), default=[1.0, 4.0],
-                   help="user-level noise multipliers, Flower's server-side fixed clipping "
+    p.add_argument("--device-noise", type=_number_list(float), default=[1.0, 4.0],
+                   help="device-level noise multipliers, Flower's server-side fixed clipping "
                    "(default 1,4; empty to skip)")
+    p.add_argument("--user-noise", dest="device_noise", type=_number_list(float), default=argparse.SUPPRESS,
+                   action=_RenamedFlag, new="--device-noise", help=argparse.SUPPRESS)
     p.add_argument("--seeds", type=_number_list(int), default=[0], help="seeds (default 0)")
     p.add_argument("--rounds", type=int, help=f"rounds per run (default {d.rounds})")
     p.add_argument("--out", help="output folder (default runs/privacy-sweep; resumable)")
@@ -125,6 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+", help="audio files (.wav or .flac)")
     add_device_commands(sub)  # export, enroll, verify
     return parser
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag's old name, hidden from --help: it still sets what the new one sets, and says so."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        warnings.warn(f"{option_string} is deprecated: use {self.new} (the same flag, renamed)",
+                      FutureWarning)
+        setattr(namespace, self.dest, values)
 
 
 def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list]:

@@ -11,7 +11,8 @@ What it reads from fedspeaker/config.py, in source order:
   below it, or, when that field has its own comment, the continuation of the field above;
 - the bounds that ``RunSettings.validate`` and its ``_validate_*`` methods check with ``_choice``,
   ``_at_least``, ``_positive`` and ``_open_unit``;
-- the ``fedspeaker simulate``/``central`` flag that sets the option, if any.
+- the ``fedspeaker simulate``/``central`` flag that sets the option, if any;
+- the old names of renamed options (``RENAMED_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -187,6 +188,10 @@ def render() -> str:
             flag = f"`{o.flag}`" if o.flag else ""
             default = _cell(_literal(o.default))
             lines.append(f"| `{o.key}` | {o.kind} | `{default}` | {flag} | {_cell(meaning)} |")
+    lines += ["", "## Old names", "",
+              "Options renamed since. The old key still works wherever a key is taken, with a deprecation",
+              "warning; both given, the new one away from its default, they must agree.", ""]
+    lines += [f"- `{old}`: now `{new}`" for old, new in config.RENAMED_OPTIONS.items()]
     return "\n".join(lines) + "\n"
 
 

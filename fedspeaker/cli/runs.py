@@ -66,7 +66,7 @@ def privacy_sweep(args: argparse.Namespace) -> int:
         overrides["data-dir"] = str(Path(args.data_dir).expanduser().resolve())
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
-    grid = sweep_grid(args.epsilons, args.user_noise, args.seeds)
+    grid = sweep_grid(args.epsilons, args.device_noise, args.seeds)
     out = Path(args.out or "runs/privacy-sweep").expanduser().resolve()
     print(f"privacy sweep: {', '.join(grid.scenarios)}; seeds {args.seeds}; "
           f"{len(grid.cells())} runs; results in {out}", flush=True)

@@ -11,14 +11,14 @@ from fedspeaker.privacy.accounting import GroupBound, accountant_words
 from fedspeaker.privacy.backend_stats import device_backend_noise_multiplier
 
 
-def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: float = math.nan, *,
+def guarantee_sentence(settings: RunSettings, epsilon: float, device_epsilon: float = math.nan, *,
                        group: GroupBound | None = None, simulated: bool = True,
                        lifetime_epsilon: float = math.nan) -> str:
     """One plain sentence per kind of DP the run used.
 
     Args:
         epsilon: the largest sample-level epsilon any client spent (DP-SGD).
-        user_epsilon: the device-level epsilon (DP-FedAvg), NaN where none is accounted.
+        device_epsilon: the device-level epsilon (DP-FedAvg), NaN where none is accounted.
         group: under utterance-level DP-SGD, the bound for the speaker with the most
             utterances in one client (None: not known).
         simulated: a simulation (False: real devices, whose noise is never seeded).
@@ -34,8 +34,8 @@ def guarantee_sentence(settings: RunSettings, epsilon: float, user_epsilon: floa
         if not math.isnan(lifetime_epsilon):
             sentences.append(f"Over every run ever on their recordings, the devices reported a "
                              f"lifetime epsilon of at most {lifetime_epsilon:.2f} (delta={settings.delta:g}).")
-    if settings.user_dp != "off":
-        sentences.append(_device_level(settings, user_epsilon))
+    if settings.device_dp != "off":
+        sentences.append(_device_level(settings, device_epsilon))
         if settings.backend and not settings.secagg:
             sentences.append("That epsilon includes the scoring back end's releases (one vector of "
                              "norm at most 1 per device, Gaussian noise of std "
@@ -98,17 +98,17 @@ def _noise_source(s: RunSettings, simulated: bool) -> str:
             "nobody holding the run config can regenerate them.")
 
 
-def _device_level(s: RunSettings, user_epsilon: float) -> str:
-    how = (f"Flower's {s.user_dp.replace('-', '-side ', 1)} clipping wrapper, noise multiplier "
-           f"{s.user_noise_multiplier:g}, clipping norm {s.user_clip_norm:g}")
-    if math.isnan(user_epsilon):
-        return (f"Each client's whole contribution gets user-level DP noise ({how}); epsilon is "
+def _device_level(s: RunSettings, device_epsilon: float) -> str:
+    how = (f"Flower's {s.device_dp.replace('-', '-side ', 1)} clipping wrapper, noise multiplier "
+           f"{s.device_noise_multiplier:g}, clipping norm {s.device_clip_norm:g}")
+    if math.isnan(device_epsilon):
+        return (f"Each client's whole contribution gets device-level DP noise ({how}); epsilon is "
                 "accounted only for fixed clipping around FedAvg, so no epsilon is claimed for "
                 "this run.")
     if s.client_sampling == "poisson":
         sampling = f"each of {s.num_clients} devices drawn independently with probability {s.fraction_train:g} a round"
     else:
         sampling = f"{s.clients_per_round} of {s.num_clients} devices a round, drawn without replacement"
-    return (f"Each device's whole contribution is protected by user-level (epsilon={user_epsilon:.2f}, "
+    return (f"Each device's whole contribution is protected by device-level (epsilon={device_epsilon:.2f}, "
             f"delta={s.delta:g}) differential privacy over the rounds run: the unit is one device, all "
             f"of its speakers (DP-FedAvg: {how}; {sampling}; {accountant_words(s.client_sampling, s.accountant)}).")

@@ -28,7 +28,7 @@ from fedspeaker.reporting.tensorboard import RoundBoard
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "user_epsilon",
+COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss", "epsilon_max", "epsilon_mean", "device_epsilon",
            "train_loss",
            # decisions as a device makes them (voiceprints of enrol-recordings recordings): the
            # threshold fitted on validation, the unseen speakers' FAR and FRR there, FRR at FAR
@@ -53,6 +53,15 @@ COLUMNS = ("round", "accuracy", "voiceprint_accuracy", "eer", "min_dcf", "loss",
            # the scoring back end, where this round computed one: devices counted, seconds taken
            "backend_devices", "backend_seconds",
            "round_seconds", "seconds")
+
+# Columns renamed, old -> new: rows read back (rounds.csv, a checkpoint's) from a run made
+# before the rename come in under the new names
+RENAMED_COLUMNS = {"user_epsilon": "device_epsilon"}
+
+
+def current_row(row: Mapping[str, float]) -> dict[str, float]:
+    """A row under today's column names, whenever it was written."""
+    return {RENAMED_COLUMNS.get(k, k): v for k, v in row.items()}
 
 
 class RunReport:
@@ -93,8 +102,8 @@ def progress_line(row: dict[str, float]) -> str:
     eps = ""
     if not math.isnan(row.get("epsilon_max", math.nan)):
         eps = f"  eps max {row['epsilon_max']:.2f} mean {row['epsilon_mean']:.2f}"
-    if not math.isnan(row.get("user_epsilon", math.nan)):
-        eps += f"  user eps {row['user_epsilon']:.2f}"
+    if not math.isnan(row.get("device_epsilon", math.nan)):
+        eps += f"  device eps {row['device_epsilon']:.2f}"
     clients = row.get("clients", math.nan)
     replies = f"  clients {0 if math.isnan(clients) else int(clients)}"
     if row.get("asked", 0) > 0:  # NaN > 0 is False
@@ -144,7 +153,7 @@ def _degraded(row: Mapping[str, float]) -> dict[str, Any]:
 
 def read_rounds(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [current_row({k: float(v) for k, v in r.items()}) for r in csv.DictReader(f)]
 
 
 def _fmt(value: float) -> str:
@@ -176,7 +185,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         + (f", DP ε≤{settings.epsilon:g})" if settings.dp and not settings.noise_multiplier else ")"),
         "mode": mode,
         "final": {**{k: final.get(k) for k in ("round", "accuracy", "voiceprint_accuracy", "eer",
-                                               "min_dcf", "epsilon_max", "epsilon_mean", "user_epsilon")},
+                                               "min_dcf", "epsilon_max", "epsilon_mean", "device_epsilon")},
                   **_decisions(final, settings), **_degraded(final)},
         "start": {**{k: start.get(k) for k in ("accuracy", "voiceprint_accuracy", "eer", "min_dcf")},
                   **_decisions(start, settings), **_degraded(start)},
@@ -197,7 +206,7 @@ def run_summary(settings: RunSettings, data: SpeakerData, rows: list[dict[str, f
         "epsilon_spent": epsilon_spread(settings, *device_epsilons) if device_epsilons else None,
         "lifetime_epsilon_max": _largest(rows, "lifetime_epsilon_max"),
         "privacy": guarantee_sentence(
-            settings, eps, final.get("user_epsilon", math.nan), simulated=simulated,
+            settings, eps, final.get("device_epsilon", math.nan), simulated=simulated,
             lifetime_epsilon=(_largest(rows, "lifetime_epsilon_max") or math.nan) if not simulated else math.nan,
             group=(speaker_group_bound(settings, _party_speakers(settings, mode),
                                        rounds=int(final.get("round", 0)))

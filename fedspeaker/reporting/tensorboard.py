@@ -19,7 +19,7 @@ _GROUPS = {
     "verification": ("eer", "min_dcf", "enrol_eer", "enrol_min_dcf", "cllr", "act_dcf"),
     "identification": ("accuracy", "voiceprint_accuracy"),
     "decision": ("threshold", "far", "frr", "frr_at_far_1pct", "val_frr"),
-    "privacy": ("epsilon_max", "epsilon_mean", "user_epsilon", "lifetime_epsilon_max"),
+    "privacy": ("epsilon_max", "epsilon_mean", "device_epsilon", "lifetime_epsilon_max"),
     "clients": ("clients", "asked", "sat_out", "refused", "no_reply", "dropped"),
     "loss": ("loss", "train_loss"),
     "devices": ("device_accuracy", "device_frr", "device_far", "device_target_trials",

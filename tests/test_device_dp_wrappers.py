@@ -1,4 +1,4 @@
-"""User-level DP with Flower's own wrappers: each mode runs a round, clipping bounds a
+"""Device-level DP with Flower's own wrappers: each mode runs a round, clipping bounds a
 client's influence, and Flower's accountant reports a growing epsilon where it can."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from fedspeaker.config import USER_DP, RunSettings
+from fedspeaker.config import DEVICE_DP, RunSettings
 from fedspeaker.errors import ConfigError
 from fedspeaker.privacy.guarantee import guarantee_sentence
 from fedspeaker.wire import UNIT_WEIGHT
-from server.strategies import build_strategy, user_epsilon
+from server.strategies import build_strategy, device_epsilon_of
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -42,9 +42,9 @@ def one_round(settings: RunSettings, updates: list[np.ndarray], server_round: in
     return strategy, sent, arrays
 
 
-@pytest.mark.parametrize("mode", [m for m in USER_DP if m != "off"])
-def test_every_user_dp_mode_wraps_a_strategy_and_aggregates_a_round(mode: str) -> None:
-    settings = RunSettings(num_clients=4, user_dp=mode, user_noise_multiplier=0.5)
+@pytest.mark.parametrize("mode", [m for m in DEVICE_DP if m != "off"])
+def test_every_device_dp_mode_wraps_a_strategy_and_aggregates_a_round(mode: str) -> None:
+    settings = RunSettings(num_clients=4, device_dp=mode, device_noise_multiplier=0.5)
     _, sent, arrays = one_round(settings, [np.full(4, 0.1 * (i + 1)) for i in range(4)])
     assert arrays is not None and np.isfinite(arrays["w"].numpy()).all()
     if mode.startswith("client"):  # the server tells clients how to clip
@@ -52,8 +52,8 @@ def test_every_user_dp_mode_wraps_a_strategy_and_aggregates_a_round(mode: str) -
 
 
 def test_server_side_clipping_bounds_each_clients_influence() -> None:
-    settings = RunSettings(num_clients=3, user_dp="server-fixed", user_clip_norm=0.1,
-                           user_noise_multiplier=1e-6)
+    settings = RunSettings(num_clients=3, device_dp="server-fixed", device_clip_norm=0.1,
+                           device_noise_multiplier=1e-6)
     _, _, arrays = one_round(settings, [np.full(4, 50.0), np.full(4, 0.001), np.full(4, 0.001)])
     # the huge update is clipped to norm 0.1 (0.05 a component), the small ones are kept,
     # and all three count the same
@@ -61,8 +61,8 @@ def test_server_side_clipping_bounds_each_clients_influence() -> None:
 
 
 def test_an_update_that_changes_nothing_does_not_stop_server_side_clipping() -> None:
-    settings = RunSettings(num_clients=3, user_dp="server-fixed", user_clip_norm=0.1,
-                           user_noise_multiplier=1e-6, strategy="fedmedian")
+    settings = RunSettings(num_clients=3, device_dp="server-fixed", device_clip_norm=0.1,
+                           device_noise_multiplier=1e-6, strategy="fedmedian")
     _, _, arrays = one_round(settings, [np.zeros(4), np.full(4, 50.0), np.full(4, 50.0)])
     assert np.linalg.norm(arrays["w"].numpy()) == pytest.approx(0.1, rel=1e-3)
 
@@ -76,34 +76,34 @@ def test_flower_mod_clips_on_the_client_before_anything_leaves() -> None:
 
 
 def test_flowers_accountant_reports_a_growing_epsilon_for_fixed_clipping_fedavg() -> None:
-    settings = RunSettings(num_clients=4, user_dp="server-fixed", user_noise_multiplier=2.0)
+    settings = RunSettings(num_clients=4, device_dp="server-fixed", device_noise_multiplier=2.0)
     strategy = None
     epsilons = []
     for server_round in (1, 2, 3):
         strategy, _, _ = one_round(settings, [np.full(4, 0.1)] * 4, server_round, strategy)
-        epsilons.append(user_epsilon(strategy))
+        epsilons.append(device_epsilon_of(strategy))
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
     no_account = build_strategy(settings.replace(strategy="fedmedian"))
-    assert math.isnan(user_epsilon(no_account))  # Flower accounts for FedAvg only
-    assert math.isnan(user_epsilon(build_strategy(RunSettings())))
+    assert math.isnan(device_epsilon_of(no_account))  # Flower accounts for FedAvg only
+    assert math.isnan(device_epsilon_of(build_strategy(RunSettings())))
 
 
 def test_guarantee_names_both_kinds_of_dp() -> None:
-    both = RunSettings(user_dp="server-fixed", user_noise_multiplier=2.0)
-    text = guarantee_sentence(both, epsilon=7.5, user_epsilon=12.25)
-    assert "sample-level (epsilon=7.50" in text and "user-level (epsilon=12.25" in text
+    both = RunSettings(device_dp="server-fixed", device_noise_multiplier=2.0)
+    text = guarantee_sentence(both, epsilon=7.5, device_epsilon=12.25)
+    assert "sample-level (epsilon=7.50" in text and "device-level (epsilon=12.25" in text
     assert "no epsilon is claimed" in guarantee_sentence(both.replace(dp=False, strategy="krum"), 0.0)
     assert guarantee_sentence(RunSettings(dp=False), 0.0) == "no differential privacy"
 
 
-@pytest.mark.parametrize("key, value", [("user-dp", "everywhere"), ("user-noise-multiplier", 0.0),
-                                        ("user-clip-norm", -1.0)])
-def test_bad_user_dp_values_name_the_option(key: str, value: object) -> None:
+@pytest.mark.parametrize("key, value", [("device-dp", "everywhere"), ("device-noise-multiplier", 0.0),
+                                        ("device-clip-norm", -1.0)])
+def test_bad_device_dp_values_name_the_option(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"^{key}"):
         RunSettings.from_run_config({key: value})
 
 
-@pytest.mark.parametrize("other", [{"strategy": "krum"}, {"user-dp": "server-fixed"},
+@pytest.mark.parametrize("other", [{"strategy": "krum"}, {"device-dp": "server-fixed"},
                                    {"epsilon-budget": 5.0}])
 def test_secure_aggregation_refuses_what_needs_individual_updates(other: dict) -> None:
     with pytest.raises(ConfigError, match="secagg"):
