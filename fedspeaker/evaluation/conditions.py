@@ -26,7 +26,7 @@ from fedspeaker.data.audio import load_audio
 from fedspeaker.data.degrade import degrade, room_bank
 from fedspeaker.data.features import FeatureCache, FeatureSpec
 from fedspeaker.errors import AudioError, ConfigError
-from fedspeaker.evaluation.metrics import eer_operating_point, min_dcf
+from fedspeaker.evaluation.metrics import error_rates
 from fedspeaker.evaluation.trials import Trials, trial_scores
 from fedspeaker.recipes import Recipe, parse_conditions
 
@@ -110,8 +110,8 @@ def condition_figures(clean: torch.Tensor, degraded: dict[str, torch.Tensor], tr
     figures: dict[str, float] = {}
     for name, test in degraded.items():
         scores = trial_scores(clean, trials, cohort=cohort, top=top, test_embeddings=test)
-        figures[f"eer_{name}"] = eer_operating_point(scores, trials.target)[0]
-        figures[f"min_dcf_{name}"] = min_dcf(scores, trials.target)
+        curve = error_rates(scores, trials.target)
+        figures[f"eer_{name}"], figures[f"min_dcf_{name}"] = curve.eer()[0], curve.min_dcf()
     if degraded:
         figures["degraded_eer_mean"] = float(np.mean([figures[f"eer_{n}"] for n in degraded]))
     return figures

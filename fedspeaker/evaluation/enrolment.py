@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from fedspeaker.errors import CorpusError
-from fedspeaker.evaluation.metrics import eer_operating_point, min_dcf
+from fedspeaker.evaluation.metrics import error_rates
 from fedspeaker.evaluation.operating_point import (
     Calibration,
     OperatingPoint,
     actual_dcf,
     cllr,
-    frr_at_far,
     rates_at,
 )
 from fedspeaker.evaluation.voiceprint import voiceprint
@@ -128,13 +127,14 @@ def operating_figures(point: OperatingPoint, validation: tuple[np.ndarray, np.nd
     calibration = Calibration.fit(val_scores, val_same)
     llrs = calibration.llr(scores.astype(np.float64))
     far, frr = rates_at(scores, same, threshold)
+    curve = error_rates(scores, same)
     return {
         "threshold": threshold,
         "far": far,
         "frr": frr,
-        "frr_at_far_1pct": frr_at_far(scores, same, FAR_1PCT),
-        "enrol_eer": eer_operating_point(scores, same)[0],
-        "enrol_min_dcf": min_dcf(scores, same),
+        "frr_at_far_1pct": rates_at(scores, same, curve.threshold_at_far(FAR_1PCT))[1],
+        "enrol_eer": curve.eer()[0],
+        "enrol_min_dcf": curve.min_dcf(),
         "cllr": cllr(llrs, same),
         "act_dcf": actual_dcf(llrs, same),
         "llr_scale": calibration.scale,

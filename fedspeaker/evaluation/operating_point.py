@@ -60,8 +60,7 @@ def threshold_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:
     """The lowest threshold accepting at most a share ``far`` of the non-target trials."""
     from fedspeaker.evaluation.metrics import error_rates  # torch: not for a torch-free device
 
-    thresholds, _, false_accept = error_rates(scores, same)
-    return float(thresholds[np.flatnonzero(false_accept <= far)[-1]])  # +inf (accept none) always qualifies
+    return error_rates(scores, same).threshold_at_far(far)
 
 
 def rates_at(scores: np.ndarray, same: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -99,14 +98,19 @@ class Calibration:
         y = np.where(same, 1.0, -1.0)
         weight = np.where(same, 0.5 / same.sum(), 0.5 / (~same).sum())
 
+        last: dict[str, np.ndarray] = {}  # the sigmoid at the last point: Newton asks its hessian there
+
         def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
             z = y * (params[0] * x + params[1])
-            grad_z = -weight * y * expit(-z)  # d/dz log(1 + e^-z) = -sigmoid(-z)
+            last["params"], last["sigmoid"] = params.copy(), expit(-z)
+            grad_z = -weight * y * last["sigmoid"]  # d/dz log(1 + e^-z) = -sigmoid(-z)
             return float(np.sum(weight * np.logaddexp(0.0, -z))), np.array([grad_z @ x, grad_z.sum()])
 
         def hessian(params: np.ndarray) -> np.ndarray:
-            p = expit(params[0] * x + params[1])
-            k = weight * p * (1.0 - p)
+            if "params" not in last or not np.array_equal(last["params"], params):
+                loss(params)
+            sigmoid = last["sigmoid"]
+            k = weight * sigmoid * (1.0 - sigmoid)  # sigmoid(z)(1 - sigmoid(z)) is even in z
             return np.array([[k @ (x * x), k @ x], [k @ x, k.sum()]])
 
         target, other = x[same], x[~same]

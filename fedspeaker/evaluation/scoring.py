@@ -28,7 +28,7 @@ from fedspeaker.data.speakers import SpeakerData
 from fedspeaker.errors import AudioError, ConfigError
 from fedspeaker.evaluation.conditions import babble_talkers, condition_figures, degraded_test_features
 from fedspeaker.evaluation.enrolment import EnrolmentTrials, operating_figures, unseen_trials, validation_trials
-from fedspeaker.evaluation.metrics import accuracy, eer_operating_point, min_dcf
+from fedspeaker.evaluation.metrics import accuracy, error_rates
 from fedspeaker.evaluation.operating_point import OperatingPoint
 from fedspeaker.evaluation.trials import Trials, choose_trials, read_trial_list, trial_scores
 from fedspeaker.evaluation.voiceprint import voiceprint
@@ -163,8 +163,6 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
     enrolled = embed(model, e.enrol_feats)
     prints = voiceprints(enrolled, e.enrol_labels, e.n_speakers)
     verify = embed(model, e.verify_feats)
-    cosines = trial_scores(verify, e.trials)
-    eer, scores = eer_operating_point(cosines, e.trials.target)[0], cosines
     figures = {}
     if e.validation is not None and e.unseen is not None:  # the threshold is a cosine, as on a device
         unseen = verify if e.unseen_feats is None else embed(model, e.unseen_feats)
@@ -172,9 +170,7 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
             e.operating_point, (e.validation.scores(enrolled, test), e.validation.target),
             (e.unseen.scores(unseen, unseen), e.unseen.target))
     cohort = enrolled if e.score_norm == "s-norm" else None
-    if cohort is not None:
-        scores = trial_scores(verify, e.trials, cohort=cohort, top=e.cohort_top)
-        eer = eer_operating_point(scores, e.trials.target)[0]
+    curve = error_rates(trial_scores(verify, e.trials, cohort=cohort, top=e.cohort_top), e.trials.target)
     if e.conditions:  # the same trials, the test side degraded
         figures.update(condition_figures(verify, {name: embed(model, feats) for name, feats in e.conditions.items()},
                                          e.trials, cohort=cohort, top=e.cohort_top))
@@ -182,8 +178,8 @@ def evaluate(model: nn.Module, evaluation: EvaluationSet) -> dict[str, float]:
         "accuracy": accuracy(logits, labels),
         "voiceprint_accuracy": accuracy(F.normalize(test, dim=1) @ prints.T, labels),
         "loss": float(F.cross_entropy(logits, labels)),
-        "eer": eer,
-        "min_dcf": min_dcf(scores, e.trials.target),
+        "eer": curve.eer()[0],
+        "min_dcf": curve.min_dcf(),
         "trials": float(len(e.trials)),
         **figures,
     }
