@@ -107,7 +107,7 @@ class RunSettings:
     num_malicious: int = 0  # krum, multikrum, bulyan: attackers to tolerate
     krum_select: int = 1  # multikrum: updates kept
     q: float = 0.1  # qfedavg: fairness exponent
-    # Scenarios (simulation only; simulations/scenarios.py)
+    # Scenarios (simulation only; client/scenarios.py)
     dropout: float = 0.0  # probability that a sampled client fails a round
     dropout_mode: str = "raise"  # raise: it fails; silent: it never answers in time
     round_timeout: float = 3600.0  # seconds the server waits for replies in a round
