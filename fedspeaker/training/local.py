@@ -128,7 +128,7 @@ class LocalTrainer:
         """
         s = self.settings
         epochs = epochs or s.local_epochs
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's alone, as build_model does
         self.model.train()  # evaluation in between rounds leaves it in eval mode
         per_speaker = s.dp and s.dp_unit == "speaker"
         own = s.class_vectors == "own"
