@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from functools import cached_property
 from logging import ERROR, INFO, WARNING
+from typing import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -48,7 +49,7 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.backend import ask_nodes, combine, device_level_noise
-from server.outcomes import RoundOutcome, failure_message, row_counts, run_outcome
+from server.outcomes import RoundOutcome, failure_message, run_outcome
 from server.strategies import build_strategy, device_dp_of, device_epsilon_of
 
 app = ServerApp()
@@ -125,55 +126,30 @@ class RoundTracker:
     def evaluation(self) -> EvaluationSet:
         return EvaluationSet.of(self.data, self.settings)
 
-    def observe_replies(self, server_round: int, replies: list[RecordDict], nodes: list[int] | None = None) -> None:
-        """Every reply of the round, selected by the strategy or not (``nodes``: who sent
-        each, for the spread of epsilon over the devices)."""
-        for node, reply in zip(nodes or [], replies):
-            metrics = next(iter(reply.metric_records.values()), {})
-            if wire.EPSILON in metrics:
-                self.reported_epsilon[node] = float(metrics[wire.EPSILON])
-            if metrics.get(wire.SAT_OUT, 0):
+    def observe_replies(self, server_round: int, replies: list[RecordDict], nodes: list[int],
+                        metrics: Mapping[str, float]) -> None:
+        """Every reply of the round, selected by the strategy or not; ``nodes``: who sent
+        each, for the spread of epsilon over the devices; ``metrics``: what the strategy's
+        train-metrics hook made of them (server/client_metrics.py), the row's columns."""
+        for node, reply in zip(nodes, replies):
+            reported = next(iter(reply.metric_records.values()), {})
+            if wire.EPSILON in reported:
+                self.reported_epsilon[node] = float(reported[wire.EPSILON])
+            if reported.get(wire.SAT_OUT, 0):
                 self.devices_sat_out.add(node)
-        refusals = [reason for r in replies if (reason := wire.refusal(r)) is not None]
-        for reason in refusals:
-            flwr_log(WARNING, "round %d: a device refused the run: %s", server_round, reason)
-        self.observe_metrics([next(iter(r.metric_records.values())) for r in replies
-                              if wire.refusal(r) is None and r.metric_records],
-                             upload_bytes=sum(_array_bytes(r) for r in replies))
-        self.client_metrics.update(refusal_counts(refusals))
+        for reply in replies:
+            if (reason := wire.refusal(reply)) is not None:
+                flwr_log(WARNING, "round %d: a device refused the run: %s", server_round, reason)
+        self.client_metrics = dict(metrics)
 
     def observe_outcome(self, server_round: int, outcome: RoundOutcome) -> None:
-        """Who trained this round and why the others did not; said in the log at once."""
-        self.client_metrics.update(row_counts(outcome))
+        """Who trained this round and why the others did not; said in the log at once
+        (its counts are in the round's train metrics already)."""
         self.not_trained.update(outcome.details)
         if outcome.details:
             flwr_log(WARNING, "round %d: %d of %d client(s) trained; not trained: %s", server_round,
                      outcome.trained, outcome.asked,
                      "; ".join(f"{n} x {text}" for text, n in outcome.details.most_common()))
-
-    def observe_metrics(self, metrics: list, upload_bytes: float) -> None:
-        """Loss (weighted by examples, as Flower does), max/mean epsilon, who sat out for
-        budget, summed client time, bytes uploaded."""
-        eps = [float(m[wire.EPSILON]) for m in metrics if wire.EPSILON in m]
-        lifetime = [float(m[wire.LIFETIME_EPSILON]) for m in metrics if wire.LIFETIME_EPSILON in m]
-        trained = [m for m in metrics if not m.get(wire.SAT_OUT, 0)]
-        examples = sum(float(m.get(wire.NUM_EXAMPLES, 0)) for m in trained)
-        loss = sum(float(m.get(wire.TRAIN_LOSS, math.nan)) * float(m.get(wire.NUM_EXAMPLES, 0))
-                   for m in trained) / examples if examples else math.nan
-        self.client_metrics = {
-            "train_loss": loss,
-            "epsilon_max": max(eps) if eps else math.nan,
-            "epsilon_mean": sum(eps) / len(eps) if eps else math.nan,
-            "lifetime_epsilon_max": max(lifetime) if lifetime else math.nan,
-            "clients": len(trained),
-            "sat_out": len(metrics) - len(trained),
-            "client_train_seconds": sum(float(m.get(wire.TRAIN_SECONDS, 0.0)) for m in metrics),
-            "client_startup_seconds": _mean(trained, wire.STARTUP_SECONDS),
-            "client_fit_seconds": _mean(trained, wire.FIT_SECONDS),
-            "client_peak_rss_mb": max((float(m[wire.PEAK_RSS_MB]) for m in trained if wire.PEAK_RSS_MB in m),
-                                      default=math.nan),
-            "upload_bytes": upload_bytes,
-        }
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's hook after every round, and before the first: round 0, the starting
@@ -331,16 +307,6 @@ class RunFailed(FedSpeakerError):
     """No client trained in any round: the run's model is the one it started from."""
 
 
-def refusal_counts(reasons: list[str]) -> dict[str, float]:
-    """``refused`` and ``refused_<kind>`` for one round's refusals (kind: the reason's
-    first word, before its colon)."""
-    counts = {"refused": float(len(reasons))}
-    for reason in reasons:
-        key = "refused_" + reason.split(":", 1)[0].strip().replace("-", "_")
-        counts[key] = counts.get(key, 0.0) + 1
-    return counts
-
-
 def _model_key(model: torch.nn.Module) -> bytes:
     """A digest of what the scores depend on: every weight and the back end's state."""
     digest = hashlib.blake2b(digest_size=16)
@@ -353,13 +319,3 @@ def _model_key(model: torch.nn.Module) -> bytes:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.digest()
-
-
-def _mean(metrics: list, key: str) -> float:
-    values = [float(m[key]) for m in metrics if key in m]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _array_bytes(content: RecordDict) -> int:
-    """Bytes of the weights in one client's reply, as they travel."""
-    return sum(len(array.data) for record in content.array_records.values() for array in record.values())

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from fedspeaker.config import RunSettings
 from fedspeaker.data.speakers import SpeakerData
 from fedspeaker import wire
+from server.client_metrics import client_figures
 
 
 class Rounds(Protocol):
@@ -32,10 +33,9 @@ class Rounds(Protocol):
 
     data: SpeakerData
     federation_id: str
+    client_metrics: dict[str, float]  # the round's row columns from its clients' metrics
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord: ...
-
-    def observe_metrics(self, metrics: list, upload_bytes: float) -> None: ...
 
 
 def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, rounds: Rounds,
@@ -51,8 +51,9 @@ def run_secure_aggregation(grid: Grid, context: Context, settings: RunSettings, 
         return float(scores["loss"]), dict(scores)
 
     def fit_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-        rounds.observe_metrics([m for _, m in results], upload_bytes=math.nan)  # masked vectors
-        return {}
+        """Flower's (legacy) train-metrics hook: the row's figures, as on the plain path."""
+        rounds.client_metrics = client_figures([m for _, m in results], upload_bytes=math.nan)  # masked vectors
+        return dict(rounds.client_metrics)
 
     s = settings
     strategy = LegacyFedAvg(

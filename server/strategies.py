@@ -30,16 +30,19 @@ from flwr.serverapp.strategy import (
 
 from fedspeaker.config import RunSettings
 from fedspeaker import wire
+from server.client_metrics import train_metrics
 from server.device_dp import DeviceDP
 from server.device_eval import CohortFn, CountsFn, DeviceEvaluation
 from server.fedaws import OwnClassVectors
-from server.outcomes import RoundOutcome, round_outcome
+from server.outcomes import RoundOutcome, round_outcome, row_counts
 # ClientSampling and DeviceDP are also here for checkpoints written before each piece
 # kept its own state (ad8df77 and earlier): they pickled them under server.strategies
 from server.sampling import ClientSampling, DrawnGrid
 from server.screening import in_content_order, screen
 
-ReplyObserver = Callable[[int, list[RecordDict], list[int]], None]  # round, replies, their nodes
+# round, replies, their nodes, and the train metrics made of them
+ReplyObserver = Callable[[int, list[RecordDict], list[int], MetricRecord], None]
+TrainMetricsFn = Callable[[list[RecordDict], str], MetricRecord]  # Flower's train_metrics_aggr_fn
 OutcomeObserver = Callable[[int, RoundOutcome], None]
 
 
@@ -92,7 +95,8 @@ def build_strategy(settings: RunSettings, on_replies: ReplyObserver | None = Non
         wrapped = OwnClassVectors(wrapped, ceiling=s.spreadout_cosine, timeout=s.round_timeout)
     strategy: Strategy = ScreenedStrategy(
         wrapped, on_replies, drop_unchanged=s.device_dp.startswith("server"), sampling=ClientSampling.of(s),
-        device_dp=DeviceDP.of(s, wrapped), on_outcome=on_outcome, round_offset=round_offset)
+        device_dp=DeviceDP.of(s, wrapped), on_outcome=on_outcome, round_offset=round_offset,
+        weighted_by_key=common["weighted_by_key"])
     if s.fraction_evaluate:  # devices also score the model on their own audio
         if cohort is None or on_counts is None:
             raise ValueError("fraction-evaluate > 0: the devices' evaluation needs cohort and on_counts")
@@ -149,14 +153,18 @@ class ScreenedStrategy(Strategy):
     screened (server/screening.py), and under device-level DP the round is released and
     accounted (``device_dp``, server/device_dp.py).
 
-    Every reply received is shown to ``on_replies`` first, where a strategy's own metrics
-    see only those it selects (Krum, Bulyan): a client's privacy spend and upload count
-    whether or not it was selected. Who trained, and why the others did not
-    (server/outcomes.py), goes to ``on_outcome`` once the round is screened.
+    The round's train metrics are ``train_metrics_aggr_fn`` (Flower's hook) over every
+    reply received, where a strategy's own hook sees only those it selects (Krum,
+    Bulyan) and none without weights: a client's privacy spend and upload count whether
+    or not it was selected. With them, who trained and why the others did not
+    (server/outcomes.py). They go to ``on_replies`` with the replies, and to Flower as
+    the round's train metrics (the wrapped strategy's are not used); the outcome itself
+    goes to ``on_outcome``.
 
     Args:
         strategy: the strategy that aggregates what is kept.
-        on_replies: sees every reply of a round, and the node that sent each.
+        on_replies: sees every reply of a round, the node that sent each, and the
+            round's train metrics.
         drop_unchanged: leave out updates that did not change the model (Flower's
             server-side clipping divides by the change).
         sampling: draws each round's clients; None: the wrapped strategy samples, as
@@ -164,12 +172,16 @@ class ScreenedStrategy(Strategy):
         device_dp: releases and accounts the rounds under device-level DP.
         on_outcome: sees who trained in each round.
         round_offset: rounds done before a resume (Flower counts from 1 again).
+        train_metrics_aggr_fn: Flower's train-metrics hook, called with every reply
+            (server/client_metrics.py's by default).
+        weighted_by_key: the metric that weights a client's update, for that hook.
     """
 
     def __init__(self, strategy: Strategy, on_replies: ReplyObserver | None = None,
                  drop_unchanged: bool = False, *, sampling: ClientSampling | None = None,
                  device_dp: DeviceDP | None = None, on_outcome: OutcomeObserver | None = None,
-                 round_offset: int = 0) -> None:
+                 round_offset: int = 0, train_metrics_aggr_fn: TrainMetricsFn = train_metrics,
+                 weighted_by_key: str = wire.NUM_EXAMPLES) -> None:
         super().__init__()
         self.strategy = strategy
         self.on_replies = on_replies
@@ -178,6 +190,8 @@ class ScreenedStrategy(Strategy):
         self.sampling = sampling
         self.device_dp = device_dp
         self.round_offset = round_offset
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn
+        self.weighted_by_key = weighted_by_key
         # within a round only: the train messages sent, the arrays sent, (sampled, connected)
         self.asked = 0
         self.sent: ArrayRecord | None = None
@@ -213,23 +227,28 @@ class ScreenedStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+                        ) -> tuple[ArrayRecord | None, MetricRecord]:
         server_round += self.round_offset
         replies = in_content_order(replies)
-        if self.on_replies:
-            answered = [r for r in replies if r.has_content()]
-            self.on_replies(server_round, [r.content for r in answered],
-                            [r.metadata.src_node_id for r in answered])
         kept, dropped = screen(replies, self.sent, drop_unchanged=self.drop_unchanged,
                                server_round=server_round)
+        outcome = round_outcome(self.asked, replies, dropped)
+        answered = [r for r in replies if r.has_content()]
+        contents = [r.content for r in answered]
+        metrics = MetricRecord({**self.train_metrics_aggr_fn(contents, self.weighted_by_key),
+                                **row_counts(outcome)})
+        if self.on_replies:
+            self.on_replies(server_round, contents, [r.metadata.src_node_id for r in answered], metrics)
         if self.on_outcome:
-            self.on_outcome(server_round, round_outcome(self.asked, replies, dropped))
+            self.on_outcome(server_round, outcome)
         sent, drawn, self.sent, self.drawn = self.sent, self.drawn, None, None
         if self.device_dp is None or drawn is None or sent is None:
             if drawn is not None and drawn[0] == 0:
-                return None, None  # nobody was drawn: the model stays
-            return self.strategy.aggregate_train(server_round, kept)
-        return self.device_dp.release(self.strategy, server_round, kept, sent, drawn)
+                return None, metrics  # nobody was drawn: the model stays
+            arrays, _ = self.strategy.aggregate_train(server_round, kept)
+        else:
+            arrays, _ = self.device_dp.release(self.strategy, server_round, kept, sent, drawn)
+        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -16,7 +16,8 @@ from fedspeaker.data.speakers import load_speaker_data
 from fedspeaker.training.local import LocalTrainer, dp_plan
 from fedspeaker.model import build_model
 from fedspeaker.privacy.ledger import PrivacyLedger
-from fedspeaker.wire import SAT_OUT
+from fedspeaker.wire import NUM_EXAMPLES, SAT_OUT
+from server.client_metrics import train_metrics
 from server.strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
@@ -84,7 +85,7 @@ def test_plan_matches_the_steps_training_takes() -> None:
 
 def test_server_leaves_sat_out_replies_out_and_counts_them() -> None:
     seen = []
-    strategy = build_strategy(RunSettings(), lambda rnd, replies, nodes: seen.append(replies))
+    strategy = build_strategy(RunSettings(), lambda rnd, replies, nodes, metrics: seen.append(replies))
 
     def reply(value: float, examples: int) -> Message:
         return Message(content=RecordDict({
@@ -106,10 +107,11 @@ def test_round_statistics_count_sat_out_clients_and_their_epsilon() -> None:
     trained = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
                           "metrics": MetricRecord({"num-examples": 10, "train-loss": 2.0, "epsilon": 3.0})})
     resting = RecordDict({"metrics": MetricRecord({"num-examples": 0, SAT_OUT: 1, "epsilon": 5.0})})
-    tracker.observe_replies(4, [trained, resting, resting])
+    replies = [trained, resting, resting]
+    tracker.observe_replies(4, replies, [1, 2, 3], train_metrics(replies, NUM_EXAMPLES))
     m = tracker.client_metrics
     assert (m["clients"], m["sat_out"], m["epsilon_max"], m["train_loss"]) == (1, 2, 5.0, 2.0)
     assert m["epsilon_mean"] == pytest.approx(13 / 3)
     assert m["upload_bytes"] == len(trained["arrays"]["w"].data) > 16  # only the trained one uploads
-    tracker.observe_replies(5, [resting])  # everyone out: no loss to average, no crash
+    tracker.observe_replies(5, [resting], [2], train_metrics([resting], NUM_EXAMPLES))  # everyone out: no loss to average, no crash
     assert tracker.client_metrics["clients"] == 0 and math.isnan(tracker.client_metrics["train_loss"])

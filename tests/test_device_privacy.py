@@ -214,6 +214,7 @@ def test_a_bad_policy_file_is_a_clear_error_and_the_node_config_names_the_policy
 
 def test_the_server_leaves_policy_refusals_out_and_counts_them_by_reason():
     from server.app import RoundTracker
+    from server.client_metrics import train_metrics
     from server.strategies import build_strategy
 
     trained = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
@@ -225,7 +226,8 @@ def test_the_server_leaves_policy_refusals_out_and_counts_them_by_reason():
                            wire.REFUSAL: ConfigRecord({wire.REASON: reason})})
 
     tracker = RoundTracker(RunSettings(), data=None, model=None, report=None)
-    tracker.observe_replies(1, [trained, refused("dp-off: no"), refused("dp-off: no"), refused("lifetime: cap")])
+    replies = [trained, refused("dp-off: no"), refused("dp-off: no"), refused("lifetime: cap")]
+    tracker.observe_replies(1, replies, [1, 2, 3, 4], train_metrics(replies, wire.NUM_EXAMPLES))
     m = tracker.client_metrics
     assert (m["clients"], m["refused"], m["refused_dp_off"], m["refused_lifetime"]) == (1, 3, 2, 1)
     assert m["lifetime_epsilon_max"] == 9.0

@@ -108,7 +108,8 @@ def test_a_round_of_refusals_only_leaves_the_model() -> None:
     strategy = build_strategy(RunSettings(num_clients=2))
     strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord({}),
                              FakeGrid([1, 2]))
-    assert strategy.aggregate_train(1, [refused(), flower_error()]) == (None, None)
+    arrays, metrics = strategy.aggregate_train(1, [refused(), flower_error()])
+    assert arrays is None and (metrics["clients"], metrics["refused"], metrics["no_reply"]) == (0, 1, 1)
 
 
 def rows(*clients: float) -> list[dict[str, float]]:

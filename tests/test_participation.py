@@ -16,6 +16,7 @@ from fedspeaker.model import build_model
 from fedspeaker.privacy.dpsgd import calibrate_noise
 from fedspeaker.reporting.run_report import epsilon_spread
 from fedspeaker.training.local import dp_plan, planned_rounds, spend_cap
+from server.client_metrics import train_metrics
 from server.sampling import sample_clients
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
@@ -97,8 +98,9 @@ def test_the_server_reports_the_spread_of_epsilon_over_devices():
     def reply(eps: float, sat: int = 0) -> RecordDict:
         return RecordDict({"metrics": MetricRecord({"num-examples": 3, wire.EPSILON: eps, wire.SAT_OUT: sat})})
 
-    tracker.observe_replies(1, [reply(2.0), reply(3.0)], [11, 12])
-    tracker.observe_replies(2, [reply(5.0), reply(7.9, sat=1)], [11, 13])
+    for server_round, replies, nodes in ((1, [reply(2.0), reply(3.0)], [11, 12]),
+                                         (2, [reply(5.0), reply(7.9, sat=1)], [11, 13])):
+        tracker.observe_replies(server_round, replies, nodes, train_metrics(replies, wire.NUM_EXAMPLES))
     assert tracker.reported_epsilon == {11: 5.0, 12: 3.0, 13: 7.9}
     spread = epsilon_spread(settings, list(tracker.reported_epsilon.values()), len(tracker.devices_sat_out))
     assert spread == {"devices": 3, "min": 3.0, "median": 5.0, "max": 7.9, "target": 8.0, "sat_out_for_budget": 1}

@@ -124,3 +124,32 @@ def test_the_wrappers_are_put_together_in_one_place_and_the_epsilon_found_under_
     assert device_epsilon_of(strategy) == device_dp.epsilon() > 0  # found under DeviceEvaluation too
     assert math.isnan(device_epsilon_of(build_strategy(settings.replace(device_dp="off"), cohort=lambda arrays: None,
                                                   on_counts=lambda server_round, totals: None)))
+
+
+def test_the_round_metrics_count_every_reply_where_multikrum_keeps_six() -> None:
+    """Flower's MultiKrum calls its train-metrics hook with the updates it selects; the
+    round's figures (what Flower records as its train metrics, and the row) count every
+    reply: the largest epsilon is that of a device whose update was left out."""
+    seen = []
+    settings = RunSettings(strategy="multikrum", num_clients=8, num_malicious=2, krum_select=6)
+    strategy = build_strategy(settings, lambda rnd, replies, nodes, metrics: seen.append(metrics))
+    list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord(),
+                                  EightNodes()))
+    rng = np.random.default_rng(2)
+
+    def reply(i: int, weights: np.ndarray, epsilon: float) -> Message:
+        return Message(content=RecordDict({
+            "arrays": ArrayRecord({"w": Array(weights.astype(np.float32))}),
+            "metrics": MetricRecord({"num-examples": 10, "train-loss": float(i), "epsilon": epsilon})}),
+            dst_node_id=i + 1, message_type="train")
+
+    replies = [reply(i, 1 + 0.01 * rng.standard_normal(4), 1.0) for i in range(6)]
+    replies += [reply(6, np.full(4, -50.0), 7.5), reply(7, np.full(4, 80.0), 6.0)]  # far off: left out
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert np.abs(arrays["w"].numpy() - 1).max() < 0.1  # MultiKrum aggregated the six near 1
+    assert (metrics["clients"], metrics["epsilon_max"]) == (8, 7.5)
+    assert metrics["train_loss"] == pytest.approx(3.5)  # 0..7, ten examples each
+    assert metrics["upload_bytes"] == sum(len(r.content["arrays"]["w"].data) for r in replies)  # all eight
+    assert len(seen) == 1 and seen[0] is metrics  # the row shows what Flower records
+    _, flowers_own = strategy.strategy.aggregate_train(1, replies)  # Flower's hook: the six only
+    assert (flowers_own["train-loss"], flowers_own["epsilon"]) == (pytest.approx(2.5), pytest.approx(1.0))
