@@ -17,12 +17,6 @@ from tests.conftest import EightNodes
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-
-
-def metrics_mean(replies, weight_key):
-    return MetricRecord({"train-loss": 1.0})
-
-
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_builds_and_aggregates_one_round(name: str) -> None:
     settings = RunSettings(strategy=name, num_clients=8)
